@@ -1,0 +1,366 @@
+"""Typed, frozen configuration tree: YAML files with ``base:`` inheritance and CLI overrides.
+
+    cfg = load_config("configs/models/tiny_ne.yaml", overrides=["model.ngram.max_n=4"])
+
+Every key is checked against the dataclasses below: an unknown key, a wrong type or an
+inconsistent value raises :class:`ConfigError` naming the key and what would be valid. Choices the
+paper advises against (NE above half of the parameters, a table ratio at a simple fraction of V)
+warn with :class:`ConfigWarning` and the numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the key and the fix."""
+
+
+class ConfigWarning(UserWarning):
+    """A configuration that works but goes against the paper's findings."""
+
+
+# ----------------------------------------------------------------------------------------------
+# The tree.
+
+
+@dataclass(frozen=True)
+class NgramConfig:
+    """N-gram Embedding on the input (SPEC.md section 1)."""
+
+    enabled: bool = False
+    max_n: int = 3  # N: orders 2..N
+    splits: int = 2  # K: hash functions (sub-tables) per order
+    ratio: float = 8.37  # r: sub-table size ~ r * V; avoid integers and simple fractions
+    amplification: Literal["none", "sqrt_d", "layernorm"] = "none"
+    init_std: float = 0.02  # normal init of the base and n-gram tables
+
+
+@dataclass(frozen=True)
+class PLEConfig:
+    """Per-layer embeddings gating each dense FFN (SPEC.md section 2)."""
+
+    kind: Literal["none", "ple", "plne"] = "none"
+    max_n: int = 3  # PLNE only
+    splits: int = 2  # PLNE only
+    ratio: float = 2.37  # PLNE only
+    init_std: float = 1.0  # the scale of the SwiGLU up-projection that the embedding replaces
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    kind: Literal["mla", "gqa"] = "mla"
+    num_heads: int = 4
+    # GQA
+    num_kv_heads: int = 4
+    head_dim: int = 32
+    # MLA (LongCat-Flash); q_lora_rank 0 means a full-rank query projection
+    q_lora_rank: int = 64
+    kv_lora_rank: int = 32
+    qk_nope_head_dim: int = 32
+    qk_rope_head_dim: int = 16
+    v_head_dim: int = 32
+    rope_theta: float = 10000.0
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Routed experts of the shortcut branch; ``num_experts: 0`` builds a dense-only model."""
+
+    num_experts: int = 0
+    num_zero_experts: int = 0
+    top_k: int = 2
+    expert_dim: int = 128
+    routed_scaling_factor: float = 1.0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 4096
+    d_model: int = 128
+    num_blocks: int = 2  # ScMoE blocks: 2 attention + 2 dense FFN (+ 1 MoE) each
+    ffn_dim: int = 256
+    eos_id: int | None = 0  # resets the n-gram history; null: no resets
+    tie_embeddings: bool = False
+    norm_eps: float = 1e-5
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    ngram: NgramConfig = field(default_factory=NgramConfig)
+    ple: PLEConfig = field(default_factory=PLEConfig)
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "ngram_jax"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading.
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """Load a YAML config (following ``base:`` links), apply ``a.b.c=value`` overrides, validate."""
+    data = _read_yaml_tree(Path(path), seen=())
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.path=value, e.g. model.ngram.max_n=4")
+        key, raw = item.split("=", 1)
+        _set_dotted(data, key.strip(), yaml.safe_load(raw))
+    return from_dict(data)
+
+
+def from_dict(data: Mapping[str, Any]) -> Config:
+    """Build and validate a :class:`Config` from plain data (e.g. a parsed YAML or JSON file)."""
+    cfg = _build(Config, data, "")
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg) -> dict[str, Any]:
+    """The config as plain data (round-trips through :func:`from_dict`)."""
+    return dataclasses.asdict(cfg)
+
+
+def replace(cfg, **dotted: Any):
+    """``replace(cfg, **{"model.ngram.max_n": 4})``: a validated copy with dotted keys changed."""
+    data = to_dict(cfg)
+    for key, value in dotted.items():
+        _set_dotted(data, key, value)
+    return from_dict(data)
+
+
+def _read_yaml_tree(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"'base:' cycle: {' -> '.join(str(p) for p in seen + (path,))}")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    bases = data.pop("base", None)
+    if bases is None:
+        return data
+    merged: dict[str, Any] = {}
+    for base in [bases] if isinstance(bases, str) else bases:
+        merged = _deep_merge(merged, _read_yaml_tree(path.parent / base, seen + (path,)))
+    return _deep_merge(merged, data)
+
+
+def _deep_merge(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
+    return out
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for p in parts[:-1]:
+        child = node.get(p)
+        if child is None:
+            child = node[p] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(f"override {key}: '{p}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _build(cls, data: Any, prefix: str):
+    where = prefix or "config"
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: expected a mapping of {cls.__name__} fields, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown key {prefix + '.' if prefix else ''}{unknown[0]}; valid keys of {where}: "
+            f"{', '.join(sorted(fields))}"
+        )
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _coerce(hints[name], value, key)
+    return cls(**kwargs)
+
+
+def _coerce(tp, value: Any, key: str):
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] + (" (or null)" if type(None) in args else ""))
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (elem, *_rest) = typing.get_args(tp)
+        return tuple(_coerce(elem, v, f"{key}[{i}]") for i, v in enumerate(value))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"config field {key} has an unsupported type {tp}")  # a bug in this file
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation.
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def _divisors_hint(n: int, limit: int = 8) -> str:
+    divs = [d for d in range(1, n + 1) if n % d == 0]
+    return ", ".join(map(str, divs[:limit])) + (", ..." if len(divs) > limit else "")
+
+
+def _check_ngram_shape(prefix: str, width_key: str, width: int, max_n: int, splits: int,
+                       ratio: float) -> None:
+    _require(max_n >= 2, f"{prefix}.max_n: N must be >= 2 (orders 2..N), got {max_n}")
+    _require(splits >= 1, f"{prefix}.splits: K must be >= 1, got {splits}")
+    _require(ratio > 0, f"{prefix}.ratio: the table-size ratio must be > 0, got {ratio}")
+    t = splits * (max_n - 1)
+    _require(
+        width % t == 0,
+        f"{prefix}: {width_key}={width} must be divisible by K*(N-1) = {splits}*({max_n}-1) = {t}; "
+        f"valid K*(N-1) for this width: {_divisors_hint(width)}",
+    )
+
+
+def validate(cfg: Config) -> None:
+    """Check cross-field consistency; warn on choices the paper's findings advise against."""
+    m = cfg.model
+    _require(m.vocab_size >= 2, f"model.vocab_size must be >= 2, got {m.vocab_size}")
+    _require(m.vocab_size <= 1 << 20, f"model.vocab_size must be <= 2^20 (exact 32-bit hashing), got {m.vocab_size}")
+    for key in ("d_model", "num_blocks", "ffn_dim"):
+        _require(getattr(m, key) >= 1, f"model.{key} must be >= 1, got {getattr(m, key)}")
+    if m.eos_id is not None:
+        _require(0 <= m.eos_id < m.vocab_size,
+                 f"model.eos_id={m.eos_id} must be in [0, vocab_size={m.vocab_size}) or null")
+    _require(m.norm_eps > 0, f"model.norm_eps must be > 0, got {m.norm_eps}")
+
+    a = m.attention
+    _require(a.num_heads >= 1, f"model.attention.num_heads must be >= 1, got {a.num_heads}")
+    if a.kind == "gqa":
+        _require(a.num_kv_heads >= 1 and a.num_heads % a.num_kv_heads == 0,
+                 f"model.attention.num_kv_heads={a.num_kv_heads} must divide num_heads={a.num_heads}")
+        _require(a.head_dim >= 1 and a.head_dim % 2 == 0,
+                 f"model.attention.head_dim must be a positive even number (RoPE), got {a.head_dim}")
+    else:
+        _require(a.q_lora_rank >= 0, f"model.attention.q_lora_rank must be >= 0, got {a.q_lora_rank}")
+        _require(a.kv_lora_rank >= 1, f"model.attention.kv_lora_rank must be >= 1, got {a.kv_lora_rank}")
+        _require(a.qk_rope_head_dim >= 2 and a.qk_rope_head_dim % 2 == 0,
+                 f"model.attention.qk_rope_head_dim must be a positive even number, got {a.qk_rope_head_dim}")
+        _require(a.qk_nope_head_dim >= 0 and a.v_head_dim >= 1,
+                 "model.attention.qk_nope_head_dim must be >= 0 and v_head_dim >= 1")
+
+    e = m.moe
+    _require(e.num_experts >= 0 and e.num_zero_experts >= 0,
+             "model.moe.num_experts and num_zero_experts must be >= 0")
+    if e.num_experts > 0:
+        _require(1 <= e.top_k <= e.num_experts + e.num_zero_experts,
+                 f"model.moe.top_k={e.top_k} must be in [1, num_experts + num_zero_experts = "
+                 f"{e.num_experts + e.num_zero_experts}]")
+        _require(e.expert_dim >= 1, f"model.moe.expert_dim must be >= 1, got {e.expert_dim}")
+    else:
+        _require(e.num_zero_experts == 0, "model.moe.num_zero_experts needs num_experts > 0")
+
+    n = m.ngram
+    if n.enabled:
+        _check_ngram_shape("model.ngram", "model.d_model", m.d_model, n.max_n, n.splits, n.ratio)
+        _check_table_limits("model.ngram", m.vocab_size, n.max_n, n.splits, n.ratio)
+        _warn_simple_ratio("model.ngram.ratio", n.ratio, m.vocab_size)
+    p = m.ple
+    if p.kind == "plne":
+        _check_ngram_shape("model.ple", "model.ffn_dim", m.ffn_dim, p.max_n, p.splits, p.ratio)
+        _check_table_limits("model.ple", m.vocab_size, p.max_n, p.splits, p.ratio)
+        _warn_simple_ratio("model.ple.ratio", p.ratio, m.vocab_size)
+
+    if n.enabled or p.kind == "plne":
+        from ngram_jax.budget import closed_form_budget  # budget imports this module's types
+
+        b = closed_form_budget(m)
+        share = b["ngram"] / b["total"]
+        if share > 0.5:
+            warnings.warn(
+                f"N-gram embeddings hold {share:.1%} of all parameters ({b['ngram']:,} of {b['total']:,}); "
+                "the paper finds NE helps only up to about 50% of the budget (lower model.ngram.ratio)",
+                ConfigWarning,
+                stacklevel=3,
+            )
+
+
+def _check_table_limits(prefix: str, vocab: int, max_n: int, splits: int, ratio: float) -> None:
+    from ngram_jax.ngram.hashing import make_layout
+
+    try:
+        make_layout(vocab, max_n, splits, ratio)
+    except ValueError as err:
+        raise ConfigError(f"{prefix}: {err}") from None
+
+
+def nearest_simple_fraction(ratio: float, max_denominator: int = 4) -> Fraction:
+    return Fraction(str(ratio)).limit_denominator(max_denominator)
+
+
+def _warn_simple_ratio(key: str, ratio: float, vocab: int, tolerance: float = 0.01) -> None:
+    """Paper 3.2.2: table sizes near integer or simple-fraction multiples of V collide more."""
+    frac = nearest_simple_fraction(ratio)
+    if abs(float(frac) - ratio) < tolerance:
+        warnings.warn(
+            f"{key}={ratio} is within {tolerance} of {frac} (a simple fraction): sub-tables of about "
+            f"{float(frac)}*V = {int(float(frac) * vocab):,} rows collide more (paper section 3.2.2); "
+            f"prefer a ratio such as {float(frac) + 0.37:g}, and measure with python -m ngram_jax.tools.collisions",
+            ConfigWarning,
+            stacklevel=4,
+        )

@@ -1,0 +1,119 @@
+"""Per-Layer Embeddings (PLE) and Per-Layer N-gram Embeddings (PLNE), SPEC.md section 2.
+
+Each dense FFN layer l owns an embedding ``e^l(x_t)`` of width F that replaces the up-projection
+branch of its SwiGLU:  ``FFN^l(x) = W_d^l( SiLU(W_a^l x) * e^l_t )``.
+
+All layers' tables sit side by side in one parameter (``[V, L*F]`` for the token part,
+``[sum(M), L*d_e]`` for the n-gram part), so ONE gather per table serves every layer; the layer
+loop only slices ``[B, S, L, F]``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ngram_jax.config import ModelConfig
+from ngram_jax.ngram import hashing
+from ngram_jax.ngram.embedding import gather_rows, row_width
+
+
+def ffn_layers(m: ModelConfig) -> int:
+    """Dense FFN layers that own a per-layer embedding: 2 per ScMoE block."""
+    return 2 * m.num_blocks
+
+
+class PerLayerEmbedding(nnx.Module):
+    """Plain per-layer token embeddings: tokens [B, S] -> [B, S, L, F]."""
+
+    def __init__(self, vocab_size: int, num_layers: int, width: int, *, init_std: float = 1.0,
+                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.vocab_size, self.num_layers, self.width, self.dtype = vocab_size, num_layers, width, dtype
+        init = nnx.initializers.normal(init_std)
+        self.embedding = nnx.Param(init(rngs.params(), (vocab_size, num_layers * width), param_dtype),
+                                   out_sharding=("vocab", "ple_embed"))  # [V, L*F]
+
+    @classmethod
+    def from_config(cls, m: ModelConfig, *, rngs: nnx.Rngs) -> PerLayerEmbedding:
+        return cls(m.vocab_size, ffn_layers(m), m.ffn_dim, init_std=m.ple.init_std,
+                   dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype), rngs=rngs)
+
+    def __call__(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None,
+                 ngram_ids: jax.Array | None = None) -> jax.Array:
+        del segment_ids, ngram_ids  # same call signature as PerLayerNgramEmbedding
+        hashing.check_token_ids(tokens, self.vocab_size)
+        e = gather_rows(self.embedding[...].astype(self.dtype), tokens)  # [B, S, L*F]
+        return e.reshape(*tokens.shape, self.num_layers, self.width)
+
+
+class PerLayerNgramEmbedding(nnx.Module):
+    """Per-layer N-gram Embeddings: layer-specific tables and projections, one gather for all."""
+
+    def __init__(self, vocab_size: int, num_layers: int, width: int, *, max_n: int, splits: int,
+                 ratio: float, eos_id: int | None, init_std: float = 1.0, dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.layout = hashing.make_layout(vocab_size, max_n, splits, ratio)
+        self.vocab_size, self.num_layers, self.width = vocab_size, num_layers, width
+        self.eos_id, self.dtype = eos_id, dtype
+        t = self.layout.num_tables
+        d_e = row_width(width, self.layout)
+        normal = nnx.initializers.normal(init_std)
+        self.embedding = nnx.Param(normal(rngs.params(), (vocab_size, num_layers * width), param_dtype),
+                                   out_sharding=("vocab", "ple_embed"))  # [V, L*F]
+        self.ngram_table = nnx.Param(
+            normal(rngs.params(), (self.layout.total_rows, num_layers * d_e), param_dtype),
+            out_sharding=("ngram_rows", "ngram_dim"))  # [sum M, L*d_e]
+        proj_init = nnx.initializers.normal(1.0 / math.sqrt(d_e))
+        self.ngram_proj = nnx.Param(proj_init(rngs.params(), (num_layers, t, d_e, width), param_dtype),
+                                    out_sharding=("layers", "ngram_tables", "ngram_dim", "mlp"))  # [L, T, d_e, F]
+
+    @classmethod
+    def from_config(cls, m: ModelConfig, *, rngs: nnx.Rngs) -> PerLayerNgramEmbedding:
+        p = m.ple
+        return cls(m.vocab_size, ffn_layers(m), m.ffn_dim, max_n=p.max_n, splits=p.splits, ratio=p.ratio,
+                   eos_id=m.eos_id, init_std=p.init_std, dtype=jnp.dtype(m.dtype),
+                   param_dtype=jnp.dtype(m.param_dtype), rngs=rngs)
+
+    def ngram_ids(self, tokens: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+        lay = self.layout
+        return hashing.ngram_ids(tokens, vocab_size=lay.vocab_size, table_sizes=lay.table_sizes,
+                                 max_n=lay.max_n, splits=lay.splits, eos_id=self.eos_id,
+                                 segment_ids=segment_ids)
+
+    def __call__(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None,
+                 ngram_ids: jax.Array | None = None) -> jax.Array:
+        """tokens [B, S] -> per-layer embeddings [B, S, L, F]."""
+        hashing.check_token_ids(tokens, self.vocab_size)
+        if ngram_ids is None:
+            ngram_ids = self.ngram_ids(tokens, segment_ids)
+        l, f, t = self.num_layers, self.width, self.layout.num_tables
+        rows = hashing.flat_row_ids(ngram_ids, self.layout.row_offsets)  # [B, S, T]
+        base = gather_rows(self.embedding[...].astype(self.dtype), tokens)  # [B, S, L*F]
+        base = base.reshape(*tokens.shape, l, f)  # [B, S, L, F]
+        gathered = gather_rows(self.ngram_table[...].astype(self.dtype), rows)  # [B, S, T, L*d_e]
+        gathered = gathered.reshape(*tokens.shape, t, l, -1).swapaxes(-3, -2)  # [B, S, L, T, d_e]
+        proj = self.ngram_proj[...].astype(self.dtype)  # [L, T, d_e, F]
+        projected = jnp.einsum("bslte,ltef->bslf", gathered, proj)
+        return (base + projected) / (1 + t)
+
+
+class PLEFeedForward(nnx.Module):
+    """``W_d( SiLU(W_a x) * e )``: a SwiGLU whose up-projection is the per-layer embedding e."""
+
+    def __init__(self, d_model: int, width: int, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        self.dtype = dtype
+        init = nnx.initializers.lecun_normal()
+        self.w_a = nnx.Param(init(rngs.params(), (d_model, width), param_dtype),
+                             out_sharding=("embed", "mlp"))  # [D, F]
+        self.w_d = nnx.Param(init(rngs.params(), (width, d_model), param_dtype),
+                             out_sharding=("mlp", "embed"))  # [F, D]
+
+    def __call__(self, x: jax.Array, e: jax.Array) -> jax.Array:
+        """x [B, S, D], e [B, S, F] (one layer's slice) -> [B, S, D]."""
+        x = x.astype(self.dtype)
+        gate = jax.nn.silu(x @ self.w_a[...].astype(self.dtype))
+        return (gate * e.astype(self.dtype)) @ self.w_d[...].astype(self.dtype)
