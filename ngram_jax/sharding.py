@@ -36,5 +36,16 @@ def param_context(mesh: Mesh | None = None,
         with nnx.use_eager_sharding(False):
             yield
         return
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(list(rules)):
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules_for_mesh(rules, mesh)), nnx.use_eager_sharding(True):
         yield
+
+
+def rules_for_mesh(rules: Sequence[tuple[str, str | tuple[str, ...] | None]],
+                   mesh: Mesh) -> list[tuple[str, str | tuple[str, ...] | None]]:
+    """Drop the mesh axes a mesh does not have (e.g. ``expert`` on a data-only mesh)."""
+    out = []
+    for logical, axes in rules:
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        kept = tuple(a for a in names if a in mesh.axis_names)
+        out.append((logical, kept if len(kept) > 1 else (kept[0] if kept else None)))
+    return out

@@ -9,6 +9,7 @@ static prefix sums) and the projections in one stacked parameter ``[T, d_e, D]``
 from __future__ import annotations
 
 import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx

@@ -89,12 +89,12 @@ class PerLayerNgramEmbedding(nnx.Module):
         hashing.check_token_ids(tokens, self.vocab_size)
         if ngram_ids is None:
             ngram_ids = self.ngram_ids(tokens, segment_ids)
-        l, f, t = self.num_layers, self.width, self.layout.num_tables
+        nl, f, t = self.num_layers, self.width, self.layout.num_tables
         rows = hashing.flat_row_ids(ngram_ids, self.layout.row_offsets)  # [B, S, T]
         base = gather_rows(self.embedding[...].astype(self.dtype), tokens)  # [B, S, L*F]
-        base = base.reshape(*tokens.shape, l, f)  # [B, S, L, F]
+        base = base.reshape(*tokens.shape, nl, f)  # [B, S, L, F]
         gathered = gather_rows(self.ngram_table[...].astype(self.dtype), rows)  # [B, S, T, L*d_e]
-        gathered = gathered.reshape(*tokens.shape, t, l, -1).swapaxes(-3, -2)  # [B, S, L, T, d_e]
+        gathered = gathered.reshape(*tokens.shape, t, nl, -1).swapaxes(-3, -2)  # [B, S, L, T, d_e]
         proj = self.ngram_proj[...].astype(self.dtype)  # [L, T, d_e, F]
         projected = jnp.einsum("bslte,ltef->bslf", gathered, proj)
         return (base + projected) / (1 + t)

@@ -103,7 +103,8 @@ def _parse_zipf(text: str) -> tuple[int, float, int]:
         v, e, c = text.split(",")
         return int(v), float(e), int(c)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--zipf wants V,EXPONENT,COUNT (e.g. 32768,1.05,200000), got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"--zipf wants V,EXPONENT,COUNT (e.g. 32768,1.05,200000), got {text!r}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

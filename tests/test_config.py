@@ -1,0 +1,128 @@
+"""Typed config: loading, inheritance, overrides, and errors that name the key and the fix."""
+
+import dataclasses
+import warnings
+from pathlib import Path
+
+import pytest
+
+from ngram_jax.budget import closed_form_budget
+from ngram_jax.config import Config, ConfigError, ConfigWarning, from_dict, load_config, replace, to_dict
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def write(tmp_path, name, text):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_every_shipped_config_loads(path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConfigWarning)
+        cfg = load_config(path)
+    assert isinstance(cfg, Config)
+    b = closed_form_budget(cfg.model)
+    assert b["total"] > 0 and b["activated_min"] <= b["activated_max"] <= b["total"]
+
+
+def test_tiny_configs_follow_the_papers_rules():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConfigWarning)
+        for name in ("tiny_ne", "tiny_plne", "tiny_plain"):
+            load_config(CONFIGS / "models" / f"{name}.yaml")
+
+
+def test_inheritance_and_overrides(tmp_path):
+    write(tmp_path, "parent.yaml", "model:\n  d_model: 96\n  ngram:\n    enabled: true\n    max_n: 4\n    splits: 1\n")
+    child = write(tmp_path, "child.yaml", "base: parent.yaml\nname: child\nmodel:\n  ngram:\n    ratio: 1.37\n")
+    cfg = load_config(child, overrides=["model.ngram.max_n=3", "model.ngram.splits=3", "seed=7"])
+    assert cfg.name == "child" and cfg.seed == 7
+    assert cfg.model.d_model == 96  # from the parent
+    assert (cfg.model.ngram.max_n, cfg.model.ngram.splits, cfg.model.ngram.ratio) == (3, 3, 1.37)
+    assert cfg.model.ngram.enabled
+    assert cfg.model.vocab_size == 4096  # dataclass default
+
+
+def test_frozen_and_round_trip():
+    cfg = load_config(CONFIGS / "models" / "tiny_ne.yaml")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.model.d_model = 3  # type: ignore[misc]
+    assert from_dict(to_dict(cfg)) == cfg
+    assert replace(cfg, **{"model.ngram.max_n": 5}).model.ngram.max_n == 5
+    assert hash(cfg) == hash(from_dict(to_dict(cfg)))
+
+
+@pytest.mark.parametrize(
+    "overrides, pattern",
+    [
+        (["model.ngram.maxn=4"], r"unknown key model\.ngram\.maxn; valid keys of model\.ngram: .*max_n"),
+        (["modle.d_model=4"], r"unknown key modle; valid keys of config: .*model"),
+        (["model.d_model=abc"], r"model\.d_model: expected an integer, got 'abc'"),
+        (["model.d_model=1.5"], r"model\.d_model: expected an integer"),
+        (["model.ngram.enabled=3"], r"model\.ngram\.enabled: expected true or false"),
+        (["model.ngram.amplification=cube"], r"model\.ngram\.amplification: 'cube' is not one of 'none'"),
+        (["model.ngram.max_n=1"], r"model\.ngram\.max_n: N must be >= 2"),
+        (["model.ngram.splits=0"], r"model\.ngram\.splits: K must be >= 1"),
+        (["model.ngram.ratio=0"], r"model\.ngram\.ratio: .* must be > 0"),
+        (["model.ngram.ratio=-2"], r"model\.ngram\.ratio: .* must be > 0"),
+        (["model.ngram.max_n=4", "model.ngram.splits=3"],
+         r"model\.ngram: model\.d_model=128 must be divisible by K\*\(N-1\) = 3\*\(4-1\) = 9; valid .*: 1, 2, 4"),
+        (["model.eos_id=4096"], r"model\.eos_id=4096 must be in \[0, vocab_size=4096\) or null"),
+        (["model.ple.kind=plne", "model.ple.max_n=4", "model.ple.splits=5"],
+         r"model\.ple: model\.ffn_dim=256 must be divisible by K\*\(N-1\) = 5\*\(4-1\) = 15"),
+        (["model.ngram.ratio=600000"], r"model\.ngram: .*exceeds 2\^31 - 1"),
+        (["model.moe.num_experts=4", "model.moe.top_k=9"], r"model\.moe\.top_k=9 must be in \[1, .* = 4\]"),
+        (["model.attention.kind=gqa", "model.attention.num_kv_heads=3"], r"num_kv_heads=3 must divide"),
+        (["model"], r"must look like key\.path=value"),
+    ],
+)
+def test_bad_values_name_the_key(overrides, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(CONFIGS / "models" / "tiny_ne.yaml", overrides=overrides)
+
+
+def test_eos_may_be_null():
+    cfg = load_config(CONFIGS / "models" / "tiny_ne.yaml", overrides=["model.eos_id=null"])
+    assert cfg.model.eos_id is None
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    a = write(tmp_path, "a.yaml", "base: b.yaml\n")
+    write(tmp_path, "b.yaml", "base: a.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(a)
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(write(tmp_path, "list.yaml", "- 1\n- 2\n"))
+
+
+def test_warns_when_ngram_exceeds_half_the_budget():
+    with pytest.warns(ConfigWarning, match=r"N-gram embeddings hold 7\d\.\d% of all parameters"):
+        load_config(CONFIGS / "models" / "tiny_ne.yaml", overrides=["model.ngram.ratio=8.37"])
+
+
+@pytest.mark.parametrize("ratio, warns", [(2.0, True), (2.5, True), (2.333, True), (2.37, False), (2.73, False)])
+def test_warns_on_simple_fraction_ratio(ratio, warns):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_config(CONFIGS / "models" / "tiny_ne.yaml", overrides=[f"model.ngram.ratio={ratio}"])
+    msgs = [str(w.message) for w in caught if issubclass(w.category, ConfigWarning)]
+    assert any("simple fraction" in m for m in msgs) == warns, msgs
+
+
+def test_longcat_flash_lite_budget():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConfigWarning)  # the released r = 78 is an integer ratio
+        cfg = load_config(CONFIGS / "models" / "longcat_flash_lite.yaml")
+    b = closed_form_budget(cfg.model)
+    assert abs(b["total"] / 68.5e9 - 1) < 0.005
+    assert abs(b["ngram"] / 31.4e9 - 1) < 0.005
+    # tables 31.41B + projections 9.4M (SPEC section 1)
+    assert sum(78 * 131072 + 2 * i + 1 for i in range(12)) * 256 == 31_406_985_216
+    assert b["ngram"] - 31_406_985_216 == 12 * 256 * 3072
+    assert 2.85e9 < b["activated_min"] < 2.95e9  # "2.9B" when zero experts take all slots
+    assert 4.45e9 < b["activated_max"] < 4.55e9  # "4.5B" when all 12 slots are real experts
