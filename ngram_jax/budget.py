@@ -16,6 +16,8 @@ zero experts allow (``activated_min``).
 
 from __future__ import annotations
 
+import numpy as np
+
 from ngram_jax.config import AttentionConfig, ModelConfig
 from ngram_jax.ngram.hashing import num_tables, table_sizes
 
@@ -102,3 +104,94 @@ def closed_form_budget(m: ModelConfig) -> dict[str, int]:
         "activated_min": base + nb * k_real_min * expert_one,
         "activated_max": base + nb * k_real_max * expert_one,
     }
+
+
+# ----------------------------------------------------------------------------------------------
+# From the model's abstract shapes (nothing is allocated).
+
+
+def _category(path: tuple) -> str:
+    names = [str(p) for p in path]
+    if names[0] == "embed":
+        return "ngram" if names[-1] in ("ngram_table", "ngram_proj") else "embedding"
+    if names[0] == "ple":
+        return "ngram" if names[-1] in ("ngram_table", "ngram_proj") else "ple"
+    if names[0] == "lm_head":
+        return "lm_head"
+    if "moe" in names:
+        return "router" if names[-1] == "router" else "experts"
+    return "dense"
+
+
+def parameter_budget(config) -> dict[str, int]:
+    """Parameter counts by category, from ``nnx.eval_shape`` of the real model (no allocation).
+
+    Keys: total, embedding, ngram, ple, dense, lm_head, experts, router, activated_min,
+    activated_max (see the module docstring for what counts as activated).
+    """
+    import jax
+    from flax import nnx
+
+    from ngram_jax.config import Config
+    from ngram_jax.model import build_model
+
+    m = config.model if isinstance(config, Config) else config
+    with nnx.use_eager_sharding(False):
+        abstract = nnx.eval_shape(lambda: build_model(m, nnx.Rngs(0)))
+    counts = dict.fromkeys(("embedding", "ngram", "ple", "dense", "lm_head", "experts", "router"), 0)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))[0]:
+        key = tuple(getattr(p, "key", getattr(p, "idx", p)) for p in path)
+        counts[_category(key)] += int(np.prod(leaf.shape))
+    counts["total"] = sum(counts.values())
+
+    # activated: everything a token multiplies by, plus the table rows it reads
+    d, f, e = m.d_model, m.ffn_dim, m.moe
+    tables = counts["embedding"] + counts["ple"] + counts["ngram"]
+    rows_read = d + (m.ngram.amplification == "layernorm" and m.ngram.enabled) * 2 * d
+    proj = 0
+    if m.ngram.enabled:
+        t = num_tables(m.ngram.max_n, m.ngram.splits)
+        rows_read += t * (d // t)
+        proj += t * (d // t) * d
+    n_ffn = 2 * m.num_blocks
+    if m.ple.kind == "ple":
+        rows_read += n_ffn * f
+    elif m.ple.kind == "plne":
+        t = num_tables(m.ple.max_n, m.ple.splits)
+        rows_read += n_ffn * (f + t * (f // t))
+        proj += n_ffn * t * (f // t) * f
+    head = counts["lm_head"] or m.vocab_size * d
+    base = counts["total"] - counts["experts"] - tables + proj + rows_read - counts["lm_head"] + head
+    expert_one = 3 * d * e.expert_dim
+    k_max = min(e.top_k, e.num_experts) if e.num_experts else 0
+    k_min = max(0, e.top_k - e.num_zero_experts) if e.num_experts else 0
+    counts["activated_min"] = base + m.num_blocks * k_min * expert_one
+    counts["activated_max"] = base + m.num_blocks * k_max * expert_one
+    return counts
+
+
+def moe_baseline(config):
+    """The parameter-equivalent MoE baseline of an NE (or PLNE) model.
+
+    The N-gram parameters are spent on more experts instead: ``ngram.enabled: false`` (PLNE becomes
+    plain PLE), ``num_experts`` grows by the NE budget divided by the cost of one expert across all
+    blocks (its SwiGLU weights plus its router column), rounded to the nearest; same top_k, so the
+    same activated expert parameters.
+    """
+    from ngram_jax.config import Config, ConfigError, replace
+
+    m = config.model if isinstance(config, Config) else config
+    if m.moe.num_experts == 0:
+        raise ConfigError("moe_baseline needs an MoE model (model.moe.num_experts > 0) to add experts to")
+    if not (m.ngram.enabled or m.ple.kind == "plne"):
+        raise ConfigError("moe_baseline needs N-gram parameters to reallocate (model.ngram.enabled or ple.kind=plne)")
+    b = closed_form_budget(m)
+    changes = {"model.ngram.enabled": False}
+    if m.ple.kind == "plne":
+        changes["model.ple.kind"] = "ple"
+    plain = replace(config, **changes)
+    plain_m = plain.model if isinstance(plain, Config) else plain
+    freed = b["total"] - closed_form_budget(plain_m)["total"]
+    per_expert = m.num_blocks * (3 * m.d_model * m.moe.expert_dim + m.d_model)
+    extra = round(freed / per_expert)
+    return replace(plain, **{"model.moe.num_experts": m.moe.num_experts + extra})

@@ -72,6 +72,9 @@ class AttentionConfig:
     qk_rope_head_dim: int = 16
     v_head_dim: int = 32
     rope_theta: float = 10000.0
+    yarn_factor: float = 1.0  # > 1 enables YaRN context extension
+    yarn_original_max_position: int = 4096
+    yarn_mscale_all_dim: float = 0.0  # softmax scale times yarn_mscale(factor, this)^2 (DeepSeek/LongCat)
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,12 @@ class MoEConfig:
     top_k: int = 2
     expert_dim: int = 128
     routed_scaling_factor: float = 1.0
+    dispatch: Literal["dropless", "capacity", "dense"] = "dropless"
+    capacity_factor: float = 1.25  # capacity dispatch: slots per expert = factor * tokens * top_k / E
+    bias_update_rate: float = 1e-3  # aux-loss-free balancing step for the selection bias
+    bias_update_rule: Literal["sign", "proportional"] = "sign"
+    load_balance_loss_weight: float = 0.0  # Switch-style auxiliary loss (0: off)
+    router_z_loss_weight: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,110 @@
+"""Attention: LongCat-Flash MLA and a plain GQA variant, causal and packed-segment aware.
+
+MLA (as transformers' ``LongcatFlashMLA``):
+    q      = q_b( RMSNorm(q_a x) )                  -> [B, S, H, nope + rope], times sqrt(D / q_lora_rank)
+    c, kr  = split( kv_a x )                         latent [B, S, kv_lora_rank], shared rope key [B, S, rope]
+    c      = RMSNorm(c) * sqrt(D / kv_lora_rank)
+    k_nope, v = split( kv_b c )                      [B, S, H, nope], [B, S, H, v]
+    rope (interleaved pairs) on q's rope part and kr; k = [k_nope, kr]; softmax scale (nope+rope)^-1/2
+Both use ``jax.nn.dot_product_attention`` with a mask that is causal and never crosses documents.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ngram_jax.config import AttentionConfig
+from ngram_jax.layers.linear import Linear, RMSNorm
+from ngram_jax.layers.rope import apply_rope, inv_frequencies, yarn_mscale
+
+
+def attention_mask(segment_ids: jax.Array | None, batch: int, seq: int) -> jax.Array | None:
+    """bool [B, 1, S, S]: True where query and key are in the same document (causality is separate)."""
+    if segment_ids is None:
+        return None
+    return (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+
+
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: float) -> jax.Array:
+    """q [B, S, H, Dq], k [B, S, Hk, Dq], v [B, S, Hk, Dv] -> [B, S, H, Dv]; causal, masked."""
+    dv = v.shape[-1]
+    if dv != q.shape[-1]:  # dot_product_attention wants one head size: pad V, slice the output
+        v = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, q.shape[-1] - dv))) if dv < q.shape[-1] else v
+        if dv > q.shape[-1]:
+            raise ValueError(f"value head dim {dv} larger than the query/key head dim {q.shape[-1]}")
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, scale=scale)
+    return out[..., :dv]
+
+
+class MLA(nnx.Module):
+    def __init__(self, cfg: AttentionConfig, d_model: int, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        self.cfg, self.dtype = cfg, dtype
+        h, nope, rope, dv = cfg.num_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        if cfg.q_lora_rank > 0:
+            self.q_a = Linear(d_model, cfg.q_lora_rank, ("embed", "q_lora"), **kw)
+            self.q_a_norm = RMSNorm(cfg.q_lora_rank, eps=1e-6, name="q_lora", dtype=dtype, param_dtype=param_dtype)
+            self.q_b = Linear(cfg.q_lora_rank, h * (nope + rope), ("q_lora", "heads"), **kw)
+            self.q_scale = math.sqrt(d_model / cfg.q_lora_rank)
+        else:
+            self.q_a = self.q_a_norm = None
+            self.q_b = Linear(d_model, h * (nope + rope), ("embed", "heads"), **kw)
+            self.q_scale = 1.0
+        self.kv_a = Linear(d_model, cfg.kv_lora_rank + rope, ("embed", "kv_lora"), **kw)
+        self.kv_a_norm = RMSNorm(cfg.kv_lora_rank, eps=1e-6, name="kv_lora", dtype=dtype, param_dtype=param_dtype)
+        self.kv_b = Linear(cfg.kv_lora_rank, h * (nope + dv), ("kv_lora", "heads"), **kw)
+        self.o = Linear(h * dv, d_model, ("heads", "embed"), **kw)
+        self.kv_scale = math.sqrt(d_model / cfg.kv_lora_rank)
+        self.inv_freq = inv_frequencies(rope, cfg.rope_theta, cfg.yarn_factor, cfg.yarn_original_max_position)
+        self.softmax_scale = (nope + rope) ** -0.5 * yarn_mscale(cfg.yarn_factor, cfg.yarn_mscale_all_dim) ** 2
+
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+        """x [B, S, D], positions int [B, S] -> [B, S, D]."""
+        c = self.cfg
+        b, s, _ = x.shape
+        h, nope, rope = c.num_heads, c.qk_nope_head_dim, c.qk_rope_head_dim
+        q_in = self.q_a_norm(self.q_a(x)) if self.q_a is not None else x
+        q = (self.q_b(q_in) * self.q_scale).reshape(b, s, h, nope + rope)  # [B, S, H, nope+rope]
+        kv = self.kv_a(x)  # [B, S, kv_lora + rope]
+        latent = self.kv_a_norm(kv[..., : c.kv_lora_rank]) * self.kv_scale  # [B, S, kv_lora]
+        k_rope = apply_rope(kv[..., None, c.kv_lora_rank :], positions, self.inv_freq)  # [B, S, 1, rope]
+        kv_b = self.kv_b(latent).reshape(b, s, h, nope + c.v_head_dim)
+        k_nope, v = kv_b[..., :nope], kv_b[..., nope:]
+        q = jnp.concatenate([q[..., :nope], apply_rope(q[..., nope:], positions, self.inv_freq)], axis=-1)
+        k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope, (b, s, h, rope))], axis=-1)
+        out = _attend(q, k, v, attention_mask(segment_ids, b, s), self.softmax_scale)  # [B, S, H, v]
+        return self.o(out.reshape(b, s, h * c.v_head_dim))
+
+
+class GQA(nnx.Module):
+    """Grouped-query attention with rotary embeddings (interleaved pairs) on the full head."""
+
+    def __init__(self, cfg: AttentionConfig, d_model: int, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        self.cfg = cfg
+        h, kvh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q = Linear(d_model, h * hd, ("embed", "heads"), **kw)
+        self.k = Linear(d_model, kvh * hd, ("embed", "kv_heads"), **kw)
+        self.v = Linear(d_model, kvh * hd, ("embed", "kv_heads"), **kw)
+        self.o = Linear(h * hd, d_model, ("heads", "embed"), **kw)
+        self.inv_freq = inv_frequencies(hd, cfg.rope_theta, cfg.yarn_factor, cfg.yarn_original_max_position)
+        self.softmax_scale = hd**-0.5 * yarn_mscale(cfg.yarn_factor, cfg.yarn_mscale_all_dim) ** 2
+
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+        c = self.cfg
+        b, s, _ = x.shape
+        q = apply_rope(self.q(x).reshape(b, s, c.num_heads, c.head_dim), positions, self.inv_freq)
+        k = apply_rope(self.k(x).reshape(b, s, c.num_kv_heads, c.head_dim), positions, self.inv_freq)
+        v = self.v(x).reshape(b, s, c.num_kv_heads, c.head_dim)
+        out = _attend(q, k, v, attention_mask(segment_ids, b, s), self.softmax_scale)
+        return self.o(out.reshape(b, s, c.num_heads * c.head_dim))
+
+
+def build_attention(cfg: AttentionConfig, d_model: int, **kw) -> MLA | GQA:
+    return MLA(cfg, d_model, **kw) if cfg.kind == "mla" else GQA(cfg, d_model, **kw)

@@ -1,0 +1,34 @@
+"""Bias-free linear layer and RMSNorm with logical axis names on their parameters."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+class Linear(nnx.Module):
+    """``y = x @ W``, W [in, out] (torch ``nn.Linear`` stores the transpose)."""
+
+    def __init__(self, d_in: int, d_out: int, names: tuple[str | None, str | None], *,
+                 init_std: float | None = None, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        init = nnx.initializers.lecun_normal() if init_std is None else nnx.initializers.normal(init_std)
+        self.kernel = nnx.Param(init(rngs.params(), (d_in, d_out), param_dtype), out_sharding=names)
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return x.astype(self.dtype) @ self.kernel[...].astype(self.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """``w * x / sqrt(mean(x^2) + eps)``, statistics in float32 (as LongCat / DeepSeek)."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-6, name: str = "norm", dtype=jnp.float32,
+                 param_dtype=jnp.float32):
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=(name,))
+        self.eps, self.dtype = eps, dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(self.dtype) * y.astype(self.dtype)

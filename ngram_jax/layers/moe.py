@@ -1,0 +1,206 @@
+"""Mixture of Experts with zero experts (LongCat-Flash), SPEC.md section 3.
+
+Router: ``p = softmax(x W_r)`` over E real + Z zero experts in float32; selection
+``topk(p + b, k)`` with a load-balancing bias b used for selection only; weights
+``w = p[selected] * routed_scaling_factor`` (no renormalisation). A zero expert returns its input
+times its weight. Real experts are SwiGLU. The bias is not trained by gradients: it lives in a
+:class:`SelectionBias` variable (outside the optimizer) and :func:`update_selection_bias` moves it
+toward balanced load after each step (aux-loss-free balancing).
+
+Dispatch (index maths as pure functions, all equal on inputs where nothing is dropped):
+- ``dense``: every expert on every token, then select (the test oracle);
+- ``dropless``: sort assignments by expert, grouped matmuls with ``jax.lax.ragged_dot``;
+- ``capacity``: fixed slots per expert, assignments beyond capacity dropped (static shapes).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ngram_jax.config import MoEConfig
+
+
+class SelectionBias(nnx.Variable):
+    """Per-expert bias added to router probabilities for top-k selection only; not a Param."""
+
+
+class RoutingStats(nnx.Variable):
+    """What the last forward pass routed: per-expert assignment counts and auxiliary losses."""
+
+
+class Routing(NamedTuple):
+    probs: jax.Array  # f32 [N, E+Z]
+    logits: jax.Array  # f32 [N, E+Z]
+    experts: jax.Array  # int32 [N, k]
+    weights: jax.Array  # f32 [N, k]
+
+
+def route(x: jax.Array, kernel: jax.Array, bias: jax.Array, top_k: int, scale: float) -> Routing:
+    """x [N, D], kernel [D, E+Z], bias [E+Z] -> top-k experts and weights (float32 throughout)."""
+    logits = x.astype(jnp.float32) @ kernel.astype(jnp.float32)
+    probs = jax.nn.softmax(logits, axis=-1)
+    _, experts = jax.lax.top_k(probs + jax.lax.stop_gradient(bias.astype(jnp.float32)), top_k)
+    weights = jnp.take_along_axis(probs, experts, axis=-1) * scale
+    return Routing(probs, logits, experts.astype(jnp.int32), weights)
+
+
+def swiglu_experts(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
+    """Every expert on every row. x [N, D], gate/up [E, D, F], down [E, F, D] -> [N, E, D]."""
+    h = jax.nn.silu(jnp.einsum("nd,edf->nef", x, gate)) * jnp.einsum("nd,edf->nef", x, up)
+    return jnp.einsum("nef,efd->ned", h, down)
+
+
+def combine_dense(x, routing: Routing, gate, up, down) -> jax.Array:
+    """Oracle: run all experts, pick the selected ones. [N, D]."""
+    n_real = gate.shape[0]
+    y_all = swiglu_experts(x, gate, up, down)  # [N, E, D]
+    real = routing.experts < n_real
+    picked = jnp.take_along_axis(y_all, jnp.where(real, routing.experts, 0)[..., None], axis=1)  # [N, k, D]
+    contrib = jnp.where(real[..., None], picked, x[:, None, :])  # zero experts: identity
+    return jnp.einsum("nk,nkd->nd", routing.weights.astype(x.dtype), contrib)
+
+
+def sort_assignments(experts: jax.Array, n_real: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Flattened assignments sorted by expert, zero experts last.
+
+    experts int [N, k] -> (order [N*k] indices into the flattened assignments,
+    group_sizes int32 [E] rows per real expert, is_real bool [N*k] in sorted order).
+    """
+    flat = experts.reshape(-1)
+    key = jnp.where(flat < n_real, flat, n_real)  # every zero expert sorts after the real ones
+    order = jnp.argsort(key, stable=True)
+    group_sizes = jnp.bincount(key, length=n_real + 1)[:n_real].astype(jnp.int32)
+    return order, group_sizes, key[order] < n_real
+
+
+def combine_dropless(x, routing: Routing, gate, up, down) -> jax.Array:
+    """Sorted grouped matmuls (``ragged_dot``); nothing is dropped. [N, D]."""
+    n, k = routing.experts.shape
+    n_real = gate.shape[0]
+    order, group_sizes, is_real = sort_assignments(routing.experts, n_real)
+    token = order // k  # source row of each sorted assignment
+    xs = x[token]  # [N*k, D]
+    h = jax.nn.silu(jax.lax.ragged_dot(xs, gate, group_sizes)) * jax.lax.ragged_dot(xs, up, group_sizes)
+    ys = jax.lax.ragged_dot(h, down, group_sizes)  # [N*k, D]; rows of zero experts are not computed
+    ys = jnp.where(is_real[:, None], ys, xs)  # zero experts: identity
+    w = routing.weights.reshape(-1)[order].astype(x.dtype)
+    return jnp.zeros_like(x).at[token].add(ys * w[:, None])
+
+
+def capacity_slots(experts: jax.Array, n_real: int, capacity: int) -> tuple[jax.Array, jax.Array]:
+    """Slot of each assignment inside its expert's buffer, in token order.
+
+    experts int [N, k] -> (slot int32 [N, k], kept bool [N, k]); zero experts are never kept
+    (they need no buffer), real assignments past ``capacity`` are dropped.
+    """
+    real = experts < n_real
+    onehot = jax.nn.one_hot(jnp.where(real, experts, n_real), n_real + 1, dtype=jnp.int32)[..., :n_real]
+    flat = onehot.reshape(-1, n_real)  # [N*k, E] in (token, choice) order
+    position = (jnp.cumsum(flat, axis=0) - 1) * flat
+    slot = position.sum(-1).reshape(experts.shape)
+    return slot.astype(jnp.int32), real & (slot < capacity)
+
+
+def combine_capacity(x, routing: Routing, gate, up, down, capacity: int) -> jax.Array:
+    """Fixed buffers [E, C, D]; overflowing assignments contribute nothing. [N, D]."""
+    n, k = routing.experts.shape
+    n_real = gate.shape[0]
+    slot, kept = capacity_slots(routing.experts, n_real, capacity)
+    e = jnp.where(kept, routing.experts, n_real)  # dropped -> an out-of-range expert row
+    s = jnp.where(kept, slot, 0)
+    buf = jnp.zeros((n_real, capacity, x.shape[-1]), x.dtype)
+    buf = buf.at[e, s].set(jnp.broadcast_to(x[:, None, :], (n, k, x.shape[-1])), mode="drop")
+    h = jax.nn.silu(jnp.einsum("ecd,edf->ecf", buf, gate)) * jnp.einsum("ecd,edf->ecf", buf, up)
+    out = jnp.einsum("ecf,efd->ecd", h, down)  # [E, C, D]
+    y = out.at[e, s].get(mode="fill", fill_value=0)  # [N, k, D]
+    real = routing.experts < n_real
+    contrib = jnp.where(real[..., None], y, x[:, None, :])
+    return jnp.einsum("nk,nkd->nd", routing.weights.astype(x.dtype), contrib)
+
+
+def load_balance_loss(routing: Routing) -> jax.Array:
+    """Switch loss ``E * sum_i f_i * P_i`` over all E+Z experts (f: fraction of assignments)."""
+    n_all = routing.probs.shape[-1]
+    f = jnp.bincount(routing.experts.reshape(-1), length=n_all) / routing.experts.size
+    return n_all * jnp.sum(jax.lax.stop_gradient(f) * routing.probs.mean(0))
+
+
+def router_z_loss(routing: Routing) -> jax.Array:
+    return jnp.mean(jax.nn.logsumexp(routing.logits, axis=-1) ** 2)
+
+
+class MoE(nnx.Module):
+    def __init__(self, cfg: MoEConfig, d_model: int, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                 init_std: float = 0.02, rngs: nnx.Rngs):
+        self.cfg, self.dtype = cfg, dtype
+        e, z, f = cfg.num_experts, cfg.num_zero_experts, cfg.expert_dim
+        normal = nnx.initializers.normal(init_std)
+        self.router = nnx.Param(normal(rngs.params(), (d_model, e + z), jnp.float32),
+                                out_sharding=("embed", "router"))  # [D, E+Z], kept in float32
+        self.gate = nnx.Param(normal(rngs.params(), (e, d_model, f), param_dtype),
+                              out_sharding=("expert", "embed", "expert_mlp"))  # [E, D, F]
+        self.up = nnx.Param(normal(rngs.params(), (e, d_model, f), param_dtype),
+                            out_sharding=("expert", "embed", "expert_mlp"))  # [E, D, F]
+        self.down = nnx.Param(normal(rngs.params(), (e, f, d_model), param_dtype),
+                              out_sharding=("expert", "expert_mlp", "embed"))  # [E, F, D]
+        self.bias = SelectionBias(jnp.zeros((e + z,), jnp.float32))
+        self.counts = RoutingStats(jnp.zeros((e + z,), jnp.int32))
+        self.aux_loss = RoutingStats(jnp.zeros((), jnp.float32))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x [B, S, D] -> [B, S, D]; records per-expert counts and the weighted auxiliary loss."""
+        c = self.cfg
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1]).astype(self.dtype)  # [N, D]
+        routing = route(flat, self.router[...], self.bias[...], c.top_k, c.routed_scaling_factor)
+        gate, up, down = (p[...].astype(self.dtype) for p in (self.gate, self.up, self.down))
+        if c.dispatch == "dense":
+            y = combine_dense(flat, routing, gate, up, down)
+        elif c.dispatch == "capacity":
+            y = combine_capacity(flat, routing, gate, up, down, self.capacity(flat.shape[0]))
+        else:
+            y = combine_dropless(flat, routing, gate, up, down)
+        self.counts[...] = jnp.bincount(routing.experts.reshape(-1), length=c.num_experts + c.num_zero_experts)
+        aux = jnp.zeros((), jnp.float32)
+        if c.load_balance_loss_weight:
+            aux = aux + c.load_balance_loss_weight * load_balance_loss(routing)
+        if c.router_z_loss_weight:
+            aux = aux + c.router_z_loss_weight * router_z_loss(routing)
+        self.aux_loss[...] = aux
+        return y.reshape(shape)
+
+    def capacity(self, tokens: int) -> int:
+        c = self.cfg
+        return max(1, math.ceil(c.capacity_factor * tokens * c.top_k / max(c.num_experts, 1)))
+
+
+def bias_update(bias: jax.Array, counts: jax.Array, rate: float, rule: str) -> jax.Array:
+    """Aux-loss-free balancing: raise the bias of under-loaded experts, lower the over-loaded."""
+    load = counts.astype(jnp.float32)
+    mean = load.mean()
+    if rule == "sign":
+        return bias + rate * jnp.sign(mean - load)
+    return bias + rate * (mean - load) / jnp.maximum(mean, 1.0)
+
+
+def update_selection_bias(model: nnx.Module) -> None:
+    """Apply :func:`bias_update` to every MoE layer of ``model`` from its last recorded counts."""
+    for _, module in model.iter_modules():
+        if isinstance(module, MoE):
+            module.bias[...] = bias_update(module.bias[...], module.counts[...], module.cfg.bias_update_rate,
+                                           module.cfg.bias_update_rule)
+
+
+def numpy_route(x, kernel, bias, top_k, scale):
+    """numpy reference of :func:`route` (ties broken toward the lower index, as ``lax.top_k``)."""
+    logits = np.asarray(x, np.float64) @ np.asarray(kernel, np.float64)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    experts = np.argsort(-(p + np.asarray(bias)), axis=-1, kind="stable")[:, :top_k]
+    return experts, np.take_along_axis(p, experts, -1) * scale

@@ -1,0 +1,143 @@
+"""The decoder family: shortcut-connected MoE blocks under a plain | NE | PLE | PLNE input.
+
+One ScMoE block (transformers' ``LongcatFlashDecoderLayer``):
+    h1  = h  + Attn_0(RMSNorm(h))
+    x   = RMSNorm(h1)
+    s   = MoE(x)                      # shortcut branch, same input as the first dense FFN
+    h2  = h1 + FFN_0(x)
+    h3  = h2 + Attn_1(RMSNorm(h2))
+    out = h3 + FFN_1(RMSNorm(h3)) + s
+With ``moe.num_experts: 0`` the shortcut branch is absent (a dense model). With PLE/PLNE every
+dense FFN is ``W_d(SiLU(W_a x) * e^l)`` with its per-layer embedding slice.
+
+    model = build_model(config, nnx.Rngs(0))
+    logits = model(tokens, segment_ids=None, positions=None)   # [B, S, V] float32
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ngram_jax.config import Config, ModelConfig
+from ngram_jax.layers.attention import build_attention
+from ngram_jax.layers.linear import Linear, RMSNorm
+from ngram_jax.layers.moe import MoE
+from ngram_jax.ngram import hashing
+from ngram_jax.ngram.embedding import NgramEmbedding, gather_rows
+from ngram_jax.ngram.ple import PerLayerEmbedding, PerLayerNgramEmbedding, PLEFeedForward
+
+
+class TokenEmbedding(nnx.Module):
+    """Plain embedding table [V, D]."""
+
+    def __init__(self, vocab_size: int, d_model: int, *, init_std: float = 0.02, dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        init = nnx.initializers.normal(init_std)
+        self.embedding = nnx.Param(init(rngs.params(), (vocab_size, d_model), param_dtype),
+                                   out_sharding=("vocab", "embed"))
+        self.vocab_size, self.dtype = vocab_size, dtype
+
+    def __call__(self, tokens, *, segment_ids=None, ngram_ids=None):
+        del segment_ids, ngram_ids
+        hashing.check_token_ids(tokens, self.vocab_size)
+        return gather_rows(self.embedding[...].astype(self.dtype), tokens)
+
+
+class SwiGLU(nnx.Module):
+    """``down( SiLU(gate x) * up x )``."""
+
+    def __init__(self, d_model: int, width: int, *, names=("embed", "mlp"), dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.gate = Linear(d_model, width, names, **kw)
+        self.up = Linear(d_model, width, names, **kw)
+        self.down = Linear(width, d_model, names[::-1], **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+
+
+class Block(nnx.Module):
+    def __init__(self, m: ModelConfig, *, rngs: nnx.Rngs):
+        dt, pdt = jnp.dtype(m.dtype), jnp.dtype(m.param_dtype)
+        kw = dict(dtype=dt, param_dtype=pdt, rngs=rngs)
+        norm = lambda: RMSNorm(m.d_model, eps=m.norm_eps, name="embed", dtype=dt, param_dtype=pdt)  # noqa: E731
+        self.attn_norm = nnx.List([norm(), norm()])
+        self.ffn_norm = nnx.List([norm(), norm()])
+        self.attn = nnx.List([build_attention(m.attention, m.d_model, **kw) for _ in range(2)])
+        if m.ple.kind == "none":
+            self.ffn = nnx.List([SwiGLU(m.d_model, m.ffn_dim, **kw) for _ in range(2)])
+        else:
+            self.ffn = nnx.List([PLEFeedForward(m.d_model, m.ffn_dim, **kw) for _ in range(2)])
+        self.moe = MoE(m.moe, m.d_model, **kw) if m.moe.num_experts > 0 else None
+
+    def _ffn(self, i: int, x: jax.Array, ple: jax.Array | None) -> jax.Array:
+        return self.ffn[i](x) if ple is None else self.ffn[i](x, ple[:, :, i])
+
+    def __call__(self, h, positions, segment_ids, ple=None):
+        """h [B, S, D]; ple [B, S, 2, F] (this block's two per-layer slices) or None."""
+        h = h + self.attn[0](self.attn_norm[0](h), positions, segment_ids)
+        x = self.ffn_norm[0](h)
+        shortcut = self.moe(x) if self.moe is not None else None
+        h = h + self._ffn(0, x, ple)
+        h = h + self.attn[1](self.attn_norm[1](h), positions, segment_ids)
+        h = h + self._ffn(1, self.ffn_norm[1](h), ple)
+        return h if shortcut is None else h + shortcut
+
+
+class Model(nnx.Module):
+    def __init__(self, m: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = m
+        dt, pdt = jnp.dtype(m.dtype), jnp.dtype(m.param_dtype)
+        if m.ngram.enabled:
+            self.embed = NgramEmbedding.from_config(m, rngs=rngs)
+        else:
+            self.embed = TokenEmbedding(m.vocab_size, m.d_model, dtype=dt, param_dtype=pdt, rngs=rngs)
+        ple_cls = {"none": None, "ple": PerLayerEmbedding, "plne": PerLayerNgramEmbedding}[m.ple.kind]
+        self.ple = ple_cls.from_config(m, rngs=rngs) if ple_cls is not None else None
+        self.blocks = nnx.List([Block(m, rngs=rngs) for _ in range(m.num_blocks)])
+        self.final_norm = RMSNorm(m.d_model, eps=m.norm_eps, name="embed", dtype=dt, param_dtype=pdt)
+        self.lm_head = None if m.tie_embeddings else Linear(m.d_model, m.vocab_size, ("embed", "vocab"),
+                                                            dtype=dt, param_dtype=pdt, rngs=rngs)
+
+    def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
+                 positions: jax.Array | None = None, ngram_ids: jax.Array | None = None) -> jax.Array:
+        """tokens int [B, S] -> logits float32 [B, S, V].
+
+        ``segment_ids`` [B, S] marks packed documents (attention and n-gram history stay inside
+        one); ``positions`` [B, S] default to the offset inside each document; ``ngram_ids``
+        [B, S, T] may come precomputed from the input pipeline.
+        """
+        tokens = jnp.asarray(tokens) if not isinstance(tokens, jax.core.Tracer) else tokens
+        hashing.check_token_ids(tokens, self.config.vocab_size)
+        if positions is None:
+            positions = default_positions(tokens.shape, segment_ids)
+        h = self.embed(tokens, segment_ids=segment_ids, ngram_ids=ngram_ids)  # [B, S, D]
+        ple = self.ple(tokens, segment_ids=segment_ids) if self.ple is not None else None  # [B, S, L, F]
+        for i, block in enumerate(self.blocks):
+            h = block(h, positions, segment_ids, None if ple is None else ple[:, :, 2 * i : 2 * i + 2])
+        h = self.final_norm(h)
+        if self.lm_head is not None:
+            return self.lm_head(h).astype(jnp.float32)
+        return (h @ self.embed.embedding[...].astype(h.dtype).T).astype(jnp.float32)
+
+    def aux_loss(self) -> jax.Array:
+        """Sum of the MoE auxiliary losses recorded by the last forward pass (0 without MoE)."""
+        return sum((b.moe.aux_loss[...] for b in self.blocks if b.moe is not None), jnp.zeros((), jnp.float32))
+
+
+def default_positions(shape: tuple[int, int], segment_ids: jax.Array | None) -> jax.Array:
+    """0, 1, 2, ... restarting at every document start. int32 [B, S]."""
+    b, s = shape
+    pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    if segment_ids is None:
+        return pos
+    start = jnp.pad(segment_ids[:, 1:] != segment_ids[:, :-1], ((0, 0), (1, 0)))
+    return pos - jax.lax.cummax(jnp.where(start, pos, 0), axis=1)
+
+
+def build_model(config: Config | ModelConfig, rngs: nnx.Rngs) -> Model:
+    """Build the model a config describes (a full :class:`Config` or its ``model`` section)."""
+    return Model(config.model if isinstance(config, Config) else config, rngs=rngs)
