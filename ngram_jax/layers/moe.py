@@ -191,7 +191,7 @@ def bias_update(bias: jax.Array, counts: jax.Array, rate: float, rule: str) -> j
 
 def update_selection_bias(model: nnx.Module) -> None:
     """Apply :func:`bias_update` to every MoE layer of ``model`` from its last recorded counts."""
-    for _, module in model.iter_modules():
+    for _, module in nnx.iter_modules(model):
         if isinstance(module, MoE):
             module.bias[...] = bias_update(module.bias[...], module.counts[...], module.cfg.bias_update_rate,
                                            module.cfg.bias_update_rule)
