@@ -74,6 +74,9 @@ class AttentionConfig:
     rope_theta: float = 10000.0
     yarn_factor: float = 1.0  # > 1 enables YaRN context extension
     yarn_original_max_position: int = 4096
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
+    yarn_mscale: float = 1.0  # cos/sin scale mscale(f, this) / mscale(f, mscale_all_dim)
     yarn_mscale_all_dim: float = 0.0  # softmax scale times yarn_mscale(factor, this)^2 (DeepSeek/LongCat)
 
 

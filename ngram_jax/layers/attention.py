@@ -19,7 +19,7 @@ from flax import nnx
 
 from ngram_jax.config import AttentionConfig
 from ngram_jax.layers.linear import Linear, RMSNorm
-from ngram_jax.layers.rope import apply_rope, inv_frequencies, yarn_mscale
+from ngram_jax.layers.rope import apply_rope, inv_frequencies, yarn_attention_factor, yarn_mscale
 
 
 def attention_mask(segment_ids: jax.Array | None, batch: int, seq: int) -> jax.Array | None:
@@ -27,6 +27,12 @@ def attention_mask(segment_ids: jax.Array | None, batch: int, seq: int) -> jax.A
     if segment_ids is None:
         return None
     return (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+
+
+def rope_frequencies(cfg: AttentionConfig, dim: int):
+    """Inverse RoPE frequencies [dim // 2] (a cached numpy constant, not module state)."""
+    return inv_frequencies(dim, cfg.rope_theta, cfg.yarn_factor, cfg.yarn_original_max_position,
+                           cfg.yarn_beta_fast, cfg.yarn_beta_slow)
 
 
 def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: float) -> jax.Array:
@@ -60,7 +66,8 @@ class MLA(nnx.Module):
         self.kv_b = Linear(cfg.kv_lora_rank, h * (nope + dv), ("kv_lora", "heads"), **kw)
         self.o = Linear(h * dv, d_model, ("heads", "embed"), **kw)
         self.kv_scale = math.sqrt(d_model / cfg.kv_lora_rank)
-        self.inv_freq = inv_frequencies(rope, cfg.rope_theta, cfg.yarn_factor, cfg.yarn_original_max_position)
+        self.rope_dim = rope
+        self.rope_scale = yarn_attention_factor(cfg.yarn_factor, cfg.yarn_mscale, cfg.yarn_mscale_all_dim)
         self.softmax_scale = (nope + rope) ** -0.5 * yarn_mscale(cfg.yarn_factor, cfg.yarn_mscale_all_dim) ** 2
 
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
@@ -72,10 +79,11 @@ class MLA(nnx.Module):
         q = (self.q_b(q_in) * self.q_scale).reshape(b, s, h, nope + rope)  # [B, S, H, nope+rope]
         kv = self.kv_a(x)  # [B, S, kv_lora + rope]
         latent = self.kv_a_norm(kv[..., : c.kv_lora_rank]) * self.kv_scale  # [B, S, kv_lora]
-        k_rope = apply_rope(kv[..., None, c.kv_lora_rank :], positions, self.inv_freq)  # [B, S, 1, rope]
+        rot = lambda t: apply_rope(t, positions, rope_frequencies(c, self.rope_dim), self.rope_scale)  # noqa: E731
+        k_rope = rot(kv[..., None, c.kv_lora_rank :])  # [B, S, 1, rope]
         kv_b = self.kv_b(latent).reshape(b, s, h, nope + c.v_head_dim)
         k_nope, v = kv_b[..., :nope], kv_b[..., nope:]
-        q = jnp.concatenate([q[..., :nope], apply_rope(q[..., nope:], positions, self.inv_freq)], axis=-1)
+        q = jnp.concatenate([q[..., :nope], rot(q[..., nope:])], axis=-1)
         k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope, (b, s, h, rope))], axis=-1)
         out = _attend(q, k, v, attention_mask(segment_ids, b, s), self.softmax_scale)  # [B, S, H, v]
         return self.o(out.reshape(b, s, h * c.v_head_dim))
@@ -93,14 +101,16 @@ class GQA(nnx.Module):
         self.k = Linear(d_model, kvh * hd, ("embed", "kv_heads"), **kw)
         self.v = Linear(d_model, kvh * hd, ("embed", "kv_heads"), **kw)
         self.o = Linear(h * hd, d_model, ("heads", "embed"), **kw)
-        self.inv_freq = inv_frequencies(hd, cfg.rope_theta, cfg.yarn_factor, cfg.yarn_original_max_position)
+        self.rope_dim = hd
+        self.rope_scale = yarn_attention_factor(cfg.yarn_factor, cfg.yarn_mscale, cfg.yarn_mscale_all_dim)
         self.softmax_scale = hd**-0.5 * yarn_mscale(cfg.yarn_factor, cfg.yarn_mscale_all_dim) ** 2
 
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
         c = self.cfg
         b, s, _ = x.shape
-        q = apply_rope(self.q(x).reshape(b, s, c.num_heads, c.head_dim), positions, self.inv_freq)
-        k = apply_rope(self.k(x).reshape(b, s, c.num_kv_heads, c.head_dim), positions, self.inv_freq)
+        rot = lambda t: apply_rope(t, positions, rope_frequencies(c, self.rope_dim), self.rope_scale)  # noqa: E731
+        q = rot(self.q(x).reshape(b, s, c.num_heads, c.head_dim))
+        k = rot(self.k(x).reshape(b, s, c.num_kv_heads, c.head_dim))
         v = self.v(x).reshape(b, s, c.num_kv_heads, c.head_dim)
         out = _attend(q, k, v, attention_mask(segment_ids, b, s), self.softmax_scale)
         return self.o(out.reshape(b, s, c.num_heads * c.head_dim))
