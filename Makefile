@@ -29,6 +29,7 @@ train: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/ne_lookup.py
+	$(PY) benchmarks/model_step.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
