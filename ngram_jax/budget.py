@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from ngram_jax.config import AttentionConfig, ModelConfig
-from ngram_jax.ngram.hashing import num_tables, table_sizes
+from ngram_jax.ngram.hashing import make_layout, num_tables
 
 
 def attention_params(a: AttentionConfig, d: int) -> int:
@@ -37,11 +37,12 @@ def attention_params(a: AttentionConfig, d: int) -> int:
     return q + kv + h * a.v_head_dim * d  # + o_proj
 
 
-def ngram_table_params(vocab: int, width: int, max_n: int, splits: int, ratio: float) -> tuple[int, int]:
-    """(sub-table parameters, projection parameters) of one N-gram Embedding of output ``width``."""
+def ngram_table_params(vocab: int, width: int, max_n: int, splits: int, ratio: float,
+                       row_multiple: int = 1) -> tuple[int, int]:
+    """(sub-table parameters incl. padding rows, projection parameters) of one N-gram Embedding."""
     t = num_tables(max_n, splits)
     d_e = width // t
-    return sum(table_sizes(vocab, max_n, splits, ratio)) * d_e, t * d_e * width
+    return make_layout(vocab, max_n, splits, ratio, row_multiple).padded_rows * d_e, t * d_e * width
 
 
 def closed_form_budget(m: ModelConfig) -> dict[str, int]:
@@ -52,7 +53,7 @@ def closed_form_budget(m: ModelConfig) -> dict[str, int]:
     ngram = 0
     ngram_rows_read = 0  # parameters a token reads from embedding tables
     if m.ngram.enabled:
-        tables, proj = ngram_table_params(v, d, m.ngram.max_n, m.ngram.splits, m.ngram.ratio)
+        tables, proj = ngram_table_params(v, d, m.ngram.max_n, m.ngram.splits, m.ngram.ratio, m.ngram.row_multiple)
         ngram += tables + proj
         t = num_tables(m.ngram.max_n, m.ngram.splits)
         ngram_rows_read += t * (d // t)
@@ -65,7 +66,7 @@ def closed_form_budget(m: ModelConfig) -> dict[str, int]:
         ple = v * n_ffn * f
         ple_rows_read = n_ffn * f
     elif m.ple.kind == "plne":
-        tables, proj = ngram_table_params(v, f, m.ple.max_n, m.ple.splits, m.ple.ratio)
+        tables, proj = ngram_table_params(v, f, m.ple.max_n, m.ple.splits, m.ple.ratio, m.ple.row_multiple)
         t = num_tables(m.ple.max_n, m.ple.splits)
         ple = n_ffn * v * f
         ngram += n_ffn * (tables + proj)
@@ -85,9 +86,9 @@ def closed_form_budget(m: ModelConfig) -> dict[str, int]:
     total = embedding + ngram + ple + dense + lm_head + experts + router
     ngram_proj = 0
     if m.ngram.enabled:
-        ngram_proj = ngram_table_params(v, d, m.ngram.max_n, m.ngram.splits, m.ngram.ratio)[1]
+        ngram_proj = ngram_table_params(v, d, m.ngram.max_n, m.ngram.splits, m.ngram.ratio, m.ngram.row_multiple)[1]
     if m.ple.kind == "plne":
-        ngram_proj += n_ffn * ngram_table_params(v, f, m.ple.max_n, m.ple.splits, m.ple.ratio)[1]
+        ngram_proj += n_ffn * ngram_table_params(v, f, m.ple.max_n, m.ple.splits, m.ple.ratio, m.ple.row_multiple)[1]
     head = lm_head if lm_head else v * d  # a tied head still multiplies by V*D weights
     base = dense + router + head + ngram_proj + d + ngram_rows_read + ple_rows_read
     k_real_max = min(e.top_k, e.num_experts) if e.num_experts > 0 else 0

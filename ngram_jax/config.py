@@ -45,6 +45,7 @@ class NgramConfig:
     ratio: float = 8.37  # r: sub-table size ~ r * V; avoid integers and simple fractions
     amplification: Literal["none", "sqrt_d", "layernorm"] = "none"
     init_std: float = 0.02  # normal init of the base and n-gram tables
+    row_multiple: int = 1  # pad the flattened table to a multiple of this (>= the row shards of a mesh)
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ class PLEConfig:
     max_n: int = 3  # PLNE only
     splits: int = 2  # PLNE only
     ratio: float = 2.37  # PLNE only
+    row_multiple: int = 1  # PLNE only
     init_std: float = 1.0  # the scale of the SwiGLU up-projection that the embedding replaces
 
 
@@ -114,11 +116,55 @@ class ModelConfig:
     ple: PLEConfig = field(default_factory=PLEConfig)
 
 
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+
+# logical axis -> mesh axes, in this order of preference (axes the mesh lacks are dropped)
+DEFAULT_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("batch", ("data", "fsdp", "expert")),  # activations' batch dimension
+    ("vocab_rows", ("data", "fsdp", "expert", "tensor")),  # rows of token tables (masked local lookup)
+    ("table_embed", ()),  # columns of token tables: kept whole so that a lookup stays on its shard
+    ("ngram_rows", ("data", "fsdp", "expert", "tensor")),  # rows of the flattened N-gram table
+    ("ngram_dim", ()),
+    ("ngram_tables", ()),
+    ("ple_embed", ()),  # columns of per-layer embedding tables
+    ("vocab", ("tensor",)),  # the LM head's output dimension
+    ("embed", ("fsdp",)),  # the model dimension of dense weights (FSDP)
+    ("norm", ()),
+    ("mlp", ("tensor",)),
+    ("heads", ("tensor",)),
+    ("kv_heads", ("tensor",)),
+    ("q_lora", ()),
+    ("kv_lora", ()),
+    ("router", ()),
+    ("expert", ("expert",)),
+    ("expert_mlp", ("tensor",)),
+    ("layers", ()),
+)
+
+
+@dataclass(frozen=True)
+class AxisSizes:
+    """Devices per mesh axis; one axis may be -1 (all the devices left)."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    expert: int = 1
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    ici: AxisSizes = field(default_factory=AxisSizes)  # within a slice / host
+    dcn: AxisSizes = field(default_factory=lambda: AxisSizes(data=1))  # across slices (multi-slice)
+    rules: tuple[tuple[str, tuple[str, ...]], ...] = DEFAULT_RULES  # YAML: a mapping name -> [axes]
+
+
 @dataclass(frozen=True)
 class Config:
     name: str = "ngram_jax"
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -238,6 +284,8 @@ def _coerce(tp, value: Any, key: str):
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] + (" (or null)" if type(None) in args else ""))
+    if tp == tuple[tuple[str, tuple[str, ...]], ...]:  # logical axis rules
+        return _coerce_rules(value, key)
     if origin is tuple:
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
@@ -260,6 +308,25 @@ def _coerce(tp, value: Any, key: str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return value
     raise TypeError(f"config field {key} has an unsupported type {tp}")  # a bug in this file
+
+
+def _coerce_rules(value: Any, key: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """``{logical: [mesh axes]}`` (or a list of pairs) overriding :data:`DEFAULT_RULES` by name; a single
+    axis may be a string, ``null`` or ``[]`` replicates."""
+    pairs = value.items() if isinstance(value, Mapping) else value
+    out = dict(DEFAULT_RULES)
+    try:
+        for name, axes in pairs:
+            axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+            for a in axes:
+                if a not in MESH_AXES:
+                    raise ConfigError(f"{key}.{name}: unknown mesh axis {a!r}; mesh axes are {', '.join(MESH_AXES)}")
+            out[str(name)] = axes
+    except (TypeError, ValueError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"{key}: expected a mapping logical_name -> [mesh axes], got {value!r}") from None
+    return tuple(out.items())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -327,16 +394,23 @@ def validate(cfg: Config) -> None:
     else:
         _require(e.num_zero_experts == 0, "model.moe.num_zero_experts needs num_experts > 0")
 
-    n = m.ngram
+    n, p = m.ngram, m.ple
+    _require(n.row_multiple >= 1 and p.row_multiple >= 1,
+             "model.ngram.row_multiple and model.ple.row_multiple must be >= 1")
     if n.enabled:
         _check_ngram_shape("model.ngram", "model.d_model", m.d_model, n.max_n, n.splits, n.ratio)
-        _check_table_limits("model.ngram", m.vocab_size, n.max_n, n.splits, n.ratio)
+        _check_table_limits("model.ngram", m.vocab_size, n.max_n, n.splits, n.ratio, n.row_multiple)
         _warn_simple_ratio("model.ngram.ratio", n.ratio, m.vocab_size)
-    p = m.ple
     if p.kind == "plne":
         _check_ngram_shape("model.ple", "model.ffn_dim", m.ffn_dim, p.max_n, p.splits, p.ratio)
-        _check_table_limits("model.ple", m.vocab_size, p.max_n, p.splits, p.ratio)
+        _check_table_limits("model.ple", m.vocab_size, p.max_n, p.splits, p.ratio, p.row_multiple)
         _warn_simple_ratio("model.ple.ratio", p.ratio, m.vocab_size)
+
+    for key, sizes in (("mesh.ici", cfg.mesh.ici), ("mesh.dcn", cfg.mesh.dcn)):
+        values = [getattr(sizes, a) for a in MESH_AXES]
+        _require(all(v == -1 or v >= 1 for v in values) and values.count(-1) <= 1,
+                 f"{key}: axis sizes must be >= 1, with at most one -1 (fill), got "
+                 f"{dict(zip(MESH_AXES, values, strict=True))}")
 
     if n.enabled or p.kind == "plne":
         from ngram_jax.budget import closed_form_budget  # budget imports this module's types
@@ -352,11 +426,11 @@ def validate(cfg: Config) -> None:
             )
 
 
-def _check_table_limits(prefix: str, vocab: int, max_n: int, splits: int, ratio: float) -> None:
+def _check_table_limits(prefix: str, vocab: int, max_n: int, splits: int, ratio: float, row_multiple: int) -> None:
     from ngram_jax.ngram.hashing import make_layout
 
     try:
-        make_layout(vocab, max_n, splits, ratio)
+        make_layout(vocab, max_n, splits, ratio, row_multiple)
     except ValueError as err:
         raise ConfigError(f"{prefix}: {err}") from None
 

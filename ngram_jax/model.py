@@ -25,8 +25,9 @@ from ngram_jax.layers.attention import build_attention
 from ngram_jax.layers.linear import Linear, RMSNorm
 from ngram_jax.layers.moe import MoE
 from ngram_jax.ngram import hashing
-from ngram_jax.ngram.embedding import NgramEmbedding, gather_rows
+from ngram_jax.ngram.embedding import NgramEmbedding
 from ngram_jax.ngram.ple import PerLayerEmbedding, PerLayerNgramEmbedding, PLEFeedForward
+from ngram_jax.sharding import lookup_rows
 
 
 class TokenEmbedding(nnx.Module):
@@ -36,13 +37,13 @@ class TokenEmbedding(nnx.Module):
                  param_dtype=jnp.float32, rngs: nnx.Rngs):
         init = nnx.initializers.normal(init_std)
         self.embedding = nnx.Param(init(rngs.params(), (vocab_size, d_model), param_dtype),
-                                   out_sharding=("vocab", "embed"))
+                                   out_sharding=("vocab_rows", "table_embed"))
         self.vocab_size, self.dtype = vocab_size, dtype
 
     def __call__(self, tokens, *, segment_ids=None, ngram_ids=None):
         del segment_ids, ngram_ids
         hashing.check_token_ids(tokens, self.vocab_size)
-        return gather_rows(self.embedding[...].astype(self.dtype), tokens)
+        return lookup_rows(self.embedding[...].astype(self.dtype), tokens, "vocab_rows")
 
 
 class SwiGLU(nnx.Module):
@@ -63,7 +64,7 @@ class Block(nnx.Module):
     def __init__(self, m: ModelConfig, *, rngs: nnx.Rngs):
         dt, pdt = jnp.dtype(m.dtype), jnp.dtype(m.param_dtype)
         kw = dict(dtype=dt, param_dtype=pdt, rngs=rngs)
-        norm = lambda: RMSNorm(m.d_model, eps=m.norm_eps, name="embed", dtype=dt, param_dtype=pdt)  # noqa: E731
+        norm = lambda: RMSNorm(m.d_model, eps=m.norm_eps, name="norm", dtype=dt, param_dtype=pdt)  # noqa: E731
         self.attn_norm = nnx.List([norm(), norm()])
         self.ffn_norm = nnx.List([norm(), norm()])
         self.attn = nnx.List([build_attention(m.attention, m.d_model, **kw) for _ in range(2)])
@@ -98,7 +99,7 @@ class Model(nnx.Module):
         ple_cls = {"none": None, "ple": PerLayerEmbedding, "plne": PerLayerNgramEmbedding}[m.ple.kind]
         self.ple = ple_cls.from_config(m, rngs=rngs) if ple_cls is not None else None
         self.blocks = nnx.List([Block(m, rngs=rngs) for _ in range(m.num_blocks)])
-        self.final_norm = RMSNorm(m.d_model, eps=m.norm_eps, name="embed", dtype=dt, param_dtype=pdt)
+        self.final_norm = RMSNorm(m.d_model, eps=m.norm_eps, name="norm", dtype=dt, param_dtype=pdt)
         self.lm_head = None if m.tie_embeddings else Linear(m.d_model, m.vocab_size, ("embed", "vocab"),
                                                             dtype=dt, param_dtype=pdt, rngs=rngs)
 

@@ -143,7 +143,7 @@ def test_width_must_divide():
 def test_logical_axis_names_and_mesh_sharding():
     layer = make()
     assert layer.ngram_table.get_metadata()["out_sharding"] == ("ngram_rows", "ngram_dim")
-    assert layer.embedding.get_metadata()["out_sharding"] == ("vocab", "embed")
+    assert layer.embedding.get_metadata()["out_sharding"] == ("vocab_rows", "table_embed")
     assert layer.ngram_proj.get_metadata()["out_sharding"] == ("ngram_tables", "ngram_dim", "embed")
     # built under a real 8-device mesh, the flattened table is split by rows
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2)

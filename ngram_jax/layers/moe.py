@@ -124,6 +124,49 @@ def combine_capacity(x, routing: Routing, gate, up, down, capacity: int) -> jax.
     return jnp.einsum("nk,nkd->nd", routing.weights.astype(x.dtype), contrib)
 
 
+def grouped_swiglu(xs: jax.Array, groups: jax.Array, gate, up, down) -> jax.Array:
+    """Rows [M, D] with expert ids [M] (``>= E``: no expert, output 0) -> [M, D], sorted + ragged_dot."""
+    n_real = gate.shape[0]
+    key = jnp.where((groups >= 0) & (groups < n_real), groups, n_real)
+    order = jnp.argsort(key, stable=True)
+    sizes = jnp.bincount(key, length=n_real + 1)[:n_real].astype(jnp.int32)
+    x_sorted = xs[order]
+    h = jax.nn.silu(jax.lax.ragged_dot(x_sorted, gate, sizes)) * jax.lax.ragged_dot(x_sorted, up, sizes)
+    y_sorted = jnp.where((key[order] < n_real)[:, None], jax.lax.ragged_dot(h, down, sizes), 0)
+    return jnp.zeros_like(y_sorted).at[order].set(y_sorted)
+
+
+def combine_expert_parallel(x, routing: Routing, gate, up, down, *, axis: str, capacity: int,
+                            mlp_axes: tuple[str, ...]) -> jax.Array:
+    """Inside ``shard_map``: experts split over mesh ``axis`` (this device holds E_loc of them).
+
+    Each real assignment is sent to the device owning its expert with ``all_to_all`` (fixed
+    ``capacity`` slots per destination; dropless when capacity = tokens * top_k), computed there
+    with grouped matmuls, and sent back; zero experts stay local. x [n, D] -> [n, D].
+    """
+    n, k = routing.experts.shape
+    ep = jax.lax.axis_size(axis)
+    e_loc = gate.shape[0]
+    n_real = e_loc * ep
+    real = routing.experts < n_real
+    dest = jnp.where(real, routing.experts // e_loc, ep)  # [n, k]; ep = "stays here"
+    slot, kept = capacity_slots(dest, ep, capacity)  # per-destination slots
+    d_idx, s_idx = jnp.where(kept, dest, ep), jnp.where(kept, slot, 0)
+    send_x = jnp.zeros((ep, capacity, x.shape[-1]), x.dtype).at[d_idx, s_idx].set(
+        jnp.broadcast_to(x[:, None, :], (n, k, x.shape[-1])), mode="drop")
+    send_e = jnp.full((ep, capacity), e_loc, jnp.int32).at[d_idx, s_idx].set(
+        routing.experts % e_loc, mode="drop")  # local expert id at the destination; e_loc = empty
+    recv_x = jax.lax.all_to_all(send_x, axis, 0, 0, tiled=True)  # [ep, C, D]: row j came from device j
+    recv_e = jax.lax.all_to_all(send_e, axis, 0, 0, tiled=True)
+    y = grouped_swiglu(recv_x.reshape(-1, x.shape[-1]), recv_e.reshape(-1), gate, up, down)
+    if mlp_axes:  # expert_mlp split over e.g. tensor: partial sums
+        y = jax.lax.psum(y, mlp_axes)
+    back = jax.lax.all_to_all(y.reshape(ep, capacity, -1), axis, 0, 0, tiled=True)  # [ep, C, D]
+    got = back.at[d_idx, s_idx].get(mode="fill", fill_value=0)  # [n, k, D]
+    contrib = jnp.where(real[..., None], got, x[:, None, :])
+    return jnp.einsum("nk,nkd->nd", routing.weights.astype(x.dtype), contrib)
+
+
 def load_balance_loss(routing: Routing) -> jax.Array:
     """Switch loss ``E * sum_i f_i * P_i`` over all E+Z experts (f: fraction of assignments)."""
     n_all = routing.probs.shape[-1]
@@ -154,26 +197,88 @@ class MoE(nnx.Module):
         self.aux_loss = RoutingStats(jnp.zeros((), jnp.float32))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        """x [B, S, D] -> [B, S, D]; records per-expert counts and the weighted auxiliary loss."""
-        c = self.cfg
+        """x [B, S, D] -> [B, S, D]; records per-expert counts and the weighted auxiliary loss.
+
+        Inside a mesh context whose rules split the ``expert`` logical axis, experts run
+        expert-parallel (``all_to_all`` inside ``shard_map``); otherwise by ``cfg.dispatch``.
+        """
+        from ngram_jax.sharding import current_mesh, mesh_axes
+
         shape = x.shape
         flat = x.reshape(-1, shape[-1]).astype(self.dtype)  # [N, D]
-        routing = route(flat, self.router[...], self.bias[...], c.top_k, c.routed_scaling_factor)
-        gate, up, down = (p[...].astype(self.dtype) for p in (self.gate, self.up, self.down))
+        experts = (p[...].astype(self.dtype) for p in (self.gate, self.up, self.down))
+        params = (self.router[...], self.bias[...], *experts)
+        mesh = current_mesh()
+        ep_axes = tuple(a for a in mesh_axes("expert") if mesh is not None and a in mesh.axis_names
+                        and mesh.shape[a] > 1)
+        if ep_axes:
+            y, counts, aux = self._expert_parallel(flat, params, mesh, ep_axes)
+        else:
+            y, counts, aux = self._local(flat, *params)
+        self.counts[...] = counts
+        self.aux_loss[...] = aux
+        return y.reshape(shape)
+
+    def _routing_outputs(self, routing: Routing) -> tuple[jax.Array, jax.Array]:
+        c = self.cfg
+        counts = jnp.bincount(routing.experts.reshape(-1), length=c.num_experts + c.num_zero_experts)
+        aux = jnp.zeros((), jnp.float32)
+        if c.load_balance_loss_weight:
+            aux = aux + c.load_balance_loss_weight * load_balance_loss(routing)
+        if c.router_z_loss_weight:
+            aux = aux + c.router_z_loss_weight * router_z_loss(routing)
+        return counts, aux
+
+    def _local(self, flat, router, bias, gate, up, down):
+        c = self.cfg
+        routing = route(flat, router, bias, c.top_k, c.routed_scaling_factor)
         if c.dispatch == "dense":
             y = combine_dense(flat, routing, gate, up, down)
         elif c.dispatch == "capacity":
             y = combine_capacity(flat, routing, gate, up, down, self.capacity(flat.shape[0]))
         else:
             y = combine_dropless(flat, routing, gate, up, down)
-        self.counts[...] = jnp.bincount(routing.experts.reshape(-1), length=c.num_experts + c.num_zero_experts)
-        aux = jnp.zeros((), jnp.float32)
-        if c.load_balance_loss_weight:
-            aux = aux + c.load_balance_loss_weight * load_balance_loss(routing)
-        if c.router_z_loss_weight:
-            aux = aux + c.router_z_loss_weight * router_z_loss(routing)
-        self.aux_loss[...] = aux
-        return y.reshape(shape)
+        return (y, *self._routing_outputs(routing))
+
+    def _expert_parallel(self, flat, params, mesh, ep_axes: tuple[str, ...]):
+        from jax.sharding import PartitionSpec as P
+
+        from ngram_jax.config import ConfigError
+        from ngram_jax.sharding import mesh_axes
+
+        c = self.cfg
+        if len(ep_axes) != 1:
+            raise ConfigError(f"expert parallelism over one mesh axis only; mesh.rules.expert gives {ep_axes}")
+        axis = ep_axes[0]
+        ep = mesh.shape[axis]
+        if c.num_experts % ep:
+            raise ConfigError(f"model.moe.num_experts={c.num_experts} is not divisible by the {ep} devices of "
+                              f"mesh axis {axis!r}")
+        live = lambda names: tuple(a for a in names if a in mesh.axis_names and mesh.shape[a] > 1)  # noqa: E731
+        batch_axes, mlp_axes = live(mesh_axes("batch")), live(mesh_axes("expert_mlp"))
+        n_batch = math.prod(mesh.shape[a] for a in batch_axes)
+        if flat.shape[0] % n_batch:
+            raise ConfigError(f"{flat.shape[0]} tokens cannot be split over the {n_batch} batch shards")
+        n_local = flat.shape[0] // n_batch
+        capacity = n_local * c.top_k  # dropless: every assignment could go to one device
+        if c.dispatch == "capacity":
+            capacity = max(1, math.ceil(c.capacity_factor * n_local * c.top_k / ep))
+
+        def local(x, router, bias, gate, up, down):
+            routing = route(x, router, bias, c.top_k, c.routed_scaling_factor)
+            y = combine_expert_parallel(x, routing, gate, up, down, axis=axis, capacity=capacity,
+                                        mlp_axes=mlp_axes)
+            counts, aux = self._routing_outputs(routing)
+            if batch_axes:
+                counts, aux = jax.lax.psum(counts, batch_axes), jax.lax.pmean(aux, batch_axes)
+            return y, counts, aux
+
+        b = batch_axes or None
+        mlp = mlp_axes or None
+        w_spec = P(axis, None, mlp)
+        return jax.shard_map(local, mesh=mesh, check_vma=False,
+                             in_specs=(P(b, None), P(), P(), w_spec, w_spec, P(axis, mlp, None)),
+                             out_specs=(P(b, None), P(), P()))(flat, *params)
 
     def capacity(self, tokens: int) -> int:
         c = self.cfg

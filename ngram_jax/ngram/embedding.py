@@ -17,6 +17,7 @@ from flax import nnx
 from ngram_jax.config import ModelConfig
 from ngram_jax.ngram import hashing
 from ngram_jax.ngram.hashing import NgramLayout
+from ngram_jax.sharding import lookup_rows
 
 AMPLIFICATIONS = ("none", "sqrt_d", "layernorm")
 
@@ -48,18 +49,18 @@ class NgramEmbedding(nnx.Module):
 
     def __init__(self, vocab_size: int, d_model: int, *, max_n: int, splits: int, ratio: float,
                  eos_id: int | None, amplification: str = "none", init_std: float = 0.02,
-                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 row_multiple: int = 1, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         if amplification not in AMPLIFICATIONS:
             raise ValueError(f"amplification must be one of {AMPLIFICATIONS}, got {amplification!r}")
-        self.layout = hashing.make_layout(vocab_size, max_n, splits, ratio)
+        self.layout = hashing.make_layout(vocab_size, max_n, splits, ratio, row_multiple)
         self.vocab_size, self.d_model, self.eos_id = vocab_size, d_model, eos_id
         self.amplification, self.dtype = amplification, dtype
         t = self.layout.num_tables
         d_e = row_width(d_model, self.layout)
         normal = nnx.initializers.normal(init_std)
         self.embedding = nnx.Param(normal(rngs.params(), (vocab_size, d_model), param_dtype),
-                                   out_sharding=("vocab", "embed"))  # [V, D]
-        self.ngram_table = nnx.Param(normal(rngs.params(), (self.layout.total_rows, d_e), param_dtype),
+                                   out_sharding=("vocab_rows", "table_embed"))  # [V, D]
+        self.ngram_table = nnx.Param(normal(rngs.params(), (self.layout.padded_rows, d_e), param_dtype),
                                      out_sharding=("ngram_rows", "ngram_dim"))  # [sum M, d_e]
         proj_init = nnx.initializers.normal(1.0 / math.sqrt(d_e))  # keeps a projected row at init_std
         self.ngram_proj = nnx.Param(proj_init(rngs.params(), (t, d_e, d_model), param_dtype),
@@ -71,7 +72,8 @@ class NgramEmbedding(nnx.Module):
     def from_config(cls, m: ModelConfig, *, rngs: nnx.Rngs) -> NgramEmbedding:
         n = m.ngram
         return cls(m.vocab_size, m.d_model, max_n=n.max_n, splits=n.splits, ratio=n.ratio, eos_id=m.eos_id,
-                   amplification=n.amplification, init_std=n.init_std, dtype=jnp.dtype(m.dtype),
+                   amplification=n.amplification, init_std=n.init_std, row_multiple=n.row_multiple,
+                   dtype=jnp.dtype(m.dtype),
                    param_dtype=jnp.dtype(m.param_dtype), rngs=rngs)
 
     def ngram_ids(self, tokens: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
@@ -88,8 +90,8 @@ class NgramEmbedding(nnx.Module):
         if ngram_ids is None:
             ngram_ids = self.ngram_ids(tokens, segment_ids)
         rows = hashing.flat_row_ids(ngram_ids, self.layout.row_offsets)  # [B, S, T]
-        base = gather_rows(self.embedding[...].astype(self.dtype), tokens)  # [B, S, D]
-        gathered = gather_rows(self.ngram_table[...].astype(self.dtype), rows)  # [B, S, T, d_e]
+        base = lookup_rows(self.embedding[...].astype(self.dtype), tokens, "vocab_rows")  # [B, S, D]
+        gathered = lookup_rows(self.ngram_table[...].astype(self.dtype), rows)  # [B, S, T, d_e]
         e = fuse(base, gathered, self.ngram_proj[...].astype(self.dtype))
         return amplify(e, self.amplification, self.norm)
 

@@ -37,6 +37,7 @@ class NgramLayout(NamedTuple):
     splits: int
     table_sizes: tuple[int, ...]  # M_idx, len T
     row_offsets: tuple[int, ...]  # exclusive prefix sums of table_sizes, len T
+    padded_rows: int  # rows of the flattened parameter: sum(M) rounded up to row_multiple
 
     @property
     def num_tables(self) -> int:
@@ -75,15 +76,18 @@ def table_sizes(vocab_size: int, max_n: int, splits: int, ratio: float) -> tuple
     return sizes
 
 
-def make_layout(vocab_size: int, max_n: int, splits: int, ratio: float) -> NgramLayout:
+def make_layout(vocab_size: int, max_n: int, splits: int, ratio: float, row_multiple: int = 1) -> NgramLayout:
+    """Sizes and offsets of the sub-tables; the flattened table is padded with never-read rows to a
+    multiple of ``row_multiple`` so that a mesh can split it evenly."""
     sizes = table_sizes(vocab_size, max_n, splits, ratio)
     offsets = tuple(int(o) for o in np.cumsum((0,) + sizes[:-1]))
-    if offsets[-1] + sizes[-1] > MAX_TABLE_SIZE:
+    padded = -(-sum(sizes) // row_multiple) * row_multiple
+    if padded > MAX_TABLE_SIZE:
         raise ValueError(
             f"flattened table has {offsets[-1] + sizes[-1]} rows, more than int32 row ids can address "
             "(2^31 - 1); lower the ratio, N or K"
         )
-    return NgramLayout(vocab_size, max_n, splits, sizes, offsets)
+    return NgramLayout(vocab_size, max_n, splits, sizes, offsets, padded)
 
 
 def _check_layout_args(vocab_size: int, max_n: int, splits: int) -> None:

@@ -18,7 +18,8 @@ from flax import nnx
 
 from ngram_jax.config import ModelConfig
 from ngram_jax.ngram import hashing
-from ngram_jax.ngram.embedding import gather_rows, row_width
+from ngram_jax.ngram.embedding import row_width
+from ngram_jax.sharding import lookup_rows
 
 
 def ffn_layers(m: ModelConfig) -> int:
@@ -34,7 +35,7 @@ class PerLayerEmbedding(nnx.Module):
         self.vocab_size, self.num_layers, self.width, self.dtype = vocab_size, num_layers, width, dtype
         init = nnx.initializers.normal(init_std)
         self.embedding = nnx.Param(init(rngs.params(), (vocab_size, num_layers * width), param_dtype),
-                                   out_sharding=("vocab", "ple_embed"))  # [V, L*F]
+                                   out_sharding=("vocab_rows", "ple_embed"))  # [V, L*F]
 
     @classmethod
     def from_config(cls, m: ModelConfig, *, rngs: nnx.Rngs) -> PerLayerEmbedding:
@@ -45,7 +46,7 @@ class PerLayerEmbedding(nnx.Module):
                  ngram_ids: jax.Array | None = None) -> jax.Array:
         del segment_ids, ngram_ids  # same call signature as PerLayerNgramEmbedding
         hashing.check_token_ids(tokens, self.vocab_size)
-        e = gather_rows(self.embedding[...].astype(self.dtype), tokens)  # [B, S, L*F]
+        e = lookup_rows(self.embedding[...].astype(self.dtype), tokens, "vocab_rows")  # [B, S, L*F]
         return e.reshape(*tokens.shape, self.num_layers, self.width)
 
 
@@ -53,18 +54,18 @@ class PerLayerNgramEmbedding(nnx.Module):
     """Per-layer N-gram Embeddings: layer-specific tables and projections, one gather for all."""
 
     def __init__(self, vocab_size: int, num_layers: int, width: int, *, max_n: int, splits: int,
-                 ratio: float, eos_id: int | None, init_std: float = 1.0, dtype=jnp.float32,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
-        self.layout = hashing.make_layout(vocab_size, max_n, splits, ratio)
+                 ratio: float, eos_id: int | None, init_std: float = 1.0, row_multiple: int = 1,
+                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.layout = hashing.make_layout(vocab_size, max_n, splits, ratio, row_multiple)
         self.vocab_size, self.num_layers, self.width = vocab_size, num_layers, width
         self.eos_id, self.dtype = eos_id, dtype
         t = self.layout.num_tables
         d_e = row_width(width, self.layout)
         normal = nnx.initializers.normal(init_std)
         self.embedding = nnx.Param(normal(rngs.params(), (vocab_size, num_layers * width), param_dtype),
-                                   out_sharding=("vocab", "ple_embed"))  # [V, L*F]
+                                   out_sharding=("vocab_rows", "ple_embed"))  # [V, L*F]
         self.ngram_table = nnx.Param(
-            normal(rngs.params(), (self.layout.total_rows, num_layers * d_e), param_dtype),
+            normal(rngs.params(), (self.layout.padded_rows, num_layers * d_e), param_dtype),
             out_sharding=("ngram_rows", "ngram_dim"))  # [sum M, L*d_e]
         proj_init = nnx.initializers.normal(1.0 / math.sqrt(d_e))
         self.ngram_proj = nnx.Param(proj_init(rngs.params(), (num_layers, t, d_e, width), param_dtype),
@@ -74,7 +75,7 @@ class PerLayerNgramEmbedding(nnx.Module):
     def from_config(cls, m: ModelConfig, *, rngs: nnx.Rngs) -> PerLayerNgramEmbedding:
         p = m.ple
         return cls(m.vocab_size, ffn_layers(m), m.ffn_dim, max_n=p.max_n, splits=p.splits, ratio=p.ratio,
-                   eos_id=m.eos_id, init_std=p.init_std, dtype=jnp.dtype(m.dtype),
+                   eos_id=m.eos_id, init_std=p.init_std, row_multiple=p.row_multiple, dtype=jnp.dtype(m.dtype),
                    param_dtype=jnp.dtype(m.param_dtype), rngs=rngs)
 
     def ngram_ids(self, tokens: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
@@ -91,9 +92,9 @@ class PerLayerNgramEmbedding(nnx.Module):
             ngram_ids = self.ngram_ids(tokens, segment_ids)
         nl, f, t = self.num_layers, self.width, self.layout.num_tables
         rows = hashing.flat_row_ids(ngram_ids, self.layout.row_offsets)  # [B, S, T]
-        base = gather_rows(self.embedding[...].astype(self.dtype), tokens)  # [B, S, L*F]
+        base = lookup_rows(self.embedding[...].astype(self.dtype), tokens, "vocab_rows")  # [B, S, L*F]
         base = base.reshape(*tokens.shape, nl, f)  # [B, S, L, F]
-        gathered = gather_rows(self.ngram_table[...].astype(self.dtype), rows)  # [B, S, T, L*d_e]
+        gathered = lookup_rows(self.ngram_table[...].astype(self.dtype), rows)  # [B, S, T, L*d_e]
         gathered = gathered.reshape(*tokens.shape, t, nl, -1).swapaxes(-3, -2)  # [B, S, L, T, d_e]
         proj = self.ngram_proj[...].astype(self.dtype)  # [L, T, d_e, F]
         projected = jnp.einsum("bslte,ltef->bslf", gathered, proj)
