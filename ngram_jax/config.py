@@ -133,8 +133,10 @@ DEFAULT_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("mlp", ("tensor",)),
     ("heads", ("tensor",)),
     ("kv_heads", ("tensor",)),
-    ("q_lora", ()),
-    ("kv_lora", ()),
+    ("q_lora", ("fsdp",)),  # input dim of the LoRA up-projections (q_b, kv_b)
+    ("kv_lora", ("fsdp",)),
+    ("q_lora_up", ()),  # output dim of the LoRA down-projections (q_a, kv_a): embed already takes fsdp
+    ("kv_lora_up", ()),
     ("router", ()),
     ("expert", ("expert",)),
     ("expert_mlp", ("tensor",)),

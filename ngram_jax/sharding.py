@@ -143,8 +143,9 @@ def logical_to_sharding(tree, mesh: Mesh, rules: Rules = DEFAULT_RULES):
 
 def create_sharded(build: Callable[[], nnx.Module], mesh: Mesh, rules: Rules = DEFAULT_RULES) -> nnx.Module:
     """Build a module with every parameter created directly in its shards (inside ``jit``): no device
-    ever holds a full N-gram table."""
+    ever holds a full N-gram table. A dimension the mesh cannot split fails first, with the fix."""
     with param_context(mesh, rules):
+        check_divisible(nnx.eval_shape(build), mesh, rules)
         return nnx.jit(build)()
 
 
@@ -152,6 +153,8 @@ def check_divisible(module: nnx.Module, mesh: Mesh, rules: Rules = DEFAULT_RULES
     """Raise a clear error for a parameter dimension the mesh cannot split evenly."""
     resolved = dict(rules_for_mesh(rules, mesh))
     for path, var in nnx.to_flat_state(nnx.state(module, nnx.Param)):
+        if var.get_metadata().get("out_sharding") is None:
+            continue
         names = var.get_metadata().get("out_sharding") or ()
         for dim, logical in enumerate(names):
             axes = resolved.get(logical)

@@ -53,16 +53,16 @@ class MLA(nnx.Module):
         h, nope, rope, dv = cfg.num_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         if cfg.q_lora_rank > 0:
-            self.q_a = Linear(d_model, cfg.q_lora_rank, ("embed", "q_lora"), **kw)
-            self.q_a_norm = RMSNorm(cfg.q_lora_rank, eps=1e-6, name="q_lora", dtype=dtype, param_dtype=param_dtype)
+            self.q_a = Linear(d_model, cfg.q_lora_rank, ("embed", "q_lora_up"), **kw)
+            self.q_a_norm = RMSNorm(cfg.q_lora_rank, eps=1e-6, name="norm", dtype=dtype, param_dtype=param_dtype)
             self.q_b = Linear(cfg.q_lora_rank, h * (nope + rope), ("q_lora", "heads"), **kw)
             self.q_scale = math.sqrt(d_model / cfg.q_lora_rank)
         else:
             self.q_a = self.q_a_norm = None
             self.q_b = Linear(d_model, h * (nope + rope), ("embed", "heads"), **kw)
             self.q_scale = 1.0
-        self.kv_a = Linear(d_model, cfg.kv_lora_rank + rope, ("embed", "kv_lora"), **kw)
-        self.kv_a_norm = RMSNorm(cfg.kv_lora_rank, eps=1e-6, name="kv_lora", dtype=dtype, param_dtype=param_dtype)
+        self.kv_a = Linear(d_model, cfg.kv_lora_rank + rope, ("embed", "kv_lora_up"), **kw)
+        self.kv_a_norm = RMSNorm(cfg.kv_lora_rank, eps=1e-6, name="norm", dtype=dtype, param_dtype=param_dtype)
         self.kv_b = Linear(cfg.kv_lora_rank, h * (nope + dv), ("kv_lora", "heads"), **kw)
         self.o = Linear(h * dv, d_model, ("heads", "embed"), **kw)
         self.kv_scale = math.sqrt(d_model / cfg.kv_lora_rank)
