@@ -3,8 +3,6 @@ all-gather of a table, communication independent of table size, sharded init and
 
 import re
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
