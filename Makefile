@@ -30,6 +30,7 @@ train: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/ne_lookup.py
 	$(PY) benchmarks/model_step.py
+	$(PY) benchmarks/sharded_lookup.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

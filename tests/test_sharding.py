@@ -172,3 +172,23 @@ def test_make_mesh_from_config():
     cfg = load_config("configs/models/tiny_ne.yaml", ["mesh.ici.data=2", "mesh.ici.expert=-1"])
     assert dict(make_mesh(cfg.mesh).shape)["expert"] == 4
     assert not initialize_distributed()  # a single process: nothing to initialise
+
+
+def test_plan_tool_for_longcat_flash_lite(capsys):
+    from ngram_jax.tools.plan import main, plan_params
+
+    assert main(["configs/models/longcat_flash_lite.yaml", "--mesh", "data=64,fsdp=4,expert=8", "--batch", "1024",
+                 "--seq", "4096"]) == 0
+    out = capsys.readouterr().out
+    assert "68,563,471,360 parameters" in out and "2048 devices" in out
+    for line in ("parameters", "optimizer state", "activations", "total"):
+        assert re.search(rf"{line}\s+[\d,.]+ GiB per device", out)
+    cfg = load_config("configs/models/longcat_flash_lite.yaml")
+    table = next(p for p in plan_params(cfg, {"data": 64, "fsdp": 4, "tensor": 1, "expert": 8})
+                 if p.path == "embed/ngram_table")
+    assert table.shards == 2048 and table.bytes_per_device == 122_687_488 // 2048 * 256 * 4
+    # without the padding the table cannot be split: the plan says so
+    cfg = load_config("configs/models/longcat_flash_lite.yaml", ["model.ngram.row_multiple=1"])
+    table = next(p for p in plan_params(cfg, {"data": 64, "fsdp": 4, "tensor": 1, "expert": 8})
+                 if p.path == "embed/ngram_table")
+    assert "not divisible by 2048" in table.problem
