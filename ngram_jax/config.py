@@ -162,11 +162,46 @@ class MeshConfig:
 
 
 @dataclass(frozen=True)
+class DataConfig:
+    path: str = "data/shakespeare"  # a directory written by python -m ngram_jax.data.prepare
+    bundled: bool = True  # prepare the bundled Shakespeare corpus into `path` when it is missing
+    seq_len: int = 256
+    batch_size: int = 16  # global, in sequences
+    ngram_ids: Literal["device", "pipeline"] = "device"  # where n-gram ids are computed
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    lr: float = 3e-3
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # cosine decays to lr * this
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    ngram_lr_multiplier: float = 1.0  # learning rate of the N-gram tables relative to lr
+    ngram_weight_decay: float = 0.0  # the N-gram (and token) tables get no weight decay by default
+    run_dir: str = "runs/default"
+    log_every: int = 10
+    eval_every: int = 200
+    eval_batches: int = 8
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 3
+    peak_flops_per_device: float = 0.0  # for MFU; 0: looked up from the device kind when known
+    progress: bool = True
+
+
+@dataclass(frozen=True)
 class Config:
     name: str = "ngram_jax"
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -302,6 +337,11 @@ def _coerce(tp, value: Any, key: str):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
@@ -408,6 +448,12 @@ def validate(cfg: Config) -> None:
         _check_table_limits("model.ple", m.vocab_size, p.max_n, p.splits, p.ratio, p.row_multiple)
         _warn_simple_ratio("model.ple.ratio", p.ratio, m.vocab_size)
 
+    d, t = cfg.data, cfg.train
+    _require(d.seq_len >= 2 and d.batch_size >= 1, "data.seq_len must be >= 2 and data.batch_size >= 1")
+    _require(t.steps >= 1 and t.lr > 0 and 0 <= t.min_lr_ratio <= 1 and t.warmup_steps >= 0,
+             "train.steps >= 1, train.lr > 0, 0 <= train.min_lr_ratio <= 1, train.warmup_steps >= 0")
+    for key in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "eval_batches"):
+        _require(getattr(t, key) >= 1, f"train.{key} must be >= 1, got {getattr(t, key)}")
     for key, sizes in (("mesh.ici", cfg.mesh.ici), ("mesh.dcn", cfg.mesh.dcn)):
         values = [getattr(sizes, a) for a in MESH_AXES]
         _require(all(v == -1 or v >= 1 for v in values) and values.count(-1) <= 1,

@@ -84,6 +84,13 @@ def test_bad_values_name_the_key(overrides, pattern):
         load_config(CONFIGS / "models" / "tiny_ne.yaml", overrides=overrides)
 
 
+def test_exponent_floats_without_a_dot():
+    cfg = load_config(CONFIGS / "models" / "tiny_ne.yaml", overrides=["train.lr=1e-3", "train.eps=1E-9"])
+    assert cfg.train.lr == 1e-3 and cfg.train.eps == 1e-9
+    with pytest.raises(ConfigError, match="train.lr: expected a number, got 'fast'"):
+        load_config(CONFIGS / "models" / "tiny_ne.yaml", overrides=["train.lr=fast"])
+
+
 def test_eos_may_be_null():
     cfg = load_config(CONFIGS / "models" / "tiny_ne.yaml", overrides=["model.eos_id=null"])
     assert cfg.model.eos_id is None

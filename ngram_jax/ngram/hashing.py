@@ -267,3 +267,31 @@ def ngram_ids_reference(tokens, *, vocab_size: int, table_sizes: Sequence[int], 
                     h += prev * (vocab_size**j % m)
                 out[bi, t, idx] = h % m
     return out
+
+
+def ngram_ids_numpy(tokens, *, vocab_size: int, table_sizes: Sequence[int], max_n: int, splits: int,
+                    eos_id: int | None, segment_ids=None) -> np.ndarray:
+    """Vectorised int64 numpy version of :func:`ngram_ids` for input pipelines (host CPU, no JAX).
+
+    Exact: history tokens are < 2^20 and constants < 2^31, so each product is < 2^51.
+    """
+    _check_sizes(vocab_size, table_sizes, max_n, splits)
+    x = np.asarray(tokens, np.int64)
+    _, s = x.shape
+    pos = np.arange(s)[None, :]
+    start = np.broadcast_to(pos == 0, x.shape).copy()
+    if eos_id is not None:
+        start[:, 1:] |= x[:, :-1] == eos_id
+    if segment_ids is not None:
+        seg = np.asarray(segment_ids)
+        start[:, 1:] |= seg[:, 1:] != seg[:, :-1]
+    starts = np.maximum.accumulate(np.where(start, pos, 0), axis=1)
+    consts = hash_constants(vocab_size, table_sizes, max_n)  # [T, N-1]
+    m = np.asarray(table_sizes, np.int64)
+    h = x[..., None] % m
+    for j in range(1, max_n):
+        prev = np.zeros_like(x)
+        prev[:, j:] = x[:, :-j]
+        prev = np.where(pos - j >= starts, prev, 0)
+        h = (h + prev[..., None] * consts[:, j - 1]) % m
+    return h.astype(np.int32)

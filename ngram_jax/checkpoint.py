@@ -1,0 +1,169 @@
+"""Checkpoints: an orbax CheckpointManager holding the model and optimizer state, the data iterator
+state and the resolved config; and :func:`restore_model` for analysis from Python.
+
+Saves are asynchronous and atomic (orbax writes a temporary directory and renames it when complete),
+so a crash or a kill at any moment leaves the latest *complete* checkpoint readable.
+"""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from ngram_jax.config import Config, ConfigError, from_dict, to_dict
+
+# Keys that may differ between a checkpoint and the run resuming it (run control, not the model).
+RUN_CONTROL_KEYS = ("train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
+                    "train.checkpoint_every", "train.keep_checkpoints", "train.progress", "train.run_dir",
+                    "train.peak_flops_per_device", "data.path", "data.bundled", "mesh.ici", "mesh.dcn", "name")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_differences(saved: dict, requested: Config) -> list[str]:
+    """``key: saved -> requested`` for every key that differs, run-control keys excepted."""
+    a, b = _flatten(saved), _flatten(to_dict(requested))
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        if any(key == k or key.startswith(k + ".") for k in RUN_CONTROL_KEYS):
+            continue
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, list):
+            va = _tuplify(va)
+        if isinstance(vb, list):
+            vb = _tuplify(vb)
+        if va != vb:
+            diffs.append(f"{key}: checkpoint {va!r} -> requested {vb!r}")
+    return diffs
+
+
+def _tuplify(x):
+    return tuple(_tuplify(v) for v in x) if isinstance(x, list | tuple) else x
+
+
+class Checkpointer:
+    def __init__(self, directory: str | Path, keep: int = 3):
+        self.directory = Path(directory).absolute()
+        self.mgr = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True),
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler(),
+                           "meta": ocp.JsonCheckpointHandler()},
+        )
+
+    def latest_step(self) -> int | None:
+        return self.mgr.latest_step()
+
+    def save(self, step: int, state: dict, data_iter, meta: dict) -> None:
+        try:
+            self.mgr.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter),
+                meta=ocp.args.JsonSave(meta)), force=True)
+        except OSError as err:
+            if err.errno == errno.ENOSPC:
+                raise OSError(err.errno, f"disk full while saving step {step} to {self.directory}; the last "
+                                         f"complete checkpoint (step {self.latest_step()}) is intact") from err
+            raise
+
+    def read_meta(self, step: int) -> dict:
+        return self.mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def restore(self, step: int, abstract_state: dict, data_iter=None) -> dict:
+        args = {"state": ocp.args.StandardRestore(abstract_state)}
+        if data_iter is not None:
+            args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+        return self.mgr.restore(step, args=ocp.args.Composite(**args))["state"]
+
+    def wait(self) -> None:
+        self.mgr.wait_until_finished()
+
+    def close(self) -> None:
+        self.mgr.wait_until_finished()
+        self.mgr.close()
+
+
+def abstract_with_shardings(tree, mesh, rules) -> dict:
+    """Pure-dict abstract arrays (shape, dtype, sharding) for restoring an nnx state onto ``mesh``."""
+    from ngram_jax.sharding import logical_to_sharding
+
+    if mesh is None:
+        shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), tree)
+    else:
+        shardings = logical_to_sharding(tree, mesh, rules)
+    pure_abs, pure_sh = nnx.to_pure_dict(tree), nnx.to_pure_dict(shardings)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), pure_abs, pure_sh)
+
+
+def find_checkpoints(path: str | Path) -> Path:
+    """A run directory or its ``checkpoints`` directory -> the checkpoints directory."""
+    path = Path(path)
+    if (path / "checkpoints").is_dir():
+        return path / "checkpoints"
+    if path.is_dir():
+        return path
+    raise FileNotFoundError(f"no checkpoints at {path}")
+
+
+def build_train_state(cfg: Config, mesh=None, abstract: bool = False):
+    """``(model, optimizer)`` for a config: created in their shards on ``mesh``, or abstract."""
+    from ngram_jax.model import build_model
+    from ngram_jax.sharding import create_sharded, param_context
+    from ngram_jax.train.optimizer import make_optimizer
+
+    tx = make_optimizer(cfg.train)
+
+    def build():
+        model = build_model(cfg, nnx.Rngs(cfg.seed))
+        return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    if abstract:
+        with param_context(mesh, cfg.mesh.rules):
+            return nnx.eval_shape(build)
+    if mesh is None:
+        with param_context(None):
+            return build()
+    return create_sharded(build, mesh, cfg.mesh.rules)
+
+
+def train_state_target(model, opt, mesh, rules) -> dict:
+    """The abstract restore target of :func:`Checkpointer.restore` for a (possibly abstract) model and optimizer."""
+    return {"model": abstract_with_shardings(nnx.state(model), mesh, rules),
+            "opt": abstract_with_shardings(nnx.state(opt), mesh, rules)}
+
+
+def restore_model(path: str | Path, step: int | None = None, mesh=None):
+    """``(model, config)`` from a training checkpoint, onto ``mesh`` (resharded) or one device.
+
+    ``path`` is a run directory or its ``checkpoints`` directory; ``step`` defaults to the latest.
+    """
+    ckpt = Checkpointer(find_checkpoints(path))
+    try:
+        step = ckpt.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no complete checkpoint in {ckpt.directory}")
+        cfg = from_dict(ckpt.read_meta(step)["config"])
+        model, opt = build_train_state(cfg, mesh, abstract=True)
+        graphdef, state = nnx.split(model)
+        try:
+            restored = ckpt.restore(step, train_state_target(model, opt, mesh, cfg.mesh.rules))
+        except ValueError as err:
+            raise ConfigError(f"checkpoint {ckpt.directory} step {step} does not match the model its config "
+                              f"describes: {err}") from err
+        nnx.replace_by_pure_dict(state, restored["model"])
+        return nnx.merge(graphdef, state), cfg
+    finally:
+        ckpt.close()

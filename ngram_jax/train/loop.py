@@ -1,0 +1,240 @@
+"""The training loop: data -> jitted step (donated state) -> metrics, evaluation, checkpoints.
+
+Resumes from the latest complete checkpoint in ``train.run_dir``; SIGTERM/SIGINT save at the
+current step and exit cleanly; a non-finite loss stops with a clear message and saves nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from ngram_jax.budget import parameter_budget
+from ngram_jax.checkpoint import Checkpointer, build_train_state, config_differences, train_state_target
+from ngram_jax.config import Config, ConfigError, to_dict
+from ngram_jax.data.pipeline import make_dataset
+from ngram_jax.data.prepare import ensure_bundled, read_metadata
+from ngram_jax.layers.moe import update_selection_bias
+from ngram_jax.ngram import hashing
+from ngram_jax.sharding import initialize_distributed, make_mesh, param_context, rules_for_mesh
+from ngram_jax.train.metrics import MetricsWriter, flops_per_token, peak_flops
+from ngram_jax.train.optimizer import schedule
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+def loss_fn(model, batch):
+    logits = model(batch["inputs"], segment_ids=batch["segment_ids"], positions=batch["positions"],
+                   ngram_ids=batch.get("ngram_ids"))
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    mask = batch["loss_mask"]
+    loss = jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    return loss + model.aux_loss(), loss
+
+
+def train_step(model, opt, batch):
+    (_, loss), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, batch)
+    opt.update(model, grads)
+    update_selection_bias(model)  # aux-loss-free balancing, outside the optimizer
+    counts = [b.moe.counts[...] for b in model.blocks if b.moe is not None]
+    return {"loss": loss, "grad_norm": optax.global_norm(grads),
+            "expert_counts": jnp.stack(counts) if counts else jnp.zeros((0, 0), jnp.int32)}
+
+
+def eval_step(model, batch):
+    logits = model(batch["inputs"], segment_ids=batch["segment_ids"], positions=batch["positions"],
+                   ngram_ids=batch.get("ngram_ids"))
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    return jnp.sum(ce * batch["loss_mask"]), jnp.sum(batch["loss_mask"])
+
+
+class _StopFlag:
+    def __init__(self):
+        self.signal: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def _device_batch(batch: dict, sharding: NamedSharding) -> dict:
+    out = {}
+    for k, v in batch.items():
+        spec = P(*sharding.spec, *([None] * (v.ndim - len(sharding.spec))))
+        out[k] = jax.make_array_from_process_local_data(NamedSharding(sharding.mesh, spec), v)
+    return out
+
+
+def evaluate(cfg: Config, model, mesh, sharding, eval_fn, layout) -> float:
+    """Mean held-out cross-entropy per token over ``train.eval_batches`` batches."""
+    ds = make_dataset(cfg.data.path, "heldout", seq_len=cfg.data.seq_len,
+                      batch_size=cfg.data.batch_size // jax.process_count(), vocab_size=cfg.model.vocab_size,
+                      seed=cfg.data.seed, process_index=jax.process_index(), process_count=jax.process_count(),
+                      repeat=False, ngram_layout=layout, eos_id=cfg.model.eos_id)
+    total, count = 0.0, 0.0
+    for i, batch in enumerate(ds):
+        if i >= cfg.train.eval_batches:
+            break
+        s, c = eval_fn(model, _device_batch(batch, sharding))
+        total, count = total + float(s), count + float(c)
+    if count == 0:
+        raise ValueError(f"{cfg.data.path}: the held-out split yields no full batch of "
+                         f"{cfg.data.batch_size}x{cfg.data.seq_len}; lower data.batch_size")
+    return total / count
+
+
+def log_metrics(cfg: Config, out: dict, batch: dict, model, rows_seen, steps: int, elapsed: float,
+                tokens_per_step: int, flops: float, peak: float) -> dict:
+    """The metrics of a log step: throughput, MFU, gradient norm, expert load, N-gram row usage."""
+    record = {"grad_norm": float(out["grad_norm"]), "tokens_per_s": steps * tokens_per_step / elapsed,
+              "step_time_s": elapsed / steps}
+    if math.isfinite(peak):
+        record["mfu"] = flops * steps / elapsed / peak
+    counts = np.asarray(out["expert_counts"])
+    if counts.size:
+        real = counts[:, : cfg.model.moe.num_experts].astype(np.float64)
+        record["expert_load_max_over_mean"] = float((real.max(1) / np.maximum(real.mean(1), 1e-9)).mean())
+        record["zero_expert_fraction"] = float(1 - real.sum() / counts.sum())
+    if rows_seen is not None:  # fraction of N-gram rows read so far, sampled at log steps
+        ids = batch.get("ngram_ids")
+        if ids is None:
+            lay = model.embed.layout
+            ids = hashing.ngram_ids_numpy(batch["inputs"], vocab_size=lay.vocab_size, table_sizes=lay.table_sizes,
+                                          max_n=lay.max_n, splits=lay.splits, eos_id=cfg.model.eos_id,
+                                          segment_ids=batch["segment_ids"])
+        rows_seen[np.asarray(ids) + np.asarray(model.embed.layout.row_offsets)] = True
+        record["ngram_rows_seen_frac"] = float(rows_seen.mean())
+    return record
+
+
+def train(cfg: Config) -> dict:
+    """Train (or resume) the run ``cfg.train.run_dir``; returns the final metrics."""
+    initialize_distributed()
+    t, d = cfg.train, cfg.data
+    run_dir = Path(t.run_dir)
+    lead = jax.process_index() == 0
+    if d.bundled and lead:
+        ensure_bundled(d.path, cfg.model.vocab_size)
+    meta = read_metadata(d.path)
+    if meta["vocab_size"] != cfg.model.vocab_size:
+        raise ConfigError(f"{d.path} was tokenized with vocab_size {meta['vocab_size']}, the model has "
+                          f"model.vocab_size={cfg.model.vocab_size}")
+    if cfg.model.eos_id is not None and meta["eos_id"] != cfg.model.eos_id:
+        raise ConfigError(f"{d.path} ends documents with token {meta['eos_id']}, the model resets n-grams at "
+                          f"model.eos_id={cfg.model.eos_id}")
+    if d.batch_size % jax.process_count():
+        raise ConfigError(f"data.batch_size={d.batch_size} must divide over {jax.process_count()} processes")
+
+    mesh = make_mesh(cfg.mesh)
+    rules = cfg.mesh.rules
+    batch_axes = dict(rules_for_mesh(rules, mesh)).get("batch")
+    sharding = NamedSharding(mesh, P(batch_axes))
+    model, opt = build_train_state(cfg, mesh)
+    layout = model.embed.layout if (d.ngram_ids == "pipeline" and cfg.model.ngram.enabled) else None
+    train_iter = iter(make_dataset(d.path, "train", seq_len=d.seq_len, batch_size=d.batch_size // jax.process_count(),
+                                   vocab_size=cfg.model.vocab_size, seed=d.seed, process_index=jax.process_index(),
+                                   process_count=jax.process_count(), ngram_layout=layout,
+                                   eos_id=cfg.model.eos_id))
+
+    ckpt = Checkpointer(run_dir / "checkpoints", t.keep_checkpoints)
+    start = ckpt.latest_step() or 0
+    if start:
+        diffs = config_differences(ckpt.read_meta(start)["config"], cfg)
+        if diffs:
+            ckpt.close()
+            raise ConfigError(f"{run_dir} holds a checkpoint (step {start}) of a different configuration; "
+                              "use another train.run_dir or the same config. Differences:\n  " + "\n  ".join(diffs))
+        restored = ckpt.restore(start, train_state_target(model, opt, mesh, rules), train_iter)
+        for module, saved in ((model, restored["model"]), (opt, restored["opt"])):
+            state = nnx.state(module)
+            nnx.replace_by_pure_dict(state, saved)
+            nnx.update(module, state)
+        if lead:
+            print(f"resumed {run_dir} from step {start}", flush=True)
+
+    budget = parameter_budget(cfg)
+    tokens_per_step = d.batch_size * d.seq_len
+    flops = flops_per_token(cfg, budget["activated_max"]) * tokens_per_step
+    peak = peak_flops(cfg) * jax.device_count()
+    lr_at = schedule(t)
+    writer = MetricsWriter(run_dir, enabled=lead)
+    rows_seen = np.zeros(model.embed.layout.total_rows, bool) if cfg.model.ngram.enabled else None
+    result: dict = {"step": start}
+
+    with param_context(mesh, rules), _StopFlag() as stop:
+        step_fn = nnx.jit(train_step, donate_argnums=(0, 1))
+        eval_fn = nnx.jit(eval_step)
+        progress = None
+        if t.progress and lead:
+            from tqdm import tqdm
+
+            progress = tqdm(total=t.steps, initial=start, desc=cfg.name, unit="step", dynamic_ncols=True)
+        window_t, window_steps = time.perf_counter(), 0
+        step = start
+        try:
+            while step < t.steps:
+                batch = next(train_iter)
+                out = step_fn(model, opt, _device_batch(batch, sharding))
+                step += 1
+                loss = float(out["loss"])
+                if not math.isfinite(loss):
+                    last = ckpt.latest_step()
+                    where = f"step {last} in {ckpt.directory}" if last is not None else "none yet"
+                    raise TrainingDiverged(f"loss is {loss} at step {step}: training stopped and this step was not "
+                                           f"saved; last good checkpoint: {where} (lower train.lr or check the data)")
+                window_steps += 1
+                record = {"loss": loss, "lr": float(lr_at(step - 1))}
+                if step % t.log_every == 0 or step == t.steps:
+                    elapsed = time.perf_counter() - window_t
+                    record.update(log_metrics(cfg, out, batch, model, rows_seen, window_steps, elapsed,
+                                              tokens_per_step, flops, peak))
+                    window_t, window_steps = time.perf_counter(), 0
+                    if progress is not None:
+                        progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
+                if step % t.eval_every == 0 or step == t.steps:
+                    record["eval_loss"] = evaluate(cfg, model, mesh, sharding, eval_fn, layout)
+                    record["eval_ppl"] = math.exp(min(record["eval_loss"], 50.0))
+                    result.update(eval_loss=record["eval_loss"], eval_ppl=record["eval_ppl"])
+                writer.write(step, record)
+                result.update(step=step, loss=loss)
+                if progress is not None:
+                    progress.update(1)
+                if step % t.checkpoint_every == 0 or step == t.steps or stop.signal is not None:
+                    ckpt.save(step, {"model": nnx.to_pure_dict(nnx.state(model)),
+                                     "opt": nnx.to_pure_dict(nnx.state(opt))}, train_iter,
+                              {"config": to_dict(cfg), "step": step})
+                if stop.signal is not None:
+                    ckpt.wait()
+                    name = signal.Signals(stop.signal).name
+                    if lead:
+                        print(f"\n{name}: saved step {step} to {ckpt.directory}; run again to resume", flush=True)
+                    result["stopped_by"] = name
+                    break
+        finally:
+            if progress is not None:
+                progress.close()
+            writer.close()
+            ckpt.close()
+    result["checkpoint"] = str(ckpt.directory / str(step))
+    return result

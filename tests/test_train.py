@@ -1,0 +1,229 @@
+"""Training end to end: loss falls on real text, exact resume after SIGKILL, SIGTERM saves, NaN stops,
+config mismatch is refused, an interrupted save is ignored, restore onto another mesh."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from ngram_jax.checkpoint import Checkpointer, restore_model
+from ngram_jax.config import load_config
+from ngram_jax.data.corpus import bundled_corpus_files
+from ngram_jax.data.pipeline import make_dataset
+from ngram_jax.data.prepare import prepare
+from ngram_jax.sharding import make_mesh_from_spec, param_context
+from ngram_jax.train.loop import eval_step
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["model.d_model=64", "model.num_blocks=1", "model.ffn_dim=128", "model.moe.expert_dim=32",
+        "model.attention.q_lora_rank=32", "model.attention.kv_lora_rank=16", "model.attention.qk_nope_head_dim=16",
+        "model.attention.v_head_dim=16", "model.attention.qk_rope_head_dim=8", "data.seq_len=32",
+        "data.batch_size=8", "data.bundled=false", "train.eval_batches=2", "train.progress=false",
+        "train.warmup_steps=10", "train.lr=0.01"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "plays"
+    prepare(bundled_corpus_files()[:4], out, train_bpe_vocab=4096, heldout_fraction=0.05)
+    return out
+
+
+def overrides(data_dir, run_dir, *extra):
+    return TINY + [f"data.path={data_dir}", f"train.run_dir={run_dir}", *extra]
+
+
+def env_one_device():
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+def start(data_dir, run_dir, *extra) -> subprocess.Popen:
+    cmd = [sys.executable, str(ROOT / "train.py"), str(ROOT / "configs/models/tiny_ne.yaml"),
+           *overrides(data_dir, run_dir, *extra)]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env_one_device(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def run(data_dir, run_dir, *extra, timeout=300) -> tuple[int, str]:
+    p = start(data_dir, run_dir, *extra)
+    out, _ = p.communicate(timeout=timeout)
+    return p.returncode, out
+
+
+def losses(run_dir) -> dict[int, float]:
+    """step -> loss; a step logged twice (redone after a restart) keeps its latest value."""
+    out = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        out[r["step"]] = r["loss"]
+    return out
+
+
+def wait_for(cond, timeout=240.0, proc=None):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if cond():
+            return True
+        if proc is not None and proc.poll() is not None:
+            return cond()
+        time.sleep(0.01)
+    return False
+
+
+STEPS = ["train.steps=300", "train.checkpoint_every=25", "train.eval_every=150", "train.log_every=50"]
+
+
+@pytest.fixture(scope="module")
+def straight(data_dir, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("straight")
+    rc, out = run(data_dir, run_dir, *STEPS)
+    assert rc == 0, out
+    return run_dir, out
+
+
+def test_loss_falls_on_real_text(straight):
+    run_dir, out = straight
+    lo = losses(run_dir)
+    assert len(lo) == 300
+    assert np.mean([lo[s] for s in range(1, 11)]) - np.mean([lo[s] for s in range(291, 301)]) > 1.5
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    last = records[-1]
+    for key in ("grad_norm", "tokens_per_s", "expert_load_max_over_mean", "ngram_rows_seen_frac", "eval_loss", "lr"):
+        assert key in last, key
+    assert last["eval_loss"] < 7.0
+    assert "held-out loss" in out and "perplexity" in out and "checkpoint: " in out
+    assert any((run_dir / "tensorboard").iterdir())
+
+
+def test_resume_after_sigkill_is_bitwise_exact(straight, data_dir, tmp_path):
+    want = losses(straight[0])
+    run_dir = tmp_path / "killed"
+    proc = start(data_dir, run_dir, *STEPS)
+    assert wait_for(lambda: (run_dir / "checkpoints" / "100").is_dir(), proc=proc), proc.communicate()[0]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    resumed_from = Checkpointer(run_dir / "checkpoints").latest_step()
+    assert 100 <= resumed_from < 300
+    rc, out = run(data_dir, run_dir, *STEPS)
+    assert rc == 0, out
+    assert f"resumed {run_dir} from step {resumed_from}" in out
+    got = losses(run_dir)
+    assert got == want  # every step, before and after the restart, bit for bit
+
+
+def test_interrupted_save_is_ignored(straight, data_dir, tmp_path):
+    """A save killed half-way (orbax's temporary directory left behind) is not a checkpoint."""
+    run_dir = tmp_path / "partial"
+    shutil.copytree(straight[0], run_dir)
+    ckpt = run_dir / "checkpoints"
+    for step in ("300", "275"):
+        shutil.rmtree(ckpt / step)
+    partial = ckpt / "275.orbax-checkpoint-tmp-1234567"
+    shutil.copytree(ckpt / "250", partial)
+    for f in list(partial.rglob("*"))[::2]:  # half its files missing
+        if f.is_file():
+            f.unlink()
+    (run_dir / "metrics.jsonl").write_text("")
+    assert Checkpointer(ckpt).latest_step() == 250
+    rc, out = run(data_dir, run_dir, *STEPS)
+    assert rc == 0, out
+    assert "from step 250" in out
+    want = losses(straight[0])
+    assert losses(run_dir) == {s: want[s] for s in range(251, 301)}
+
+
+def test_sigterm_saves_and_next_start_resumes(data_dir, tmp_path):
+    run_dir = tmp_path / "term"
+    proc = start(data_dir, run_dir, *STEPS)
+    assert wait_for(lambda: (run_dir / "checkpoints" / "50").is_dir(), proc=proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "SIGTERM: saved step" in out
+    step = int(out.split("SIGTERM: saved step ")[1].split()[0])
+    assert Checkpointer(run_dir / "checkpoints").latest_step() == step
+    rc, out = run(data_dir, run_dir, *STEPS[1:], "train.steps=" + str(step + 5))
+    assert rc == 0 and f"from step {step}" in out, out
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
+    run_dir = tmp_path / "nan"
+    rc, out = run(data_dir, run_dir, "train.steps=50", "train.checkpoint_every=1", "train.warmup_steps=1",
+                  "train.lr=1e38", "train.grad_clip=1e30")
+    assert rc == 1, out
+    assert "error: loss is nan" in out.lower() or "error: loss is inf" in out.lower(), out
+    bad_step = int(out.split(" at step ")[1].split(":")[0])
+    latest = Checkpointer(run_dir / "checkpoints").latest_step()
+    assert latest == bad_step - 1
+    model, _ = restore_model(run_dir)  # the last good checkpoint is readable
+    assert np.isfinite(np.asarray(model.final_norm.scale[...])).all()
+
+
+def test_mismatched_config_is_refused(straight, data_dir, tmp_path):
+    run_dir = tmp_path / "mismatch"
+    shutil.copytree(straight[0], run_dir)
+    rc, out = run(data_dir, run_dir, *STEPS, "model.ngram.max_n=5", "model.ngram.splits=1")
+    assert rc == 1
+    assert "different configuration" in out and "model.ngram.max_n: checkpoint 3 -> requested 5" in out
+
+
+def test_restore_onto_another_mesh_gives_the_same_eval_loss(straight, data_dir):
+    run_dir = straight[0]
+    single, cfg = restore_model(run_dir)
+    batch = next(iter(make_dataset(data_dir, "heldout", seq_len=32, batch_size=8, vocab_size=4096, seed=0,
+                                   repeat=False)))
+    with param_context(None):
+        s1, c1 = nnx.jit(eval_step)(single, batch)
+    mesh = make_mesh_from_spec("data=2,expert=4")
+    sharded, _ = restore_model(run_dir, mesh=mesh)
+    assert sharded.embed.ngram_table[...].sharding.mesh.shape["expert"] == 4
+    with param_context(mesh, cfg.mesh.rules):
+        s2, c2 = nnx.jit(eval_step)(sharded, batch)
+    assert float(c1) == float(c2) > 0
+    assert abs(float(s1) / float(c1) - float(s2) / float(c2)) < 1e-5
+
+
+def test_out_of_vocabulary_token_names_file_and_position(data_dir, tmp_path):
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    bad = tmp_path / "bad"
+    shutil.copytree(data_dir, bad)
+    meta = json.loads((bad / "metadata.json").read_text())
+    f = bad / meta["splits"]["train"]["files"][0]
+    w = ArrayRecordWriter(str(f), "group_size:1")
+    w.write(np.array([5, 6, 9999, 7], np.int32).tobytes())
+    w.close()
+    meta["splits"]["train"]["files"] = [f.name]
+    (bad / "metadata.json").write_text(json.dumps(meta))
+    it = iter(make_dataset(bad, "train", seq_len=8, batch_size=1, vocab_size=4096, seed=0))
+    with pytest.raises(ValueError, match=r"train-00000.array_record: record 0, position 2: token id 9999"):
+        next(it)
+
+
+def test_prepare_cli_and_tokenizer_reuse(data_dir, tmp_path):
+    text = tmp_path / "t.jsonl"
+    text.write_text("\n".join(json.dumps({"text": f"document {i} " * 20}) for i in range(10)))
+    rc = subprocess.run([sys.executable, "-m", "ngram_jax.data.prepare", "--input", str(text), "--tokenizer",
+                         str(data_dir / "tokenizer.json"), "--out", str(tmp_path / "out")], env=env_one_device(),
+                        capture_output=True, text=True)
+    assert rc.returncode == 0, rc.stderr
+    meta = json.loads((tmp_path / "out" / "metadata.json").read_text())
+    assert meta["vocab_size"] == 4096 and meta["eos_id"] == 0
+    assert meta["tokenizer_hash"] == json.loads((data_dir / "metadata.json").read_text())["tokenizer_hash"]
+    assert meta["splits"]["train"]["documents"] + meta["splits"]["heldout"]["documents"] == 10
+
+
+def test_loaded_config_for_make_train():
+    cfg = load_config(ROOT / "configs/train_tiny.yaml")
+    assert cfg.data.bundled and cfg.model.ngram.enabled and cfg.train.steps > 0
