@@ -101,10 +101,18 @@ def test_ngram_checkpoint_round_trip(tmp_path):
         assert {f"model.ngram_embeddings.embedders.{i}.weight" for i in range(t)} <= names
         assert st.get_tensor("model.ngram_embeddings.post_projs.0.weight").shape == (128, 128 // t)
         assert st.get_tensor("model.ngram_embeddings.embedders.1.weight").shape[0] == model.embed.layout.table_sizes[1]
-    loaded, cfg2 = load_hf_checkpoint(tmp_path)
+    loaded, cfg2 = load_hf_checkpoint(tmp_path, row_multiple=cfg.model.ngram.row_multiple)
     tokens = np.random.default_rng(2).integers(0, 512, (2, 10))
     np.testing.assert_array_equal(np.asarray(loaded(tokens)), np.asarray(model(tokens)))
     assert cfg2.model.ngram == cfg.model.ngram
+    real_rows = model.embed.layout.total_rows  # padding rows come back as zeros
+    np.testing.assert_array_equal(np.asarray(loaded.embed.ngram_table[...])[:real_rows],
+                                  np.asarray(model.embed.ngram_table[...])[:real_rows])
+    assert not np.asarray(loaded.embed.ngram_table[...])[real_rows:].any()
+    unpadded, cfg3 = load_hf_checkpoint(tmp_path)  # the file format itself has no padding rows
+    assert cfg3.model.ngram.row_multiple == 1
+    assert unpadded.embed.ngram_table.shape[0] == model.embed.layout.total_rows
+    np.testing.assert_array_equal(np.asarray(unpadded(tokens)), np.asarray(model(tokens)))
 
 
 def test_export_refuses_what_the_format_cannot_hold(tmp_path):

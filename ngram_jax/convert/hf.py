@@ -30,8 +30,8 @@ from ngram_jax.model import Model, build_model
 # Configs
 
 
-def config_from_hf(hf: dict) -> Config:
-    """A :class:`Config` from a transformers ``config.json`` dict."""
+def config_from_hf(hf: dict, row_multiple: int = 1) -> Config:
+    """A :class:`Config` from a transformers ``config.json`` dict (N-gram table padded to ``row_multiple``)."""
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     theta = hf.get("rope_theta", rope.get("rope_theta", 10000000.0))
     eos = hf.get("eos_token_id")
@@ -57,7 +57,8 @@ def config_from_hf(hf: dict) -> Config:
     )
     if hf.get("ngram_vocab_size_ratio") is not None:
         model["ngram"] = dict(enabled=True, max_n=hf["emb_neighbor_num"], splits=hf["emb_split_num"],
-                              ratio=float(hf["ngram_vocab_size_ratio"]), amplification="none")
+                              ratio=float(hf["ngram_vocab_size_ratio"]), amplification="none",
+                              row_multiple=row_multiple)
     return from_dict({"name": hf.get("_name_or_path") or "hf_import", "model": model})
 
 
@@ -158,12 +159,16 @@ def _ignorable(name: str, num_experts: int) -> bool:
         int(parts[parts.index("experts") + 1]) >= num_experts
 
 
-def load_hf_checkpoint(path: str | Path, dtype=jnp.float32) -> tuple[Model, Config]:
-    """Read a HF LongCat-Flash(-Lite) directory into our :class:`Model` (float32 compute by default)."""
+def load_hf_checkpoint(path: str | Path, dtype=jnp.float32, row_multiple: int = 1) -> tuple[Model, Config]:
+    """Read a HF LongCat-Flash(-Lite) directory into our :class:`Model` (float32 compute by default).
+
+    ``row_multiple`` pads the flattened N-gram table with zero rows (never read) so that a mesh of that
+    many row shards can split it (see ``model.ngram.row_multiple``).
+    """
     path = Path(path)
     with open(path / "config.json") as f:
         hf = json.load(f)
-    cfg = config_from_hf(hf)
+    cfg = config_from_hf(hf, row_multiple)
     name = jnp.dtype(dtype).name
     cfg = from_dict({**to_dict(cfg), "model": {**to_dict(cfg)["model"], "dtype": name, "param_dtype": name}})
     m = cfg.model
@@ -185,8 +190,8 @@ def load_hf_checkpoint(path: str | Path, dtype=jnp.float32) -> tuple[Model, Conf
         _set(pure, ours, t.T if transpose else t)
     if m.ngram.enabled:
         lay = abstract.embed.layout
-        _set(pure, ("embed", "ngram_table"), np.concatenate(
-            [take(f"model.ngram_embeddings.embedders.{i}.weight") for i in range(lay.num_tables)]))
+        table = np.concatenate([take(f"model.ngram_embeddings.embedders.{i}.weight") for i in range(lay.num_tables)])
+        _set(pure, ("embed", "ngram_table"), np.pad(table, ((0, lay.padded_rows - table.shape[0]), (0, 0))))
         _set(pure, ("embed", "ngram_proj"), np.stack(
             [take(f"model.ngram_embeddings.post_projs.{i}.weight").T for i in range(lay.num_tables)]))
     for layer in range(m.num_blocks):
