@@ -77,15 +77,27 @@ class Block(nnx.Module):
     def _ffn(self, i: int, x: jax.Array, ple: jax.Array | None) -> jax.Array:
         return self.ffn[i](x) if ple is None else self.ffn[i](x, ple[:, :, i])
 
-    def __call__(self, h, positions, segment_ids, ple=None):
-        """h [B, S, D]; ple [B, S, 2, F] (this block's two per-layer slices) or None."""
-        h = h + self.attn[0](self.attn_norm[0](h), positions, segment_ids)
+    def __call__(self, h, positions, segment_ids, ple=None, caches=None):
+        """h [B, S, D]; ple [B, S, 2, F] (this block's two per-layer slices) or None.
+
+        With ``caches`` (one KVCache per attention sublayer) returns ``(h, caches)``."""
+        new = []
+
+        def attend(i, x):
+            if caches is None:
+                return self.attn[i](x, positions, segment_ids)
+            out, cache = self.attn[i](x, positions, segment_ids, cache=caches[i])
+            new.append(cache)
+            return out
+
+        h = h + attend(0, self.attn_norm[0](h))
         x = self.ffn_norm[0](h)
         shortcut = self.moe(x) if self.moe is not None else None
         h = h + self._ffn(0, x, ple)
-        h = h + self.attn[1](self.attn_norm[1](h), positions, segment_ids)
+        h = h + attend(1, self.attn_norm[1](h))
         h = h + self._ffn(1, self.ffn_norm[1](h), ple)
-        return h if shortcut is None else h + shortcut
+        h = h if shortcut is None else h + shortcut
+        return h if caches is None else (h, tuple(new))
 
 
 class Model(nnx.Module):
@@ -104,25 +116,38 @@ class Model(nnx.Module):
                                                             dtype=dt, param_dtype=pdt, rngs=rngs)
 
     def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
-                 positions: jax.Array | None = None, ngram_ids: jax.Array | None = None) -> jax.Array:
+                 positions: jax.Array | None = None, ngram_ids: jax.Array | None = None,
+                 ple_ngram_ids: jax.Array | None = None, cache: list | None = None):
         """tokens int [B, S] -> logits float32 [B, S, V].
 
         ``segment_ids`` [B, S] marks packed documents (attention and n-gram history stay inside
         one); ``positions`` [B, S] default to the offset inside each document; ``ngram_ids``
-        [B, S, T] may come precomputed from the input pipeline.
+        [B, S, T] (and ``ple_ngram_ids`` for PLNE) may come precomputed (input pipeline, N-gram cache).
+        With ``cache`` (see :mod:`ngram_jax.generate`) attention reads and extends the KV cache, where
+        ``segment_ids == 0`` marks padding, and the call returns ``(logits, cache)``.
         """
         tokens = jnp.asarray(tokens) if not isinstance(tokens, jax.core.Tracer) else tokens
         hashing.check_token_ids(tokens, self.config.vocab_size)
         if positions is None:
             positions = default_positions(tokens.shape, segment_ids)
         h = self.embed(tokens, segment_ids=segment_ids, ngram_ids=ngram_ids)  # [B, S, D]
-        ple = self.ple(tokens, segment_ids=segment_ids) if self.ple is not None else None  # [B, S, L, F]
+        ple = None
+        if self.ple is not None:
+            ple = self.ple(tokens, segment_ids=segment_ids, ngram_ids=ple_ngram_ids)  # [B, S, L, F]
+        new_cache = []
         for i, block in enumerate(self.blocks):
-            h = block(h, positions, segment_ids, None if ple is None else ple[:, :, 2 * i : 2 * i + 2])
+            slices = None if ple is None else ple[:, :, 2 * i : 2 * i + 2]
+            if cache is None:
+                h = block(h, positions, segment_ids, slices)
+            else:
+                h, c = block(h, positions, segment_ids, slices, caches=cache[i])
+                new_cache.append(c)
         h = self.final_norm(h)
         if self.lm_head is not None:
-            return self.lm_head(h).astype(jnp.float32)
-        return (h @ self.embed.embedding[...].astype(h.dtype).T).astype(jnp.float32)
+            logits = self.lm_head(h).astype(jnp.float32)
+        else:
+            logits = (h @ self.embed.embedding[...].astype(h.dtype).T).astype(jnp.float32)
+        return logits if cache is None else (logits, new_cache)
 
     def aux_loss(self) -> jax.Array:
         """Sum of the MoE auxiliary losses recorded by the last forward pass (0 without MoE)."""

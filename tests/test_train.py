@@ -227,3 +227,31 @@ def test_prepare_cli_and_tokenizer_reuse(data_dir, tmp_path):
 def test_loaded_config_for_make_train():
     cfg = load_config(ROOT / "configs/train_tiny.yaml")
     assert cfg.data.bundled and cfg.model.ngram.enabled and cfg.train.steps > 0
+
+
+def test_generate_cli_continues_a_prompt(straight):
+    res = subprocess.run([sys.executable, "-m", "ngram_jax.generate", "--checkpoint", str(straight[0]), "--prompt",
+                          "ROMEO:", "--max-new-tokens", "12", "--seed", "1"], cwd=ROOT, env=env_one_device(),
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    text = res.stdout.strip()
+    assert text.startswith("ROMEO:") and len(text) > len("ROMEO:")
+
+
+def test_eval_cli_matches_training_eval_and_reads_raw_text(straight, tmp_path):
+    run_dir = straight[0]
+    last = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
+    res = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--checkpoint", str(run_dir), "--batches", "2"],
+                         cwd=ROOT, env=env_one_device(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    result = json.loads((run_dir / "eval_results.json").read_text())
+    assert abs(result["loss"] - last["eval_loss"]) < 1e-5  # the same held-out batches as training's eval
+    assert abs(result["perplexity"] - np.exp(result["loss"])) < 1e-6 * result["perplexity"]
+    assert 0.5 < result["bits_per_byte"] < 8
+    raw = tmp_path / "raw.txt"
+    raw.write_text("\n\n".join(f"Speech number {i}: to be, or not to be, that is the question." for i in range(40)))
+    res = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--checkpoint", str(run_dir), "--data", str(raw)],
+                         cwd=ROOT, env=env_one_device(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    result = json.loads((run_dir / "eval_results.json").read_text())
+    assert result["data"] == str(raw) and result["tokens"] > 0 and np.isfinite(result["loss"])

@@ -12,6 +12,7 @@ Both use ``jax.nn.dot_product_attention`` with a mask that is causal and never c
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +28,40 @@ def attention_mask(segment_ids: jax.Array | None, batch: int, seq: int) -> jax.A
     if segment_ids is None:
         return None
     return (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+
+
+class KVCache(NamedTuple):
+    """Keys and values of one attention sublayer for incremental decoding."""
+
+    k: jax.Array  # [B, S_max, Hk, Dq]
+    v: jax.Array  # [B, S_max, Hk, Dv]
+    valid: jax.Array  # bool [B, S_max]: slots holding a real (non-padding) token
+    index: jax.Array  # int32 []: slot of the next token written
+
+
+def empty_cache(batch: int, max_len: int, heads: int, qk_dim: int, v_dim: int, dtype) -> KVCache:
+    return KVCache(jnp.zeros((batch, max_len, heads, qk_dim), dtype), jnp.zeros((batch, max_len, heads, v_dim), dtype),
+                   jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32))
+
+
+def _attend_cached(q, k, v, new_valid, cache: KVCache, scale: float) -> tuple[jax.Array, KVCache]:
+    """Write the new keys/values at ``cache.index`` and attend over every valid earlier slot.
+
+    q [B, t, H, Dq], k [B, t, Hk, Dq], v [B, t, Hk, Dv], new_valid bool [B, t] (False: padding).
+    """
+    i = cache.index
+    k_all = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (0, i, 0, 0))
+    v_all = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (0, i, 0, 0))
+    valid = jax.lax.dynamic_update_slice(cache.valid, new_valid, (0, i))
+    t, s_max = q.shape[1], cache.k.shape[1]
+    q_slot = i + jnp.arange(t)[:, None]  # [t, 1]
+    k_slot = jnp.arange(s_max)[None, :]  # [1, S]
+    mask = (valid[:, None, :] & (k_slot <= q_slot)[None]) | (k_slot == q_slot)[None]  # padding sees itself
+    dv = v_all.shape[-1]
+    v_pad = jnp.pad(v_all, ((0, 0), (0, 0), (0, 0), (0, q.shape[-1] - dv))) if dv < q.shape[-1] else v_all
+    out = jax.nn.dot_product_attention(q, k_all.astype(q.dtype), v_pad.astype(q.dtype), mask=mask[:, None],
+                                       scale=scale)[..., :dv]
+    return out, KVCache(k_all, v_all, valid, i + t)
 
 
 def rope_frequencies(cfg: AttentionConfig, dim: int):
@@ -70,8 +105,21 @@ class MLA(nnx.Module):
         self.rope_scale = yarn_attention_factor(cfg.yarn_factor, cfg.yarn_mscale, cfg.yarn_mscale_all_dim)
         self.softmax_scale = (nope + rope) ** -0.5 * yarn_mscale(cfg.yarn_factor, cfg.yarn_mscale_all_dim) ** 2
 
-    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
-        """x [B, S, D], positions int [B, S] -> [B, S, D]."""
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None,
+                 cache: KVCache | None = None):
+        """x [B, S, D], positions int [B, S] -> [B, S, D]; with a ``cache`` -> (out, cache), where
+        ``segment_ids`` == 0 marks padding."""
+        b, s, _ = x.shape
+        q, k, v = self._qkv(x, positions)
+        if cache is not None:
+            valid = jnp.ones((b, s), bool) if segment_ids is None else segment_ids != 0
+            out, cache = _attend_cached(q, k, v, valid, cache, self.softmax_scale)
+            return self.o(out.reshape(b, s, -1)), cache
+        out = _attend(q, k, v, attention_mask(segment_ids, b, s), self.softmax_scale)
+        return self.o(out.reshape(b, s, -1))
+
+    def _qkv(self, x: jax.Array, positions: jax.Array):
+        """q [B, S, H, nope+rope], k [B, S, H, nope+rope], v [B, S, H, v]."""
         c = self.cfg
         b, s, _ = x.shape
         h, nope, rope = c.num_heads, c.qk_nope_head_dim, c.qk_rope_head_dim
@@ -85,8 +133,11 @@ class MLA(nnx.Module):
         k_nope, v = kv_b[..., :nope], kv_b[..., nope:]
         q = jnp.concatenate([q[..., :nope], rot(q[..., nope:])], axis=-1)
         k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope, (b, s, h, rope))], axis=-1)
-        out = _attend(q, k, v, attention_mask(segment_ids, b, s), self.softmax_scale)  # [B, S, H, v]
-        return self.o(out.reshape(b, s, h * c.v_head_dim))
+        return q, k, v
+
+    def empty_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
+        c = self.cfg
+        return empty_cache(batch, max_len, c.num_heads, c.qk_nope_head_dim + c.qk_rope_head_dim, c.v_head_dim, dtype)
 
 
 class GQA(nnx.Module):
@@ -105,15 +156,24 @@ class GQA(nnx.Module):
         self.rope_scale = yarn_attention_factor(cfg.yarn_factor, cfg.yarn_mscale, cfg.yarn_mscale_all_dim)
         self.softmax_scale = hd**-0.5 * yarn_mscale(cfg.yarn_factor, cfg.yarn_mscale_all_dim) ** 2
 
-    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None,
+                 cache: KVCache | None = None):
         c = self.cfg
         b, s, _ = x.shape
         rot = lambda t: apply_rope(t, positions, rope_frequencies(c, self.rope_dim), self.rope_scale)  # noqa: E731
         q = rot(self.q(x).reshape(b, s, c.num_heads, c.head_dim))
         k = rot(self.k(x).reshape(b, s, c.num_kv_heads, c.head_dim))
         v = self.v(x).reshape(b, s, c.num_kv_heads, c.head_dim)
+        if cache is not None:
+            valid = jnp.ones((b, s), bool) if segment_ids is None else segment_ids != 0
+            out, cache = _attend_cached(q, k, v, valid, cache, self.softmax_scale)
+            return self.o(out.reshape(b, s, -1)), cache
         out = _attend(q, k, v, attention_mask(segment_ids, b, s), self.softmax_scale)
         return self.o(out.reshape(b, s, c.num_heads * c.head_dim))
+
+    def empty_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
+        c = self.cfg
+        return empty_cache(batch, max_len, c.num_kv_heads, c.head_dim, c.head_dim, dtype)
 
 
 def build_attention(cfg: AttentionConfig, d_model: int, **kw) -> MLA | GQA:

@@ -1,0 +1,60 @@
+"""Evaluate a checkpoint: ``python eval.py --checkpoint RUN_DIR [--data DIR_OR_TEXT] [--batches N]``.
+
+Held-out loss, perplexity and bits per byte, on the run's prepared held-out split (default), another
+prepared directory, or a raw .txt/.jsonl file. ``--hf-checkpoint DIR`` evaluates a Hugging Face
+LongCat-Flash(-Lite) checkpoint instead (give --data and --tokenizer). Results are written as
+``eval_results.json`` next to the checkpoint.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ngram_jax.eval.perplexity import evaluate
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="a training run directory (or its checkpoints directory)")
+    src.add_argument("--hf-checkpoint", help="a Hugging Face LongCat-Flash(-Lite) directory")
+    ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    ap.add_argument("--data", help="prepared data directory or a raw .txt/.jsonl file (default: the run's data)")
+    ap.add_argument("--tokenizer", help="tokenizer.json for raw text (default: the one of the run's data)")
+    ap.add_argument("--split", default="heldout")
+    ap.add_argument("--batches", type=int, default=None, help="evaluate at most this many batches")
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--seq-len", type=int, default=None)
+    args = ap.parse_args(argv)
+    try:
+        if args.checkpoint:
+            from ngram_jax.checkpoint import find_checkpoints, restore_model
+
+            model, cfg = restore_model(args.checkpoint, args.step)
+            out_dir = find_checkpoints(args.checkpoint).parent
+            data = args.data or cfg.data.path
+            tokenizer = args.tokenizer or Path(cfg.data.path) / "tokenizer.json"
+            batch_size, seq_len = args.batch_size or cfg.data.batch_size, args.seq_len or cfg.data.seq_len
+        else:
+            from ngram_jax.convert.hf import load_hf_checkpoint
+
+            if not args.data:
+                ap.error("--hf-checkpoint needs --data (and --tokenizer for raw text)")
+            model, cfg = load_hf_checkpoint(args.hf_checkpoint)
+            out_dir, data, tokenizer = Path(args.hf_checkpoint), args.data, args.tokenizer
+            batch_size, seq_len = args.batch_size or 8, args.seq_len or 512
+        result = evaluate(model, data, seq_len=seq_len, batch_size=batch_size, tokenizer=tokenizer,
+                          split=args.split, max_batches=args.batches)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    result.update(data=str(data), split=args.split, batch_size=batch_size, seq_len=seq_len)
+    (out_dir / "eval_results.json").write_text(json.dumps(result, indent=1))
+    print(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}  bits/byte {result['bits_per_byte']:.4f}"
+          f"  ({result['tokens']:,} tokens) -> {out_dir / 'eval_results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""Prefill + incremental decoding with a KV cache and an N-gram cache (SPEC.md section 6).
+
+The N-gram cache keeps, per sequence, the history of the next token: ``x~_{t-1}, x~_{t-2}, ...``
+(the last N-1 tokens of its segment, zeros after an EOS), so a new token's n-gram ids cost O(N)
+(:func:`ngram_jax.ngram.hashing.ids_from_history`) instead of a pass over the prefix. Incremental
+logits equal a full forward pass over the same tokens.
+
+    python -m ngram_jax.generate --checkpoint runs/train_tiny --prompt "ROMEO:" --max-new-tokens 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ngram_jax.model import Model, default_positions
+from ngram_jax.ngram import hashing
+
+
+class DecodeState(NamedTuple):
+    kv: list  # per block: (KVCache, KVCache)
+    history: jax.Array  # int32 [B, H]: n-gram history of the next token (H = max N - 1)
+    positions: jax.Array  # int32 [B]: position of the next token
+
+
+def _layouts(model: Model) -> list[tuple[str, hashing.NgramLayout]]:
+    out = []
+    if model.config.ngram.enabled:
+        out.append(("ne", model.embed.layout))
+    if model.config.ple.kind == "plne":
+        out.append(("plne", model.ple.layout))
+    return out
+
+
+def history_length(model: Model) -> int:
+    return max([lay.max_n - 1 for _, lay in _layouts(model)] + [1])
+
+
+def prefill_history(tokens: jax.Array, segment_ids: jax.Array, eos_id: int | None, length: int) -> jax.Array:
+    """History of the token that follows ``tokens`` [B, P] (same segment as the last one). [B, length]."""
+    ext = jnp.concatenate([tokens, jnp.zeros_like(tokens[:, :1])], axis=1)
+    seg = jnp.concatenate([segment_ids, segment_ids[:, -1:]], axis=1)
+    return hashing.history(ext, length + 1, eos_id, seg)[:, -1]
+
+
+def advance_history(history: jax.Array, token: jax.Array, eos_id: int | None) -> jax.Array:
+    """Push ``token`` [B] onto the history; after an EOS the next token starts with zero history."""
+    pushed = jnp.concatenate([token[:, None], history[:, :-1]], axis=1)
+    if eos_id is None:
+        return pushed
+    return jnp.where((token == eos_id)[:, None], 0, pushed)
+
+
+def step_ngram_ids(model: Model, token: jax.Array, history: jax.Array) -> dict[str, jax.Array]:
+    """n-gram ids [B, 1, T] of the new tokens [B] for the NE and PLNE tables: O(N) per token."""
+    out = {}
+    for name, lay in _layouts(model):
+        out[name] = hashing.ids_from_history(token[:, None], history[:, None, : lay.max_n - 1],
+                                             vocab_size=lay.vocab_size, table_sizes=lay.table_sizes,
+                                             max_n=lay.max_n)
+    return out
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """tokens and segment ids [B, P]: prompts right-aligned, padding (segment 0) on the left."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    width = max(len(p) for p in prompts)
+    tokens = np.full((len(prompts), width), pad, np.int32)
+    seg = np.zeros((len(prompts), width), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, width - len(p):] = p
+        seg[i, width - len(p):] = 1
+    return tokens, seg
+
+
+def init_kv(model: Model, batch: int, max_len: int) -> list:
+    dtype = jnp.dtype(model.config.dtype)
+    return [tuple(a.empty_cache(batch, max_len, dtype) for a in block.attn) for block in model.blocks]
+
+
+def prefill(model: Model, tokens: jax.Array, segment_ids: jax.Array, max_len: int) -> tuple[jax.Array, DecodeState]:
+    """Run the (left-padded) prompts; returns the last position's logits [B, V] and the decode state."""
+    hashing.check_token_ids(tokens, model.config.vocab_size)
+    positions = default_positions(tokens.shape, segment_ids)
+    kv = init_kv(model, tokens.shape[0], max_len)
+    logits, kv = model(tokens, segment_ids=segment_ids, positions=positions, cache=kv)
+    history = prefill_history(tokens, segment_ids, model.config.eos_id, history_length(model))
+    return logits[:, -1], DecodeState(kv, history, positions[:, -1] + 1)
+
+
+def decode_step(model: Model, token: jax.Array, state: DecodeState) -> tuple[jax.Array, DecodeState]:
+    """Feed one token per sequence [B]; returns its logits [B, V] and the advanced state."""
+    ids = step_ngram_ids(model, token, state.history)
+    logits, kv = model(token[:, None], segment_ids=jnp.ones_like(token)[:, None], positions=state.positions[:, None],
+                       ngram_ids=ids.get("ne"), ple_ngram_ids=ids.get("plne"), cache=state.kv)
+    history = advance_history(state.history, token, model.config.eos_id)
+    return logits[:, 0], DecodeState(kv, history, state.positions + 1)
+
+
+def reorder(state: DecodeState, indices: jax.Array) -> DecodeState:
+    """Select / reorder sequences (beam search, dropping finished rows): KV and N-gram caches move together."""
+    take = lambda x: x[indices] if x.ndim >= 1 else x  # noqa: E731 (the shared write index stays)
+    return DecodeState(jax.tree.map(take, state.kv), state.history[indices], state.positions[indices])
+
+
+def sample(logits: jax.Array, key: jax.Array, temperature: float = 0.0, top_k: int = 0,
+           top_p: float = 1.0) -> jax.Array:
+    """Greedy when ``temperature == 0``; otherwise temperature, top-k and nucleus (top-p) sampling. [B]."""
+    if temperature <= 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    if top_k > 0:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p < 1.0:
+        order = jnp.argsort(-logits, axis=-1)
+        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        keep_sorted = jnp.cumsum(probs, axis=-1) - probs < top_p  # always keeps the most likely token
+        keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+        logits = jnp.where(keep, logits, -jnp.inf)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def generate(model: Model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_at_eos: bool = True) -> list[list[int]]:
+    """Continue each prompt by up to ``max_new_tokens`` tokens (stops a row at EOS when asked)."""
+    tokens, seg = left_pad(prompts)
+    prefill_fn = nnx.jit(prefill, static_argnums=(3,))
+    step_fn = nnx.jit(decode_step)
+    sample_fn = jax.jit(sample, static_argnums=(2, 3, 4))
+    logits, state = prefill_fn(model, jnp.asarray(tokens), jnp.asarray(seg), tokens.shape[1] + max_new_tokens)
+    key = jax.random.key(seed)
+    out = [[] for _ in prompts]
+    done = np.zeros(len(prompts), bool)
+    eos = model.config.eos_id
+    for _ in range(max_new_tokens):
+        key, sub = jax.random.split(key)
+        nxt = sample_fn(logits, sub, temperature, top_k, top_p)
+        for i, t in enumerate(np.asarray(nxt)):
+            if not done[i]:
+                out[i].append(int(t))
+                done[i] = stop_at_eos and eos is not None and int(t) == eos
+        if done.all():
+            break
+        logits, state = step_fn(model, nxt, state)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m ngram_jax.generate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True, help="a run directory (or its checkpoints directory)")
+    ap.add_argument("--prompt", required=True)
+    ap.add_argument("--tokenizer", help="tokenizer.json (default: the one beside the run's training data)")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=0.8)
+    ap.add_argument("--top-k", type=int, default=40)
+    ap.add_argument("--top-p", type=float, default=0.95)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    from pathlib import Path
+
+    from ngram_jax.checkpoint import restore_model
+    from ngram_jax.data.tokenizer import load_tokenizer
+
+    model, cfg = restore_model(args.checkpoint)
+    tok = load_tokenizer(args.tokenizer or Path(cfg.data.path) / "tokenizer.json")
+    ids = tok.encode(args.prompt, add_special_tokens=False).ids
+    (new,) = generate(model, [ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                      top_p=args.top_p, seed=args.seed)
+    print(args.prompt + tok.decode(new))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
