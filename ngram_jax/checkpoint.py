@@ -55,6 +55,14 @@ def _tuplify(x):
     return tuple(_tuplify(v) for v in x) if isinstance(x, list | tuple) else x
 
 
+TABLE_CHUNK_BYTES = 16 << 10  # 32 LongCat-Flash-Lite rows: random row reads stay cheap
+TABLE_NAMES = ("ngram_table", "embedding")
+
+
+def _is_table_path(path) -> bool:
+    return any(str(getattr(p, "key", p)) in TABLE_NAMES for p in path[-2:])
+
+
 class Checkpointer:
     def __init__(self, directory: str | Path, keep: int = 3):
         self.directory = Path(directory).absolute()
@@ -69,10 +77,15 @@ class Checkpointer:
         return self.mgr.latest_step()
 
     def save(self, step: int, state: dict, data_iter, meta: dict) -> None:
+        """Save asynchronously. Embedding and N-gram tables (and their optimizer moments) are stored in
+        row chunks of about ``TABLE_CHUNK_BYTES`` so that analysis can read single rows lazily."""
+        save_args = jax.tree_util.tree_map_with_path(
+            lambda path, _: ocp.SaveArgs(chunk_byte_size=TABLE_CHUNK_BYTES) if _is_table_path(path) else ocp.SaveArgs(),
+            state)
         try:
             self.mgr.save(step, args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter),
-                meta=ocp.args.JsonSave(meta)), force=True)
+                state=ocp.args.StandardSave(state, save_args=save_args),
+                data=grain.checkpoint.CheckpointSave(data_iter), meta=ocp.args.JsonSave(meta)), force=True)
         except OSError as err:
             if err.errno == errno.ENOSPC:
                 raise OSError(err.errno, f"disk full while saving step {step} to {self.directory}; the last "

@@ -134,6 +134,11 @@ class Model(nnx.Module):
         ple = None
         if self.ple is not None:
             ple = self.ple(tokens, segment_ids=segment_ids, ngram_ids=ple_ngram_ids)  # [B, S, L, F]
+        return self.trunk(h, positions, segment_ids, ple, cache)
+
+    def trunk(self, h: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None,
+              ple: jax.Array | None = None, cache: list | None = None):
+        """Everything after the input embedding: h [B, S, D] -> logits [B, S, V] (and the cache)."""
         new_cache = []
         for i, block in enumerate(self.blocks):
             slices = None if ple is None else ple[:, :, 2 * i : 2 * i + 2]

@@ -1,0 +1,261 @@
+"""Checkpoint analysis: parameter budget, N-gram row usage and collisions, each n-gram order's share
+of the fused embedding, expert load per layer; printed, saved as JSON and plotted (PNG).
+
+    python -m ngram_jax.analyze runs/train_tiny [--text FILE] [--max-tokens 4096] [--out DIR]
+
+LongCat-Flash-Lite's N-gram table holds 31.4B parameters, more than an analysis host's memory: the
+token and N-gram tables are never loaded whole. Their rows are read lazily from the checkpoint with
+tensorstore (training saves them in row chunks), only the rows the sample text needs; every other
+parameter is read whole. ``bytes_read`` reports what the lazy reads cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tensorstore as ts
+from flax import nnx
+
+from ngram_jax.budget import parameter_budget
+from ngram_jax.checkpoint import Checkpointer, find_checkpoints
+from ngram_jax.config import Config, from_dict
+from ngram_jax.model import build_model, default_positions
+from ngram_jax.ngram import hashing
+from ngram_jax.tools.collisions import collision_report
+
+LAZY = ("ngram_table", "embedding")
+
+
+class LazyCheckpoint:
+    """Arrays of one saved training state, opened with tensorstore and read on demand."""
+
+    def __init__(self, path: str | Path, step: int | None = None):
+        ckpt = Checkpointer(find_checkpoints(path))
+        try:
+            self.step = ckpt.latest_step() if step is None else step
+            if self.step is None:
+                raise FileNotFoundError(f"no complete checkpoint in {ckpt.directory}")
+            self.config: Config = from_dict(ckpt.read_meta(self.step)["config"])
+        finally:
+            ckpt.close()
+        self.base = (ckpt.directory / str(self.step) / "state").absolute()
+        self.bytes_read = 0  # whole arrays
+        self.table_bytes_read = 0  # row chunks of lazily read tables
+
+    def open(self, path: Sequence[str]) -> ts.TensorStore:
+        key = ".".join(("model", *map(str, path)))
+        spec = {"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": f"file://{self.base}", "path": key}}
+        return ts.open(spec, read=True).result()
+
+    def read(self, path: Sequence[str]) -> np.ndarray:
+        arr = self.open(path)
+        self.bytes_read += arr.size * arr.dtype.numpy_dtype.itemsize
+        return arr.read().result()
+
+    def rows(self, path: Sequence[str], ids: np.ndarray) -> np.ndarray:
+        """``table[ids]`` reading only the row chunks that hold ``ids``; counts the bytes of those chunks."""
+        arr = self.open(path)
+        chunk_rows = arr.chunk_layout.read_chunk.shape[0]
+        row_bytes = int(np.prod(arr.shape[1:])) * arr.dtype.numpy_dtype.itemsize
+        chunks = np.unique(np.asarray(ids) // chunk_rows)
+        rows_in_chunks = sum(min(chunk_rows, arr.shape[0] - c * chunk_rows) for c in chunks.tolist())
+        self.table_bytes_read += rows_in_chunks * row_bytes
+        return arr[np.asarray(ids)].read().result()
+
+
+def sample_tokens(cfg: Config, text: str | None, max_tokens: int) -> np.ndarray:
+    """int32 [B, L] from a text file (the run's tokenizer) or the run's held-out data."""
+    from ngram_jax.data.pipeline import make_dataset
+
+    seq = cfg.data.seq_len
+    if text is not None:
+        from ngram_jax.data.tokenizer import load_tokenizer
+
+        ids = load_tokenizer(Path(cfg.data.path) / "tokenizer.json").encode(Path(text).read_text()).ids
+        ids = np.asarray(ids[: max(seq, max_tokens // seq * seq)], np.int32)
+        if ids.size < seq:
+            ids = np.pad(ids, (0, seq - ids.size), constant_values=cfg.model.eos_id or 0)
+        return ids[: ids.size // seq * seq].reshape(-1, seq)
+    ds = make_dataset(cfg.data.path, "heldout", seq_len=seq, batch_size=1, vocab_size=cfg.model.vocab_size, seed=0,
+                      repeat=False)
+    rows = []
+    for batch in ds:
+        rows.append(batch["inputs"][0])
+        if len(rows) * seq >= max_tokens:
+            break
+    return np.stack(rows)
+
+
+def _restore_without_tables(lazy: LazyCheckpoint, cfg: Config):
+    """The model with every parameter read whole, except the token/N-gram tables (left empty)."""
+    with nnx.use_eager_sharding(False):
+        abstract = nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    pure = nnx.to_pure_dict(state)
+
+    def fill(path, leaf):
+        names = [str(getattr(p, "key", p)) for p in path]
+        tied_head = names[-1] == "embedding" and names[0] == "embed" and cfg.model.tie_embeddings
+        if names[-1] in LAZY and names[0] in ("embed",) and not tied_head:
+            return jnp.zeros((0, *leaf.shape[1:]), leaf.dtype)  # never read by the trunk
+        return jnp.asarray(lazy.read(names), leaf.dtype)
+
+    nnx.replace_by_pure_dict(state, jax.tree_util.tree_map_with_path(fill, pure))
+    return nnx.merge(graphdef, state)
+
+
+def analyze(path: str | Path, *, step: int | None = None, text: str | None = None, max_tokens: int = 4096,
+            out: str | Path | None = None, plots: bool = True) -> dict:
+    lazy = LazyCheckpoint(path, step)
+    cfg, m = lazy.config, lazy.config.model
+    budget = parameter_budget(cfg)
+    report: dict = {"step": lazy.step, "budget": budget, "ngram_share": budget["ngram"] / budget["total"]}
+    tokens = sample_tokens(cfg, text, max_tokens)  # [B, L]
+    seg = np.ones_like(tokens)
+    report["sample_tokens"] = int(tokens.size)
+
+    base = lazy.rows(("embed", "embedding"), np.unique(tokens))
+    base_rows = dict(zip(np.unique(tokens).tolist(), base, strict=True))
+    e0 = np.stack([base_rows[t] for t in tokens.ravel().tolist()]).reshape(*tokens.shape, -1)
+    fused = e0.astype(np.float64)
+    if m.ngram.enabled:
+        lay = hashing.make_layout(m.vocab_size, m.ngram.max_n, m.ngram.splits, m.ngram.ratio, m.ngram.row_multiple)
+        t = lay.num_tables
+        ids = hashing.ngram_ids_numpy(tokens, vocab_size=m.vocab_size, table_sizes=lay.table_sizes, max_n=lay.max_n,
+                                      splits=lay.splits, eos_id=m.eos_id)  # [B, L, T]
+        flat = ids + np.asarray(lay.row_offsets)
+        uniq, inverse = np.unique(flat, return_inverse=True)
+        rows = lazy.rows(("embed", "ngram_table"), uniq)[inverse.reshape(flat.shape)]  # [B, L, T, d_e]
+        proj = lazy.read(("embed", "ngram_proj"))  # [T, d_e, D]
+        per_table = np.einsum("blte,ted->bltd", rows.astype(np.float64), proj.astype(np.float64))
+        fused = (e0 + per_table.sum(2)) / (1 + t)
+        norm = np.linalg.norm(fused, axis=-1).mean()
+        report["embedding_share"] = {"token (1-gram)": float(np.linalg.norm(e0 / (1 + t), axis=-1).mean() / norm)}
+        for n in range(2, lay.max_n + 1):
+            part = per_table[:, :, (n - 2) * lay.splits : (n - 1) * lay.splits].sum(2) / (1 + t)
+            report["embedding_share"][f"{n}-gram"] = float(np.linalg.norm(part, axis=-1).mean() / norm)
+        used = [len(np.unique(ids[..., i])) for i in range(t)]
+        report["row_usage"] = [{"table": i, "order": lay.order_of(i), "size": lay.table_sizes[i], "rows_used": used[i],
+                                "fraction": used[i] / lay.table_sizes[i]} for i in range(t)]
+        report["collisions"] = [
+            {"order": r.order, "split": r.split, "distinct": r.distinct, "buckets_used": r.buckets_used,
+             "collisions": r.collisions, "rate": r.collisions / max(r.distinct, 1), "vs_random": r.vs_random}
+            for r in collision_report(tokens, vocab_size=m.vocab_size, ratios=[m.ngram.ratio], max_n=m.ngram.max_n,
+                                      splits=m.ngram.splits, eos_id=m.eos_id)]
+        if m.ngram.amplification == "sqrt_d":
+            fused = fused * math.sqrt(m.d_model)
+    report["table_bytes"] = {}
+    for name in ("embedding", "ngram_table") if m.ngram.enabled else ("embedding",):
+        arr = lazy.open(("embed", name))
+        report["table_bytes"][name] = int(np.prod(arr.shape)) * arr.dtype.numpy_dtype.itemsize
+    if m.moe.num_experts:
+        model = _restore_without_tables(lazy, cfg)
+        h = jnp.asarray(fused, jnp.dtype(m.dtype))
+        if m.ngram.enabled and m.ngram.amplification == "layernorm":
+            h = model.embed.norm(h)
+        ple = None
+        if model.ple is not None:  # per-layer tables are read whole by _restore_without_tables
+            ple = model.ple(tokens, segment_ids=seg)
+        counts = []
+        trunk = nnx.jit(lambda mdl, x, pos, pl: mdl.trunk(x, pos, None, pl))
+        positions = default_positions(tokens[:1].shape, None)
+        for i in range(tokens.shape[0]):  # one row at a time: the routing counts of each forward pass
+            trunk(model, h[i : i + 1], positions, None if ple is None else ple[i : i + 1])
+            counts.append(np.stack([np.asarray(b.moe.counts[...]) for b in model.blocks]))
+        load = np.sum(counts, axis=0)  # [layers, E + Z]
+        report["expert_load"] = load.tolist()
+        real = load[:, : m.moe.num_experts].astype(float)
+        report["expert_load_max_over_mean"] = (real.max(1) / np.maximum(real.mean(1), 1e-9)).tolist()
+    report["bytes_read"] = {"table_rows": lazy.table_bytes_read, "other_parameters": lazy.bytes_read}
+    out = Path(out) if out is not None else find_checkpoints(path).parent / "analysis"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "analysis.json").write_text(json.dumps(report, indent=1))
+    if plots:
+        report["plots"] = _plots(report, out)
+    return report
+
+
+def _plots(report: dict, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    if "embedding_share" in report:
+        fig, ax = plt.subplots(figsize=(5, 3))
+        ax.bar(list(report["embedding_share"]), list(report["embedding_share"].values()))
+        ax.set_ylabel("mean |part| / mean |fused|")
+        ax.set_title("contribution to the fused embedding")
+        files.append(_save(fig, out / "embedding_share.png"))
+        fig, ax = plt.subplots(figsize=(5, 3))
+        usage = report["row_usage"]
+        ax.bar([f"{u['order']}g/{u['table']}" for u in usage], [u["fraction"] for u in usage])
+        ax.set_ylabel("fraction of rows used by the sample")
+        ax.set_title("N-gram table row usage")
+        files.append(_save(fig, out / "row_usage.png"))
+    if "expert_load" in report:
+        load = np.asarray(report["expert_load"], float)
+        fig, ax = plt.subplots(figsize=(6, 1 + 0.5 * load.shape[0]))
+        im = ax.imshow(load / load.sum(1, keepdims=True), aspect="auto", cmap="viridis")
+        ax.set_xlabel("expert (real, then zero experts)")
+        ax.set_ylabel("layer")
+        ax.set_title("share of routed assignments")
+        fig.colorbar(im, ax=ax)
+        files.append(_save(fig, out / "expert_load.png"))
+    return files
+
+
+def _save(fig, path: Path) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return str(path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m ngram_jax.analyze", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoint", help="a training run directory (or its checkpoints directory)")
+    ap.add_argument("--step", type=int)
+    ap.add_argument("--text", help="a text file to analyse (default: the run's held-out data)")
+    ap.add_argument("--max-tokens", type=int, default=4096)
+    ap.add_argument("--out", help="output directory (default: RUN_DIR/analysis)")
+    ap.add_argument("--no-plots", action="store_true")
+    args = ap.parse_args(argv)
+    try:
+        r = analyze(args.checkpoint, step=args.step, text=args.text, max_tokens=args.max_tokens, out=args.out,
+                    plots=not args.no_plots)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    b = r["budget"]
+    print(f"step {r['step']}: {b['total']:,} parameters, N-gram share {r['ngram_share']:.1%}, activated "
+          f"{b['activated_min']:,} to {b['activated_max']:,}")
+    for name, share in r.get("embedding_share", {}).items():
+        print(f"  {name:<16} {share:.3f} of the fused embedding norm")
+    for c in r.get("collisions", []):
+        print(f"  {c['order']}-gram table {c['split']}: {c['distinct']:,} distinct, collision rate {c['rate']:.4f} "
+              f"({c['vs_random']:.2f}x random)")
+    for i, x in enumerate(r.get("expert_load_max_over_mean", [])):
+        print(f"  layer {i}: expert load max/mean {x:.2f}")
+    print(f"  read {r['bytes_read']['table_rows']:,} B of table row chunks for {r['sample_tokens']:,} sample tokens "
+          f"(tables: " + ", ".join(f"{k} {v:,} B" for k, v in r["table_bytes"].items())
+          + f"), {r['bytes_read']['other_parameters']:,} B of other parameters")
+    for f in r.get("plots", []):
+        print(f"  plot: {f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
