@@ -3,7 +3,8 @@
 Held-out loss, perplexity and bits per byte, on the run's prepared held-out split (default), another
 prepared directory, or a raw .txt/.jsonl file. ``--hf-checkpoint DIR`` evaluates a Hugging Face
 LongCat-Flash(-Lite) checkpoint instead (give --data and --tokenizer). Results are written as
-``eval_results.json`` next to the checkpoint.
+``eval_results.json`` next to the checkpoint. ``--tasks a,b`` also runs lm-evaluation-harness tasks
+through the in-process ``ngram_jax`` adapter (``--include-path`` for local task YAMLs).
 """
 
 import argparse
@@ -12,6 +13,19 @@ import sys
 from pathlib import Path
 
 from ngram_jax.eval.perplexity import evaluate
+
+
+def run_tasks(model, cfg, tokenizer, tasks, include_path, limit, batch_size) -> dict:
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from ngram_jax.eval.lm_eval_adapter import NgramJaxLM
+
+    lm = NgramJaxLM(model=model, config=cfg, tokenizer=str(tokenizer), batch_size=batch_size)
+    out = lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit,
+                                  task_manager=TaskManager(include_path=include_path) if include_path else None)
+    return {task: {k: v for k, v in metrics.items() if isinstance(v, int | float | str)}
+            for task, metrics in out["results"].items()}
 
 
 def main(argv=None) -> int:
@@ -26,6 +40,9 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", type=int, default=None, help="evaluate at most this many batches")
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--seq-len", type=int, default=None)
+    ap.add_argument("--tasks", help="comma-separated lm-evaluation-harness tasks")
+    ap.add_argument("--include-path", help="a directory of extra lm-eval task YAMLs")
+    ap.add_argument("--limit", type=int, default=None, help="at most this many documents per task")
     args = ap.parse_args(argv)
     try:
         if args.checkpoint:
@@ -46,11 +63,16 @@ def main(argv=None) -> int:
             batch_size, seq_len = args.batch_size or 8, args.seq_len or 512
         result = evaluate(model, data, seq_len=seq_len, batch_size=batch_size, tokenizer=tokenizer,
                           split=args.split, max_batches=args.batches)
+        if args.tasks:
+            result["tasks"] = run_tasks(model, cfg, tokenizer, args.tasks.split(","), args.include_path, args.limit,
+                                        batch_size)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     result.update(data=str(data), split=args.split, batch_size=batch_size, seq_len=seq_len)
     (out_dir / "eval_results.json").write_text(json.dumps(result, indent=1))
+    for task, metrics in result.get("tasks", {}).items():
+        print(f"{task}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
     print(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}  bits/byte {result['bits_per_byte']:.4f}"
           f"  ({result['tokens']:,} tokens) -> {out_dir / 'eval_results.json'}")
     return 0

@@ -55,7 +55,7 @@ def _tuplify(x):
     return tuple(_tuplify(v) for v in x) if isinstance(x, list | tuple) else x
 
 
-TABLE_CHUNK_BYTES = 16 << 10  # 32 LongCat-Flash-Lite rows: random row reads stay cheap
+TABLE_CHUNK_ROWS = 32  # random row reads touch about one chunk per row: keep chunks a few rows long
 TABLE_NAMES = ("ngram_table", "embedding")
 
 
@@ -78,10 +78,15 @@ class Checkpointer:
 
     def save(self, step: int, state: dict, data_iter, meta: dict) -> None:
         """Save asynchronously. Embedding and N-gram tables (and their optimizer moments) are stored in
-        row chunks of about ``TABLE_CHUNK_BYTES`` so that analysis can read single rows lazily."""
-        save_args = jax.tree_util.tree_map_with_path(
-            lambda path, _: ocp.SaveArgs(chunk_byte_size=TABLE_CHUNK_BYTES) if _is_table_path(path) else ocp.SaveArgs(),
-            state)
+        chunks of ``TABLE_CHUNK_ROWS`` rows so that analysis can read single rows lazily."""
+
+        def args(path, leaf):
+            if not _is_table_path(path):
+                return ocp.SaveArgs()
+            row_bytes = leaf.dtype.itemsize * (leaf.size // max(leaf.shape[0], 1))
+            return ocp.SaveArgs(chunk_byte_size=TABLE_CHUNK_ROWS * row_bytes)
+
+        save_args = jax.tree_util.tree_map_with_path(args, state)
         try:
             self.mgr.save(step, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state, save_args=save_args),

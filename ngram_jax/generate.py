@@ -135,7 +135,7 @@ def generate(model: Model, prompts: Sequence[Sequence[int]], max_new_tokens: int
     """Continue each prompt by up to ``max_new_tokens`` tokens (stops a row at EOS when asked)."""
     tokens, seg = left_pad(prompts)
     prefill_fn = nnx.jit(prefill, static_argnums=(3,))
-    step_fn = nnx.jit(decode_step)
+    step_fn = nnx.cached_partial(nnx.jit(decode_step), model)  # skips nnx's per-call graph traversal
     sample_fn = jax.jit(sample, static_argnums=(2, 3, 4))
     logits, state = prefill_fn(model, jnp.asarray(tokens), jnp.asarray(seg), tokens.shape[1] + max_new_tokens)
     key = jax.random.key(seed)
@@ -151,7 +151,7 @@ def generate(model: Model, prompts: Sequence[Sequence[int]], max_new_tokens: int
                 done[i] = stop_at_eos and eos is not None and int(t) == eos
         if done.all():
             break
-        logits, state = step_fn(model, nxt, state)
+        logits, state = step_fn(nxt, state)
     return out
 
 

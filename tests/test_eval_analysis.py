@@ -1,0 +1,144 @@
+"""lm-evaluation-harness adapter (offline, a local task), and checkpoint analysis that reads a table
+larger than the test allows itself only row by row."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from ngram_jax.checkpoint import Checkpointer
+from ngram_jax.config import load_config
+from ngram_jax.data.corpus import bundled_corpus_files
+from ngram_jax.data.pipeline import make_dataset
+from ngram_jax.data.prepare import prepare
+from ngram_jax.model import build_model
+
+lm_eval = pytest.importorskip("lm_eval", reason="eval extra not installed: pip install -e '.[eval]'")
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = ["model.d_model=64", "model.num_blocks=1", "model.ffn_dim=128", "model.moe.expert_dim=32",
+         "model.attention.q_lora_rank=32", "model.attention.kv_lora_rank=16", "model.attention.qk_nope_head_dim=16",
+         "model.attention.v_head_dim=16", "model.attention.qk_rope_head_dim=8", "data.seq_len=32"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("evaldata") / "plays"
+    prepare(bundled_corpus_files()[:2], out, train_bpe_vocab=4096, heldout_fraction=0.1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def adapter(data_dir):
+    from ngram_jax.eval.lm_eval_adapter import NgramJaxLM
+
+    cfg = load_config("configs/models/tiny_ne.yaml", SMALL + [f"data.path={data_dir}"])
+    with nnx.use_eager_sharding(False):
+        model = build_model(cfg, nnx.Rngs(0))
+    return NgramJaxLM(model=model, config=cfg, batch_size=4)
+
+
+class Req:
+    def __init__(self, *args):
+        self.args = args
+
+
+def manual_logprob(adapter, context_ids, cont_ids):
+    ids = np.asarray([context_ids + cont_ids])
+    logits = np.asarray(adapter.model(ids[:, :-1]), np.float64)[0]
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - \
+        logits.max(-1, keepdims=True)
+    n = len(cont_ids)
+    return float(sum(logp[len(context_ids) - 1 + i, cont_ids[i]] for i in range(n)))
+
+
+def test_loglikelihood_matches_a_direct_forward_pass(adapter):
+    pairs = [("To be, or not to be", ", that is the question"), ("ROMEO:", " But soft"), ("", "Hello there")]
+    got = adapter.loglikelihood([Req(c, x) for c, x in pairs])
+    for (ctx, cont), (lp, greedy) in zip(pairs, got, strict=True):
+        ctx_ids = adapter._encode(ctx) if ctx else [adapter.eos]
+        assert abs(lp - manual_logprob(adapter, ctx_ids, adapter._encode(cont))) < 1e-3
+        assert isinstance(greedy, bool)
+
+
+def test_loglikelihood_rolling_and_generate_until(adapter):
+    text = "Now is the winter of our discontent"
+    (rolling,) = adapter.loglikelihood_rolling([Req(text)])
+    ids = adapter._encode(text)
+    assert abs(rolling - manual_logprob(adapter, [adapter.eos], ids)) < 1e-3
+    (out,) = adapter.generate_until([Req("KING:", {"until": ["\n"], "max_gen_toks": 8})])
+    assert isinstance(out, str) and "\n" not in out
+
+
+def write_task(tmp_path: Path) -> Path:
+    items = [{"question": f"Question {i}: the capital of the play is", "choices": [" Rome", " Verona", " Elsinore"],
+              "answer": i % 3} for i in range(6)]
+    (tmp_path / "mc.jsonl").write_text("\n".join(json.dumps(x) for x in items))
+    (tmp_path / "tiny_mc.yaml").write_text(
+        "task: ngram_jax_tiny_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {tmp_path / 'mc.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
+        "doc_to_text: \"{{question}}\"\ndoc_to_choice: \"{{choices}}\"\ndoc_to_target: \"{{answer}}\"\n"
+        "metric_list:\n  - metric: acc\n")
+    return tmp_path
+
+
+def test_local_multiple_choice_task_through_simple_evaluate(adapter, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    from lm_eval.tasks import TaskManager
+
+    out = lm_eval.simple_evaluate(model=adapter, tasks=["ngram_jax_tiny_mc"],
+                                  task_manager=TaskManager(include_path=str(write_task(tmp_path))))
+    acc = out["results"]["ngram_jax_tiny_mc"]["acc,none"]
+    assert 0.0 <= acc <= 1.0
+
+
+def save_model_checkpoint(cfg, data_dir, run_dir):
+    with nnx.use_eager_sharding(False):
+        model = build_model(cfg, nnx.Rngs(0))
+    ckpt = Checkpointer(run_dir / "checkpoints")
+    it = iter(make_dataset(data_dir, "train", seq_len=32, batch_size=2, vocab_size=4096, seed=0))
+    ckpt.save(1, {"model": nnx.to_pure_dict(nnx.state(model))}, it, {"config": __import__(
+        "ngram_jax.config", fromlist=["to_dict"]).to_dict(cfg), "step": 1})
+    ckpt.close()
+    return model
+
+
+def test_analysis_reads_only_the_rows_it_needs(data_dir, tmp_path):
+    """A 42 MB N-gram table; the analysis may read at most a quarter of it."""
+    from ngram_jax.analyze import analyze
+
+    with pytest.warns(UserWarning, match="N-gram embeddings hold"):  # deliberately oversized
+        cfg = load_config("configs/models/tiny_ne.yaml", SMALL + [f"data.path={data_dir}", "model.ngram.ratio=40.37"])
+    model = save_model_checkpoint(cfg, data_dir, tmp_path / "run")
+    table_bytes = model.embed.ngram_table[...].nbytes
+    assert table_bytes > 40e6
+    text = tmp_path / "sample.txt"
+    text.write_text(bundled_corpus_files()[5].read_text(encoding="latin-1")[:3000])
+    report = analyze(tmp_path / "run", text=str(text), max_tokens=256)
+    assert report["table_bytes"]["ngram_table"] == table_bytes
+    assert 0 < report["bytes_read"]["table_rows"] < table_bytes / 4
+    print(f"table {table_bytes:,} B, row chunks read {report['bytes_read']['table_rows']:,} B")
+    assert set(report["embedding_share"]) == {"token (1-gram)", "2-gram", "3-gram"}
+    assert all(0 < u["fraction"] < 0.05 for u in report["row_usage"])
+    assert {c["order"] for c in report["collisions"]} == {2, 3}
+    load = np.asarray(report["expert_load"])
+    assert load.shape == (1, cfg.model.moe.num_experts + cfg.model.moe.num_zero_experts)
+    assert load.sum() == report["sample_tokens"] * cfg.model.moe.top_k
+    for f in report["plots"]:
+        assert Path(f).stat().st_size > 1000
+
+
+def test_analyze_cli(data_dir, tmp_path):
+    cfg = load_config("configs/models/tiny_ne.yaml", SMALL + [f"data.path={data_dir}"])
+    save_model_checkpoint(cfg, data_dir, tmp_path / "run")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    res = subprocess.run([sys.executable, "-m", "ngram_jax.analyze", str(tmp_path / "run"), "--max-tokens", "128"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "N-gram share" in res.stdout and "expert load max/mean" in res.stdout and "plot:" in res.stdout
+    assert (tmp_path / "run" / "analysis" / "analysis.json").is_file()
