@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/model_step.py
 	$(PY) benchmarks/sharded_lookup.py
 	$(PY) benchmarks/input_pipeline.py
+	$(PY) benchmarks/decode.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
