@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ngram_jax.ngram.embedding import NgramEmbedding, gather_rows
-from ngram_jax.sharding import param_context
+from ngram_jax.ngram.embedding import NgramEmbedding
+from ngram_jax.sharding import lookup_rows, param_context
 
 
 class PlainEmbedding(nnx.Module):
@@ -29,7 +29,7 @@ class PlainEmbedding(nnx.Module):
         self.embedding = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (vocab, d)))
 
     def __call__(self, tokens):
-        return gather_rows(self.embedding[...], tokens)
+        return lookup_rows(self.embedding[...], tokens, "vocab_rows")
 
 
 def time_fwd_bwd(module: nnx.Module, tokens: jax.Array, repeats: int) -> float:

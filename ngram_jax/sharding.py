@@ -85,15 +85,20 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
     return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
-def make_mesh_from_spec(spec: str, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """``"data=2,expert=4"`` -> a mesh (unnamed axes get size 1)."""
-    sizes = dict(data=1, fsdp=1, tensor=1, expert=1)
+def parse_mesh_spec(spec: str) -> dict[str, int]:
+    """``"data=2,expert=4"`` -> axis sizes for every mesh axis (unnamed axes get size 1)."""
+    sizes = dict.fromkeys(MESH_AXES, 1)
     for part in filter(None, spec.split(",")):
         name, _, value = part.partition("=")
         if name.strip() not in sizes:
             raise ConfigError(f"mesh spec {spec!r}: unknown axis {name!r}; axes are {', '.join(MESH_AXES)}")
         sizes[name.strip()] = int(value)
-    return make_mesh(MeshConfig(ici=AxisSizes(**sizes)), devices)
+    return sizes
+
+
+def make_mesh_from_spec(spec: str, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """``"data=2,expert=4"`` -> a mesh (unnamed axes get size 1)."""
+    return make_mesh(MeshConfig(ici=AxisSizes(**parse_mesh_spec(spec))), devices)
 
 
 # ----------------------------------------------------------------------------------------------

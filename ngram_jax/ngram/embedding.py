@@ -32,11 +32,6 @@ def row_width(width: int, layout: NgramLayout) -> int:
     return width // t
 
 
-def gather_rows(table: jax.Array, rows: jax.Array) -> jax.Array:
-    """``table[rows]``: [R, W] x int [...] -> [..., W]. Rows must be in range (validated upstream)."""
-    return table.at[rows].get(mode="promise_in_bounds")
-
-
 def fuse(base: jax.Array, rows: jax.Array, proj: jax.Array) -> jax.Array:
     """Mean fusion. base [..., D], rows [..., T, d_e], proj [T, d_e, D] -> [..., D]."""
     t = proj.shape[0]

@@ -22,8 +22,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-from ngram_jax.config import MESH_AXES, Config, ConfigError, load_config
+from ngram_jax.config import Config, ConfigError, load_config
 from ngram_jax.model import build_model
+from ngram_jax.sharding import parse_mesh_spec
 
 
 @dataclass(frozen=True)
@@ -37,16 +38,6 @@ class ParamPlan:
     @property
     def bytes_per_device(self) -> int:
         return math.ceil(math.prod(self.shape) / self.shards) * self.dtype_bytes
-
-
-def parse_mesh(spec: str) -> dict[str, int]:
-    sizes = dict.fromkeys(MESH_AXES, 1)
-    for part in filter(None, spec.split(",")):
-        name, _, value = part.partition("=")
-        if name.strip() not in sizes:
-            raise ConfigError(f"--mesh {spec!r}: unknown axis {name!r}; axes are {', '.join(MESH_AXES)}")
-        sizes[name.strip()] = int(value)
-    return sizes
 
 
 def plan_params(cfg: Config, mesh: dict[str, int]) -> list[ParamPlan]:
@@ -108,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        mesh = parse_mesh(args.mesh)
+        mesh = parse_mesh_spec(args.mesh)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
