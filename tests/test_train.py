@@ -255,3 +255,18 @@ def test_eval_cli_matches_training_eval_and_reads_raw_text(straight, tmp_path):
     assert res.returncode == 0, res.stderr
     result = json.loads((run_dir / "eval_results.json").read_text())
     assert result["data"] == str(raw) and result["tokens"] > 0 and np.isfinite(result["loss"])
+
+
+def test_eval_cli_runs_a_local_lm_eval_task(straight, tmp_path):
+    pytest.importorskip("lm_eval", reason="eval extra not installed: pip install -e '.[eval]'")
+    from test_eval_analysis import write_task
+
+    tasks = write_task(tmp_path)
+    env = env_one_device() | {"HF_DATASETS_OFFLINE": "1"}
+    res = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--checkpoint", str(straight[0]), "--batches", "1",
+                          "--tasks", "ngram_jax_tiny_mc", "--include-path", str(tasks)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    result = json.loads((straight[0] / "eval_results.json").read_text())
+    assert 0.0 <= result["tasks"]["ngram_jax_tiny_mc"]["acc,none"] <= 1.0
+    assert "ngram_jax_tiny_mc: " in res.stdout
