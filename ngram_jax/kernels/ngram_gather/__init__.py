@@ -1,0 +1,5 @@
+"""Fused hashed gather of N-gram table rows: tokens -> n-gram ids -> rows (SPEC.md section 5)."""
+
+from ngram_jax.kernels.ngram_gather.api import available_implementations, ngram_gather
+
+__all__ = ["ngram_gather", "available_implementations"]
