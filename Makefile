@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/sharded_lookup.py
 	$(PY) benchmarks/input_pipeline.py
 	$(PY) benchmarks/decode.py
+	$(PY) benchmarks/ngram_gather.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
