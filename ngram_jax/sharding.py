@@ -44,6 +44,7 @@ def initialize_distributed() -> bool:
     """
     env = os.environ
     if "JAX_COORDINATOR_ADDRESS" in env and int(env.get("JAX_NUM_PROCESSES", "1")) > 1:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes (only CPU reads it)
         jax.distributed.initialize(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
                                    num_processes=int(env["JAX_NUM_PROCESSES"]),
                                    process_id=int(env["JAX_PROCESS_ID"]))
