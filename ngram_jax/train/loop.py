@@ -136,6 +136,10 @@ def train(cfg: Config) -> dict:
     lead = jax.process_index() == 0
     if d.bundled and lead:
         ensure_bundled(d.path, cfg.model.vocab_size)
+    if jax.process_count() > 1:  # the others wait until process 0 has prepared the data
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("ngram_jax:data_ready")
     meta = read_metadata(d.path)
     if meta["vocab_size"] != cfg.model.vocab_size:
         raise ConfigError(f"{d.path} was tokenized with vocab_size {meta['vocab_size']}, the model has "
