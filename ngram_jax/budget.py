@@ -48,63 +48,58 @@ def ngram_table_params(vocab: int, width: int, max_n: int, splits: int, ratio: f
 def closed_form_budget(m: ModelConfig) -> dict[str, int]:
     d, v, f, nb = m.d_model, m.vocab_size, m.ffn_dim, m.num_blocks
     n_ffn = 2 * nb  # dense FFN layers, each with its own per-layer embedding
-
-    embedding = v * d
-    ngram = 0
-    ngram_rows_read = 0  # parameters a token reads from embedding tables
+    counts = dict.fromkeys(("embedding", "ngram", "ple", "dense", "lm_head", "experts", "router"), 0)
+    counts["embedding"] = v * d
     if m.ngram.enabled:
-        tables, proj = ngram_table_params(v, d, m.ngram.max_n, m.ngram.splits, m.ngram.ratio, m.ngram.row_multiple)
-        ngram += tables + proj
-        t = num_tables(m.ngram.max_n, m.ngram.splits)
-        ngram_rows_read += t * (d // t)
+        counts["ngram"] += sum(ngram_table_params(v, d, m.ngram.max_n, m.ngram.splits, m.ngram.ratio,
+                                                  m.ngram.row_multiple))
         if m.ngram.amplification == "layernorm":
-            embedding += 2 * d
-
-    ple = 0
-    ple_rows_read = 0
-    if m.ple.kind == "ple":
-        ple = v * n_ffn * f
-        ple_rows_read = n_ffn * f
-    elif m.ple.kind == "plne":
-        tables, proj = ngram_table_params(v, f, m.ple.max_n, m.ple.splits, m.ple.ratio, m.ple.row_multiple)
-        t = num_tables(m.ple.max_n, m.ple.splits)
-        ple = n_ffn * v * f
-        ngram += n_ffn * (tables + proj)
-        ple_rows_read = n_ffn * (f + t * (f // t))
-
-    ffn_one = (2 if m.ple.kind != "none" else 3) * d * f
-    dense = nb * (2 * attention_params(m.attention, d) + 2 * ffn_one + 4 * d) + d
-    lm_head = 0 if m.tie_embeddings else v * d
-
-    e = m.moe
-    experts = router = 0
-    expert_one = 3 * d * e.expert_dim
-    if e.num_experts > 0:
-        experts = nb * e.num_experts * expert_one
-        router = nb * d * (e.num_experts + e.num_zero_experts)
-
-    total = embedding + ngram + ple + dense + lm_head + experts + router
-    ngram_proj = 0
-    if m.ngram.enabled:
-        ngram_proj = ngram_table_params(v, d, m.ngram.max_n, m.ngram.splits, m.ngram.ratio, m.ngram.row_multiple)[1]
+            counts["embedding"] += 2 * d
+    if m.ple.kind != "none":
+        counts["ple"] = v * n_ffn * f
     if m.ple.kind == "plne":
-        ngram_proj += n_ffn * ngram_table_params(v, f, m.ple.max_n, m.ple.splits, m.ple.ratio, m.ple.row_multiple)[1]
-    head = lm_head if lm_head else v * d  # a tied head still multiplies by V*D weights
-    base = dense + router + head + ngram_proj + d + ngram_rows_read + ple_rows_read
-    k_real_max = min(e.top_k, e.num_experts) if e.num_experts > 0 else 0
-    k_real_min = max(0, e.top_k - e.num_zero_experts) if e.num_experts > 0 else 0
-    return {
-        "total": total,
-        "embedding": embedding,
-        "ngram": ngram,
-        "ple": ple,
-        "dense": dense,
-        "lm_head": lm_head,
-        "experts": experts,
-        "router": router,
-        "activated_min": base + nb * k_real_min * expert_one,
-        "activated_max": base + nb * k_real_max * expert_one,
-    }
+        counts["ngram"] += n_ffn * sum(ngram_table_params(v, f, m.ple.max_n, m.ple.splits, m.ple.ratio,
+                                                          m.ple.row_multiple))
+    ffn_one = (2 if m.ple.kind != "none" else 3) * d * f
+    counts["dense"] = nb * (2 * attention_params(m.attention, d) + 2 * ffn_one + 4 * d) + d
+    counts["lm_head"] = 0 if m.tie_embeddings else v * d
+    if m.moe.num_experts > 0:
+        counts["experts"] = nb * m.moe.num_experts * 3 * d * m.moe.expert_dim
+        counts["router"] = nb * d * (m.moe.num_experts + m.moe.num_zero_experts)
+    return _with_activated(m, counts)
+
+
+def _with_activated(m: ModelConfig, counts: dict[str, int]) -> dict[str, int]:
+    """Add ``total``, ``activated_min`` and ``activated_max`` to per-category counts.
+
+    Activated: every parameter but the experts and the table rows a token does not read; the N-gram
+    projections, the rows it reads (+ the amplification LayerNorm), the LM head (V*D even when tied),
+    and top_k experts (all real: max; as many zero experts as allowed: min).
+    """
+    d, f, e = m.d_model, m.ffn_dim, m.moe
+    counts["total"] = sum(counts.values())
+    tables = counts["embedding"] + counts["ple"] + counts["ngram"]
+    rows_read = d + (m.ngram.amplification == "layernorm" and m.ngram.enabled) * 2 * d
+    proj = 0
+    if m.ngram.enabled:
+        t = num_tables(m.ngram.max_n, m.ngram.splits)
+        rows_read += t * (d // t)
+        proj += t * (d // t) * d
+    n_ffn = 2 * m.num_blocks
+    if m.ple.kind == "ple":
+        rows_read += n_ffn * f
+    elif m.ple.kind == "plne":
+        t = num_tables(m.ple.max_n, m.ple.splits)
+        rows_read += n_ffn * (f + t * (f // t))
+        proj += n_ffn * t * (f // t) * f
+    head = counts["lm_head"] or m.vocab_size * d
+    base = counts["total"] - counts["experts"] - tables + proj + rows_read - counts["lm_head"] + head
+    expert_one = 3 * d * e.expert_dim
+    k_max = min(e.top_k, e.num_experts) if e.num_experts else 0
+    k_min = max(0, e.top_k - e.num_zero_experts) if e.num_experts else 0
+    counts["activated_min"] = base + m.num_blocks * k_min * expert_one
+    counts["activated_max"] = base + m.num_blocks * k_max * expert_one
+    return counts
 
 
 # ----------------------------------------------------------------------------------------------
@@ -143,32 +138,7 @@ def parameter_budget(config) -> dict[str, int]:
     for path, leaf in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))[0]:
         key = tuple(getattr(p, "key", getattr(p, "idx", p)) for p in path)
         counts[_category(key)] += int(np.prod(leaf.shape))
-    counts["total"] = sum(counts.values())
-
-    # activated: everything a token multiplies by, plus the table rows it reads
-    d, f, e = m.d_model, m.ffn_dim, m.moe
-    tables = counts["embedding"] + counts["ple"] + counts["ngram"]
-    rows_read = d + (m.ngram.amplification == "layernorm" and m.ngram.enabled) * 2 * d
-    proj = 0
-    if m.ngram.enabled:
-        t = num_tables(m.ngram.max_n, m.ngram.splits)
-        rows_read += t * (d // t)
-        proj += t * (d // t) * d
-    n_ffn = 2 * m.num_blocks
-    if m.ple.kind == "ple":
-        rows_read += n_ffn * f
-    elif m.ple.kind == "plne":
-        t = num_tables(m.ple.max_n, m.ple.splits)
-        rows_read += n_ffn * (f + t * (f // t))
-        proj += n_ffn * t * (f // t) * f
-    head = counts["lm_head"] or m.vocab_size * d
-    base = counts["total"] - counts["experts"] - tables + proj + rows_read - counts["lm_head"] + head
-    expert_one = 3 * d * e.expert_dim
-    k_max = min(e.top_k, e.num_experts) if e.num_experts else 0
-    k_min = max(0, e.top_k - e.num_zero_experts) if e.num_experts else 0
-    counts["activated_min"] = base + m.num_blocks * k_min * expert_one
-    counts["activated_max"] = base + m.num_blocks * k_max * expert_one
-    return counts
+    return _with_activated(m, counts)
 
 
 def moe_baseline(config):

@@ -171,3 +171,12 @@ def test_moe_baseline_needs_experts_and_ngrams():
         moe_baseline(cfg("tiny_ne", "model.moe.num_experts=0", "model.moe.num_zero_experts=0"))
     with pytest.raises(ConfigError, match="N-gram parameters"):
         moe_baseline(cfg("tiny_plain"))
+
+
+def test_budgets_agree_with_layernorm_amplification_and_ple():
+    """The closed form and the abstract count agree on every category, activated counts included,
+    for the combinations no shipped config uses (amplification layernorm, tied head, plain PLE)."""
+    for overrides in (["model.ngram.amplification=layernorm"],
+                      ["model.ngram.amplification=layernorm", "model.tie_embeddings=true", "model.ple.kind=ple"]):
+        c = cfg("tiny_ne", *overrides)
+        assert parameter_budget(c) == closed_form_budget(c.model)
