@@ -25,7 +25,7 @@ from ngram_jax.kernels.ngram_gather.xla import scatter_add_rows
 from ngram_jax.ngram import hashing
 
 TOKENS_PER_STEP = 8
-TOKEN_BITS = 20  # token ids < 2^20 (hashing.MAX_VOCAB_SIZE)
+TOKEN_BITS = (hashing.MAX_VOCAB_SIZE - 1).bit_length()  # token ids < 2^20
 
 
 def _mulmod(a, c, m):
