@@ -9,7 +9,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec as P
 
 from ngram_jax.kernels.ngram_gather import available_implementations, ngram_gather
-from ngram_jax.kernels.ngram_gather.pallas_tpu import ngram_gather_pallas_tpu
+from ngram_jax.kernels.ngram_gather.pallas_tpu import TOKENS_PER_STEP, ngram_gather_pallas_tpu
 from ngram_jax.kernels.ngram_gather.reference import flat_rows, ngram_gather_reference
 from ngram_jax.ngram import hashing
 from ngram_jax.sharding import make_mesh_from_spec
@@ -98,6 +98,51 @@ def test_tpu_lowering_exports(table):
     tok = tokens_case()
     fn = jax.jit(lambda t, tb: ngram_gather_pallas_tpu(t, tb, layout=LAY, eos_id=EOS))
     exported = jax.export.export(fn, platforms=["tpu"])(tok, table)
+    assert "tpu_custom_call" in exported.mlir_module()
+
+
+def _pallas_calls(jaxpr):
+    """Every pallas_call equation in a jaxpr, nested ones (custom_vjp, pjit) included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            found.append(eqn)
+        for p in eqn.params.values():
+            for sub in (p if isinstance(p, (tuple, list)) else (p,)):
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    found += _pallas_calls(sub.jaxpr)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    found += _pallas_calls(sub)
+    return found
+
+
+def test_smem_per_grid_step_is_bounded_at_a_million_tokens():
+    """LongCat-Flash-Lite's NE (V=131072, N=4, K=4, r=78) on 8 x 131072 = 1M tokens: what one grid step
+    holds in SMEM (scalar-prefetched operands, its token block, SMEM scratch) must not grow with the token
+    count, and the whole thing must lower for TPU."""
+    lay = hashing.make_layout(131072, 4, 4, 78.0)
+    b, s = 8, 131072
+    tok = jax.ShapeDtypeStruct((b, s), jnp.int32)
+    shard = jax.ShapeDtypeStruct((1 << 20, 256), jnp.bfloat16)
+    fn = jax.jit(lambda t, tb: ngram_gather_pallas_tpu(t, tb, layout=lay, eos_id=EOS, row_start=1 << 20))
+    (eqn,) = _pallas_calls(jax.make_jaxpr(fn)(tok, shard).jaxpr)
+    gm = eqn.params["grid_mapping"]
+    t, hist = lay.num_tables, lay.max_n - 1
+    prefetch = [v.aval for v in eqn.invars[: gm.num_index_operands]]
+    assert prefetch and all(a.size <= t * hist for a in prefetch), [a.shape for a in prefetch]
+    smem = pltpu.MemorySpace.SMEM
+    smem_blocks = [bm for bm in gm.block_mappings if bm.block_aval.memory_space == smem]
+    assert len(smem_blocks) == 1
+    (blk,) = smem_blocks
+    tb = TOKENS_PER_STEP
+    assert 2 * tb + hist <= blk.block_aval.size <= 128  # halo + tokens + history counts (+ padding)
+    assert blk.array_aval.size == gm.grid[0] * blk.block_aval.size and gm.grid == (b * s // tb,)
+    for bm in gm.block_mappings:  # no other operand brings a token-sized block anywhere
+        assert bm.block_aval.memory_space == smem or bm.block_aval.size <= tb * t * 256 or bm.has_trivial_window()
+    scratch = sum(a.size for a in gm.scratch_avals if a.memory_space == smem)
+    words = sum(a.size for a in prefetch) + 2 * blk.block_aval.size + scratch  # the token block double-buffered
+    assert words <= 1024, words  # <= 4 KiB, a quarter of the smallest TPU SMEM (16 KiB)
+    exported = jax.export.export(fn, platforms=["tpu"])(tok, shard)
     assert "tpu_custom_call" in exported.mlir_module()
 
 

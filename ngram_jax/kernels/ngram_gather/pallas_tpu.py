@@ -1,13 +1,27 @@
-"""Pallas TPU kernel: token ids in (scalar-prefetched), n-gram ids computed in the kernel, rows of every
+"""Pallas TPU kernel: token ids in (blocked into SMEM), n-gram ids computed in the kernel, rows of every
 sub-table DMA'd straight from the HBM-resident table shard into the output block.
 
-Per grid step a block of ``TOKENS_PER_STEP`` tokens is processed: the scalar core hashes each
-(token, sub-table) pair with exact int32 arithmetic (modular multiply by doubling, never above
-2^31 - 1), then starts one row DMA per pair -- all of the block's copies in flight at once -- and
-waits for them. Ids outside this shard's rows ``[row_start, row_start + R)`` write zeros instead, so
-the kernel runs unchanged on one shard inside ``shard_map``. The output block ``[TB, T, d_e]`` spans
-the full last two dimensions, which satisfies the TPU tiling rule. The backward pass (a custom VJP)
-scatter-adds row gradients into the shard with XLA's segment-sum.
+Blocking and the SMEM bound. The grid walks the flattened ``B*S`` tokens in blocks of
+``TOKENS_PER_STEP`` (TB) tokens. Outside the kernel (cheap XLA) each block is packed into one int32 row
+of ``smem_words_per_step(N)`` words (a power of two >= 128, so a rank-1 TPU block):
+``[N-1 halo tokens | TB tokens | TB history counts | zero padding]``. The halo is the N-1 tokens before
+the block (zeros before the first), so a hash never needs another block's tokens; the history count of a
+token is ``min(t - segment_start, N-1)``, how many of its predecessors belong to its segment (EOS and
+segment-id resets), and -1 for the padding tokens that fill the last block (they fetch nothing). The row
+reaches SMEM through a ``BlockSpec(memory_space=SMEM)``, i.e. one small pipelined DMA per grid step, so
+what a step holds in SMEM does not grow with the token count: 2 x W words for the double-buffered token
+row (W = 128 for TB = 32 and N <= 97), TB*T words of row-id scratch, and the scalar-prefetched
+constants, all sized by T = K*(N-1): hash constants [T*(N-1)], sub-table sizes [T], row offsets [T] and
+the shard's ``row_start`` [1]. For LongCat-Flash-Lite (N=4, K=4, T=12) that is 256 + 384 + 61 = 701
+words (2.7 KiB) per step at any batch size; ``tests/test_kernels.py`` checks this on a 1M-token batch.
+
+Per grid step the scalar core loops over the block's tokens and hashes each (token, sub-table) pair
+with exact int32 arithmetic (modular multiply by doubling, never above 2^31 - 1), then starts one row
+DMA per pair -- all of the block's copies in flight at once, on one DMA semaphore (every copy is one
+row, so each wait retires one copy) -- and waits for them. Ids outside this shard's rows
+``[row_start, row_start + R)`` write zeros instead, so the kernel runs unchanged on one shard inside
+``shard_map``. The output block ``[TB, T, d_e]`` spans the full last two dimensions, which satisfies the
+TPU tiling rule. The backward pass (a custom VJP) scatter-adds row gradients into the shard with XLA.
 """
 
 from __future__ import annotations
@@ -24,8 +38,15 @@ from ngram_jax.kernels.ngram_gather.reference import flat_rows
 from ngram_jax.kernels.ngram_gather.xla import scatter_add_rows
 from ngram_jax.ngram import hashing
 
-TOKENS_PER_STEP = 8
+TOKENS_PER_STEP = 32
 TOKEN_BITS = (hashing.MAX_VOCAB_SIZE - 1).bit_length()  # token ids < 2^20
+
+
+def smem_words_per_step(max_n: int, tokens_per_step: int = TOKENS_PER_STEP) -> int:
+    """Width W of one packed token row (halo + tokens + history counts), rounded up to a multiple of 128:
+    Mosaic lays a [1, W] int32 SMEM block out in (1, 128) tiles, so this is also its padded size."""
+    need = (max_n - 1) + 2 * tokens_per_step
+    return -(-need // 128) * 128
 
 
 def _mulmod(a, c, m):
@@ -42,9 +63,9 @@ def _mulmod(a, c, m):
     return jax.lax.fori_loop(0, TOKEN_BITS, body, jnp.int32(0))
 
 
-def _kernel(tok_ref, start_ref, c_ref, m_ref, off_ref, rs_ref, table_ref, out_ref, rows_sc, sem, *,
-            num_tables: int, splits: int, hist: int):
-    blk = pl.program_id(0)
+def _kernel(c_ref, m_ref, off_ref, rs_ref, blk_ref, table_ref, out_ref, rows_sc, sem, *,
+            num_tables: int, splits: int, hist: int, tb: int):
+    """One grid step: ``blk_ref`` (SMEM, [1, W]) = [hist halo tokens | tb tokens | tb history counts | pad]."""
     shard_rows = table_ref.shape[0]
     row_start = rs_ref[0]
 
@@ -52,51 +73,73 @@ def _kernel(tok_ref, start_ref, c_ref, m_ref, off_ref, rs_ref, table_ref, out_re
         return (rows_sc[k] >= 0) & (rows_sc[k] < shard_rows)
 
     def copy(i, idx, k):
-        return pltpu.make_async_copy(table_ref.at[pl.ds(rows_sc[k], 1), :], out_ref.at[i, pl.ds(idx, 1), :], sem.at[k])
+        return pltpu.make_async_copy(table_ref.at[pl.ds(rows_sc[k], 1), :], out_ref.at[i, pl.ds(idx, 1), :],
+                                     sem.at[0])
 
-    for i in range(TOKENS_PER_STEP):
-        t = blk * TOKENS_PER_STEP + i
-        x, seg_start = tok_ref[t], start_ref[t]
+    def hash_and_start(i, carry):
+        x = blk_ref[0, hist + i]  # the token; its j-th predecessor is blk_ref[hist + i - j] (halo for i < j)
+        valid = blk_ref[0, hist + tb + i]  # predecessors inside its segment (0..hist); -1: padding token
         for idx in range(num_tables):
             n = idx // splits + 2
             m = m_ref[idx]
             h = x % m
             for j in range(1, n):
-                prev = jnp.where(t - j >= seg_start, tok_ref[jnp.maximum(t - j, 0)], 0)
+                prev = jnp.where(valid >= j, blk_ref[0, hist + i - j], 0)
                 term = _mulmod(prev, c_ref[idx * hist + j - 1], m)
                 d = m - term
                 h = jnp.where(h >= d, h - d, h + term)
             k = i * num_tables + idx
-            rows_sc[k] = off_ref[idx] + h - row_start
+            rows_sc[k] = jnp.where(valid >= 0, off_ref[idx] + h - row_start, -1)
 
             @pl.when(inside(k))
-            def _start(i=i, idx=idx, k=k):
+            def _start(idx=idx, k=k):
                 copy(i, idx, k).start()
 
             @pl.when(jnp.logical_not(inside(k)))
-            def _zero(i=i, idx=idx):
+            def _zero(idx=idx):
                 out_ref[i, pl.ds(idx, 1), :] = jnp.zeros((1, out_ref.shape[-1]), out_ref.dtype)
 
-    for i in range(TOKENS_PER_STEP):
+        return carry
+
+    def wait(i, carry):
         for idx in range(num_tables):
             k = i * num_tables + idx
 
             @pl.when(inside(k))
-            def _wait(i=i, idx=idx, k=k):
+            def _wait(idx=idx, k=k):
                 copy(i, idx, k).wait()
 
+        return carry
 
-def _prefetch_args(tokens, layout: hashing.NgramLayout, eos_id, segment_ids, row_start):
+    jax.lax.fori_loop(0, tb, hash_and_start, 0)
+    jax.lax.fori_loop(0, tb, wait, 0)
+
+
+def _token_blocks(tokens, layout: hashing.NgramLayout, eos_id, segment_ids, tb: int):
+    """[num_blocks, 1, W] int32: per block of ``tb`` flattened tokens one packed row (module docstring)."""
     b, s = tokens.shape
-    starts = hashing.segment_starts(tokens, eos_id, segment_ids) + (jnp.arange(b, dtype=jnp.int32) * s)[:, None]
+    hist = layout.max_n - 1
     n_tok = b * s
-    padded = -(-n_tok // TOKENS_PER_STEP) * TOKENS_PER_STEP
+    num_blocks = -(-n_tok // tb)
+    padded = num_blocks * tb
     tok = jnp.pad(tokens.reshape(-1).astype(jnp.int32), (0, padded - n_tok))
-    starts = jnp.pad(starts.reshape(-1), (0, padded - n_tok), constant_values=padded)  # padding: no history
+    pos = jnp.arange(s, dtype=jnp.int32)[None, :]
+    valid = jnp.minimum(pos - hashing.segment_starts(tokens, eos_id, segment_ids), hist).astype(jnp.int32)
+    valid = jnp.pad(valid.reshape(-1), (0, padded - n_tok), constant_values=-1)  # padding: no row at all
+    with_halo = jnp.pad(tok, (hist, 0))  # token t of the flat array sits at t + hist
+    window = (jnp.arange(num_blocks, dtype=jnp.int32) * tb)[:, None] + jnp.arange(tb + hist, dtype=jnp.int32)
+    width = smem_words_per_step(layout.max_n, tb)
+    rows = jnp.concatenate([with_halo[window], valid.reshape(num_blocks, tb),
+                            jnp.zeros((num_blocks, width - hist - 2 * tb), jnp.int32)], axis=1)
+    return rows[:, None, :], num_blocks, width
+
+
+def _prefetch_args(layout: hashing.NgramLayout, row_start):
+    """The scalar-prefetched operands: sized by the number of sub-tables T, never by the tokens."""
     consts = hashing.hash_constants(layout.vocab_size, layout.table_sizes, layout.max_n)  # [T, N-1] int64 < 2^31
     as_i32 = lambda v: jnp.asarray(np.asarray(v, np.int32))  # noqa: E731
-    return (tok, starts, as_i32(consts.reshape(-1)), as_i32(layout.table_sizes), as_i32(layout.row_offsets),
-            jnp.asarray(row_start, jnp.int32).reshape(1)), padded
+    return (as_i32(consts.reshape(-1)), as_i32(layout.table_sizes), as_i32(layout.row_offsets),
+            jnp.asarray(row_start, jnp.int32).reshape(1))
 
 
 def gather_rows_pallas(tokens, table, layout: hashing.NgramLayout, eos_id, segment_ids=None, row_start=0,
@@ -104,21 +147,24 @@ def gather_rows_pallas(tokens, table, layout: hashing.NgramLayout, eos_id, segme
     """Forward only: [B, S, T, d_e] rows of ``table`` (a shard starting at ``row_start``)."""
     b, s = tokens.shape
     t, d_e = layout.num_tables, table.shape[1]
-    prefetch, padded = _prefetch_args(tokens, layout, eos_id, segment_ids, row_start)
-    kernel = functools.partial(_kernel, num_tables=t, splits=layout.splits, hist=layout.max_n - 1)
+    tb = TOKENS_PER_STEP
+    blocks, num_blocks, width = _token_blocks(tokens, layout, eos_id, segment_ids, tb)
+    prefetch = _prefetch_args(layout, row_start)
+    kernel = functools.partial(_kernel, num_tables=t, splits=layout.splits, hist=layout.max_n - 1, tb=tb)
     out = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((padded, t, d_e), table.dtype),
+        out_shape=jax.ShapeDtypeStruct((num_blocks * tb, t, d_e), table.dtype),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=len(prefetch),
-            grid=(padded // TOKENS_PER_STEP,),
-            in_specs=[pl.BlockSpec(memory_space=pl.ANY)],
-            out_specs=pl.BlockSpec((TOKENS_PER_STEP, t, d_e), lambda blk, *_: (blk, 0, 0)),
-            scratch_shapes=[pltpu.SMEM((TOKENS_PER_STEP * t,), jnp.int32),
-                            pltpu.SemaphoreType.DMA((TOKENS_PER_STEP * t,))],
+            grid=(num_blocks,),
+            in_specs=[pl.BlockSpec((None, 1, width), lambda blk, *_: (blk, 0, 0), memory_space=pltpu.SMEM),
+                      pl.BlockSpec(memory_space=pl.ANY)],
+            out_specs=pl.BlockSpec((tb, t, d_e), lambda blk, *_: (blk, 0, 0)),
+            scratch_shapes=[pltpu.SMEM((tb * t,), jnp.int32), pltpu.SemaphoreType.DMA((1,))],
         ),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
         interpret=interpret,
-    )(*prefetch, table)
+    )(*prefetch, blocks, table)
     return out[: b * s].reshape(b, s, t, d_e)
 
 
