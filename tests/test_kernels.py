@@ -58,21 +58,45 @@ def test_projected_mean_option(table):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
 
 
-def test_exact_hashing_in_kernel_at_the_limits():
-    """V near 2^20 and sub-tables near 2^31 rows: a 64-row shard window around ids the oracle computes
-    (the rest of the virtual table is never materialised; ids outside the window give zeros)."""
+@pytest.mark.parametrize("max_n", [2, 4])
+def test_exact_hashing_in_kernel_at_the_limits(max_n):
+    """V near 2^20 and sub-tables as large as flat int32 row ids allow (near 2^31 rows for N=2; for N=4, K=1
+    the three sub-tables share 2^31): a 64-row shard window around an id the oracle computes (the rest of
+    the virtual table is never materialised; ids outside the window give zeros). 40 tokens span two grid
+    steps, and the probed token sits right after the block edge, so its highest-order hash reads its
+    history from the halo."""
     vocab = (1 << 20) - 3
-    lay = hashing.make_layout(vocab, 2, 1, ((1 << 31) - 64) / vocab)  # one sub-table: flat row ids stay int32
-    assert lay.table_sizes[-1] > 2**31 - 70
-    tok = jnp.asarray(np.random.default_rng(3).integers(vocab - 1000, vocab, (1, 8)).astype(np.int32))
+    t = max_n - 1  # K = 1: one sub-table per order
+    lay = hashing.make_layout(vocab, max_n, 1, ((1 << 31) - 64) // t / vocab)
+    assert lay.total_rows < 2**31 and lay.table_sizes[-1] > 2**31 // t - 70
+    tok = jnp.asarray(np.random.default_rng(3).integers(vocab - 1000, vocab, (1, 40)).astype(np.int32))
+    probe = TOKENS_PER_STEP + max_n - 2  # its N-1 predecessors include the previous block's last token
     rows = np.asarray(flat_rows(tok, lay, None))
-    start = int(rows[0, 5, 0]) - 30  # a window that holds a 2-gram row, at an arbitrary offset
+    start = int(rows[0, probe, t - 1]) - 30  # a window that holds its N-gram row, at an arbitrary offset
     shard = jax.random.normal(jax.random.key(4), (64, 128))
     got = ngram_gather(tok, shard, layout=lay, eos_id=None, row_start=start, implementation="pallas_tpu",
                        interpret=INTERPRET)
     want = ngram_gather_reference(tok, shard, layout=lay, eos_id=None, row_start=start)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-    assert np.abs(np.asarray(got)[0, 5, 0]).sum() > 0  # that row was really fetched
+    assert np.abs(np.asarray(got)[0, probe, t - 1]).sum() > 0  # that row was really fetched
+
+
+def test_history_crosses_grid_steps(table):
+    """3 grid steps: the N-1 tokens before a block come from its halo, and resets at block edges hold (a
+    segment starting at a block's last token, an EOS as a block's last token, a batch row starting
+    mid-block)."""
+    tb = TOKENS_PER_STEP
+    s = tb + tb // 2  # 2 rows of 48 tokens: block edges at row 0 position tb, row 1 position tb // 2
+    t = np.random.default_rng(5).integers(0, 300, (2, s)).astype(np.int32)
+    t[t == EOS] = EOS + 1
+    t[1, tb // 2 - 1] = EOS  # last token of block 1: block 2 starts with no history
+    seg = np.ones((2, s), np.int32)
+    seg[0, tb - 1:] = 2  # a segment starts at block 0's last token: block 1's first token sees 1 of 2
+    tok, seg = jnp.asarray(t), jnp.asarray(seg)
+    got = ngram_gather(tok, table, layout=LAY, eos_id=EOS, segment_ids=seg, implementation="pallas_tpu",
+                       interpret=INTERPRET)
+    want = ngram_gather_reference(tok, table, layout=LAY, eos_id=EOS, segment_ids=seg)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 def test_one_shard_each_inside_shard_map(table):
