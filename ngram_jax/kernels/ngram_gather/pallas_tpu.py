@@ -3,17 +3,20 @@ sub-table DMA'd straight from the HBM-resident table shard into the output block
 
 Blocking and the SMEM bound. The grid walks the flattened ``B*S`` tokens in blocks of
 ``TOKENS_PER_STEP`` (TB) tokens. Outside the kernel (cheap XLA) each block is packed into one int32 row
-of ``smem_words_per_step(N)`` words (a power of two >= 128, so a rank-1 TPU block):
+of W = ``smem_words_per_step(N)`` words (a multiple of 128), an array ``[num_blocks, 1, W]`` whose
+``(1, W)`` blocks equal its last two dimensions (the TPU block-shape rule):
 ``[N-1 halo tokens | TB tokens | TB history counts | zero padding]``. The halo is the N-1 tokens before
 the block (zeros before the first), so a hash never needs another block's tokens; the history count of a
 token is ``min(t - segment_start, N-1)``, how many of its predecessors belong to its segment (EOS and
 segment-id resets), and -1 for the padding tokens that fill the last block (they fetch nothing). The row
 reaches SMEM through a ``BlockSpec(memory_space=SMEM)``, i.e. one small pipelined DMA per grid step, so
 what a step holds in SMEM does not grow with the token count: 2 x W words for the double-buffered token
-row (W = 128 for TB = 32 and N <= 97), TB*T words of row-id scratch, and the scalar-prefetched
+row (W = 128 for TB = 32 and N <= 65), TB*T words of row-id scratch, and the scalar-prefetched
 constants, all sized by T = K*(N-1): hash constants [T*(N-1)], sub-table sizes [T], row offsets [T] and
 the shard's ``row_start`` [1]. For LongCat-Flash-Lite (N=4, K=4, T=12) that is 256 + 384 + 61 = 701
-words (2.7 KiB) per step at any batch size; ``tests/test_kernels.py`` checks this on a 1M-token batch.
+words (2.7 KiB) per step at any batch size (1280 words, 5 KiB, once Mosaic pads each 1-D SMEM array
+to 128-word tiles); ``tests/test_kernels.py`` checks this on a 1M-token batch. The packed rows
+cost W/TB = 4 int32 words of HBM traffic per token, small next to the T rows of d_e values it fetches.
 
 Per grid step the scalar core loops over the block's tokens and hashes each (token, sub-table) pair
 with exact int32 arithmetic (modular multiply by doubling, never above 2^31 - 1), then starts one row
