@@ -21,7 +21,8 @@ import numpy as np
 from flax import nnx
 
 from ngram_jax.ngram.embedding import NgramEmbedding
-from ngram_jax.sharding import lookup_rows, param_context
+from ngram_jax.ngram.lookup import token_lookup
+from ngram_jax.sharding import param_context
 
 
 class PlainEmbedding(nnx.Module):
@@ -29,16 +30,16 @@ class PlainEmbedding(nnx.Module):
         self.embedding = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (vocab, d)))
 
     def __call__(self, tokens):
-        return lookup_rows(self.embedding[...], tokens, "vocab_rows")
+        return token_lookup(self.embedding[...], tokens)
 
 
 def time_fwd_bwd(module: nnx.Module, tokens: jax.Array, repeats: int) -> float:
-    graphdef, params = nnx.split(module, nnx.Param)
+    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
 
     @jax.jit
     def step(p, t):
         def loss(p):
-            return jnp.mean(nnx.merge(graphdef, p)(t) ** 2)
+            return jnp.mean(nnx.merge(graphdef, p, rest)(t) ** 2)
 
         return jax.value_and_grad(loss)(p)
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,10 +27,8 @@ from ngram_jax.budget import parameter_budget
 from ngram_jax.checkpoint import Checkpointer, find_checkpoints
 from ngram_jax.config import Config, from_dict
 from ngram_jax.model import build_model, default_positions
-from ngram_jax.ngram import hashing
+from ngram_jax.ngram.lookup import RowUsage, table_paths
 from ngram_jax.tools.collisions import collision_report
-
-LAZY = ("ngram_table", "embedding")
 
 
 class LazyCheckpoint:
@@ -95,16 +92,20 @@ def sample_tokens(cfg: Config, text: str | None, max_tokens: int) -> np.ndarray:
 
 
 def _restore_without_tables(lazy: LazyCheckpoint, cfg: Config):
-    """The model with every parameter read whole, except the token/N-gram tables (left empty)."""
+    """The model with every parameter read whole, except the input embedding's tables and row-usage map
+    (left empty: their rows are read lazily; the tied LM head keeps its table)."""
     with nnx.use_eager_sharding(False):
         abstract = nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(0)))
+    lazy_paths = {p for p in table_paths(abstract) if p[0] == "embed"}
+    lazy_paths |= {tuple(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(abstract.embed, RowUsage))}
+    if cfg.model.tie_embeddings:
+        lazy_paths.discard(("embed", "embedding"))
     graphdef, state = nnx.split(abstract)
     pure = nnx.to_pure_dict(state)
 
     def fill(path, leaf):
-        names = [str(getattr(p, "key", p)) for p in path]
-        tied_head = names[-1] == "embedding" and names[0] == "embed" and cfg.model.tie_embeddings
-        if names[-1] in LAZY and names[0] in ("embed",) and not tied_head:
+        names = tuple(str(getattr(p, "key", p)) for p in path)
+        if names in lazy_paths or (names[0] == "embed" and names[1:] in lazy_paths):
             return jnp.zeros((0, *leaf.shape[1:]), leaf.dtype)  # never read by the trunk
         return jnp.asarray(lazy.read(names), leaf.dtype)
 
@@ -122,26 +123,27 @@ def analyze(path: str | Path, *, step: int | None = None, text: str | None = Non
     seg = np.ones_like(tokens)
     report["sample_tokens"] = int(tokens.size)
 
+    model = _restore_without_tables(lazy, cfg)  # tables are read row by row below
+    embed = model.embed
     base = lazy.rows(("embed", "embedding"), np.unique(tokens))
     base_rows = dict(zip(np.unique(tokens).tolist(), base, strict=True))
-    e0 = np.stack([base_rows[t] for t in tokens.ravel().tolist()]).reshape(*tokens.shape, -1)
-    fused = e0.astype(np.float64)
+    e0 = np.stack([base_rows[t] for t in tokens.ravel().tolist()]).reshape(*tokens.shape, -1)  # [B, L, D]
+    fused = jnp.asarray(e0, jnp.dtype(m.dtype))
     if m.ngram.enabled:
-        lay = hashing.make_layout(m.vocab_size, m.ngram.max_n, m.ngram.splits, m.ngram.ratio, m.ngram.row_multiple)
+        lay = embed.layout
         t = lay.num_tables
-        ids = hashing.ngram_ids_numpy(tokens, vocab_size=m.vocab_size, table_sizes=lay.table_sizes, max_n=lay.max_n,
-                                      splits=lay.splits, eos_id=m.eos_id)  # [B, L, T]
-        flat = ids + np.asarray(lay.row_offsets)
+        flat = np.asarray(embed.row_ids(jnp.asarray(tokens)))  # [B, L, T]: the model's own n-gram ids
         uniq, inverse = np.unique(flat, return_inverse=True)
         rows = lazy.rows(("embed", "ngram_table"), uniq)[inverse.reshape(flat.shape)]  # [B, L, T, d_e]
-        proj = lazy.read(("embed", "ngram_proj"))  # [T, d_e, D]
-        per_table = np.einsum("blte,ted->bltd", rows.astype(np.float64), proj.astype(np.float64))
-        fused = (e0 + per_table.sum(2)) / (1 + t)
-        norm = np.linalg.norm(fused, axis=-1).mean()
+        rows = jnp.asarray(rows, jnp.dtype(m.dtype))
+        fused = embed.combine(fused, rows)  # the projected mean, as in the forward pass
+        per_table = np.asarray(embed.project(rows), np.float64)  # [B, L, T, D]
+        norm = np.linalg.norm(np.asarray(fused, np.float64), axis=-1).mean()
         report["embedding_share"] = {"token (1-gram)": float(np.linalg.norm(e0 / (1 + t), axis=-1).mean() / norm)}
         for n in range(2, lay.max_n + 1):
             part = per_table[:, :, (n - 2) * lay.splits : (n - 1) * lay.splits].sum(2) / (1 + t)
             report["embedding_share"][f"{n}-gram"] = float(np.linalg.norm(part, axis=-1).mean() / norm)
+        ids = flat - np.asarray(lay.row_offsets)
         used = [len(np.unique(ids[..., i])) for i in range(t)]
         report["row_usage"] = [{"table": i, "order": lay.order_of(i), "size": lay.table_sizes[i], "rows_used": used[i],
                                 "fraction": used[i] / lay.table_sizes[i]} for i in range(t)]
@@ -150,17 +152,14 @@ def analyze(path: str | Path, *, step: int | None = None, text: str | None = Non
              "collisions": r.collisions, "rate": r.collisions / max(r.distinct, 1), "vs_random": r.vs_random}
             for r in collision_report(tokens, vocab_size=m.vocab_size, ratios=[m.ngram.ratio], max_n=m.ngram.max_n,
                                       splits=m.ngram.splits, eos_id=m.eos_id)]
-        if m.ngram.amplification == "sqrt_d":
-            fused = fused * math.sqrt(m.d_model)
+        fused = embed.amplify(fused)
     report["table_bytes"] = {}
-    for name in ("embedding", "ngram_table") if m.ngram.enabled else ("embedding",):
-        arr = lazy.open(("embed", name))
-        report["table_bytes"][name] = int(np.prod(arr.shape)) * arr.dtype.numpy_dtype.itemsize
+    for tpath in table_paths(model):
+        if tpath[0] == "embed":
+            arr = lazy.open(tpath)
+            report["table_bytes"][tpath[-1]] = int(np.prod(arr.shape)) * arr.dtype.numpy_dtype.itemsize
     if m.moe.num_experts:
-        model = _restore_without_tables(lazy, cfg)
-        h = jnp.asarray(fused, jnp.dtype(m.dtype))
-        if m.ngram.enabled and m.ngram.amplification == "layernorm":
-            h = model.embed.norm(h)
+        h = fused
         ple = None
         if model.ple is not None:  # per-layer tables are read whole by _restore_without_tables
             ple = model.ple(tokens, segment_ids=seg)

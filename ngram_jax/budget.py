@@ -106,12 +106,15 @@ def _with_activated(m: ModelConfig, counts: dict[str, int]) -> dict[str, int]:
 # From the model's abstract shapes (nothing is allocated).
 
 
-def _category(path: tuple) -> str:
-    names = [str(p) for p in path]
-    if names[0] == "embed":
-        return "ngram" if names[-1] in ("ngram_table", "ngram_proj") else "embedding"
-    if names[0] == "ple":
-        return "ngram" if names[-1] in ("ngram_table", "ngram_proj") else "ple"
+def _category(names: tuple[str, ...], var, hashed: frozenset[tuple[str, ...]]) -> str:
+    """Budget category of one parameter, by type: N-gram tables and the projections of a hashed-tables
+    module are ``ngram``; other tables are ``embedding`` (input) or ``ple`` (per-layer)."""
+    from ngram_jax.ngram.lookup import NgramTable, Table
+
+    if isinstance(var, NgramTable) or (names[:-1] in hashed and not isinstance(var, Table)):
+        return "ngram"  # the hashed tables and their projections
+    if names[0] in ("embed", "ple"):
+        return "embedding" if names[0] == "embed" else "ple"
     if names[0] == "lm_head":
         return "lm_head"
     if "moe" in names:
@@ -125,7 +128,6 @@ def parameter_budget(config) -> dict[str, int]:
     Keys: total, embedding, ngram, ple, dense, lm_head, experts, router, activated_min,
     activated_max (see the module docstring for what counts as activated).
     """
-    import jax
     from flax import nnx
 
     from ngram_jax.config import Config
@@ -134,10 +136,12 @@ def parameter_budget(config) -> dict[str, int]:
     m = config.model if isinstance(config, Config) else config
     with nnx.use_eager_sharding(False):
         abstract = nnx.eval_shape(lambda: build_model(m, nnx.Rngs(0)))
+    from ngram_jax.ngram.lookup import hashed_tables
+
+    hashed = frozenset(tuple(k.split("/")) for k, _ in hashed_tables(abstract))
     counts = dict.fromkeys(("embedding", "ngram", "ple", "dense", "lm_head", "experts", "router"), 0)
-    for path, leaf in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))[0]:
-        key = tuple(getattr(p, "key", getattr(p, "idx", p)) for p in path)
-        counts[_category(key)] += int(np.prod(leaf.shape))
+    for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+        counts[_category(tuple(map(str, path)), var, hashed)] += int(np.prod(var.shape))
     return _with_activated(m, counts)
 
 

@@ -56,11 +56,23 @@ def _tuplify(x):
 
 
 TABLE_CHUNK_ROWS = 32  # random row reads touch about one chunk per row: keep chunks a few rows long
-TABLE_NAMES = ("ngram_table", "embedding")
 
 
-def _is_table_path(path) -> bool:
-    return any(str(getattr(p, "key", p)) in TABLE_NAMES for p in path[-2:])
+def row_chunked_paths(model, opt=None) -> frozenset[tuple[str, ...]]:
+    """Paths, in the saved ``{"model": ..., "opt": ...}`` tree, of the tables (found by type) and of the
+    optimizer state shaped like them: these are stored in chunks of a few rows."""
+    from ngram_jax.ngram.lookup import table_paths
+    from ngram_jax.train.optimizer import RowState
+
+    tables = table_paths(model)
+    out = {("model", *t) for t in tables}
+    if opt is not None:
+        for path, var in nnx.to_flat_state(nnx.state(opt)):
+            names = tuple(map(str, path))
+            inside = any(names[i : i + len(t)] == t for t in tables for i in range(len(names)))
+            if inside or isinstance(var, RowState):
+                out.add(("opt", *names))
+    return frozenset(out)
 
 
 class Checkpointer:
@@ -76,12 +88,14 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.mgr.latest_step()
 
-    def save(self, step: int, state: dict, data_iter, meta: dict) -> None:
-        """Save asynchronously. Embedding and N-gram tables (and their optimizer moments) are stored in
-        chunks of ``TABLE_CHUNK_ROWS`` rows so that analysis can read single rows lazily."""
+    def save(self, step: int, state: dict, data_iter, meta: dict,
+             row_chunked: frozenset[tuple[str, ...]] = frozenset()) -> None:
+        """Save asynchronously. The arrays at ``row_chunked`` paths (tables and their optimizer state, see
+        :func:`row_chunked_paths`) are stored in chunks of ``TABLE_CHUNK_ROWS`` rows so that analysis can
+        read single rows lazily."""
 
         def args(path, leaf):
-            if not _is_table_path(path):
+            if tuple(str(getattr(p, "key", p)) for p in path) not in row_chunked or leaf.ndim == 0:
                 return ocp.SaveArgs()
             row_bytes = leaf.dtype.itemsize * (leaf.size // max(leaf.shape[0], 1))
             return ocp.SaveArgs(chunk_byte_size=TABLE_CHUNK_ROWS * row_bytes)
@@ -140,13 +154,11 @@ def build_train_state(cfg: Config, mesh=None, abstract: bool = False):
     """``(model, optimizer)`` for a config: created in their shards on ``mesh``, or abstract."""
     from ngram_jax.model import build_model
     from ngram_jax.sharding import create_sharded, param_context
-    from ngram_jax.train.optimizer import make_optimizer
-
-    tx = make_optimizer(cfg.train)
+    from ngram_jax.train.optimizer import Optimizer
 
     def build():
         model = build_model(cfg, nnx.Rngs(cfg.seed))
-        return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+        return model, Optimizer(model, cfg.train)
 
     if abstract:
         with param_context(mesh, cfg.mesh.rules):

@@ -46,6 +46,8 @@ class NgramConfig:
     amplification: Literal["none", "sqrt_d", "layernorm"] = "none"
     init_std: float = 0.02  # normal init of the base and n-gram tables
     row_multiple: int = 1  # pad the flattened table to a multiple of this (>= the row shards of a mesh)
+    # the fused hashed gather: auto (pallas_tpu on TPU, xla elsewhere) | reference | xla | pallas_tpu
+    kernel: Literal["auto", "reference", "xla", "pallas_tpu"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,7 @@ class PLEConfig:
     splits: int = 2  # PLNE only
     ratio: float = 2.37  # PLNE only
     row_multiple: int = 1  # PLNE only
+    kernel: Literal["auto", "reference", "xla", "pallas_tpu"] = "auto"  # PLNE only, as model.ngram.kernel
     init_std: float = 1.0  # the scale of the SwiGLU up-projection that the embedding replaces
 
 
@@ -167,7 +170,6 @@ class DataConfig:
     bundled: bool = True  # prepare the bundled Shakespeare corpus into `path` when it is missing
     seq_len: int = 256
     batch_size: int = 16  # global, in sequences
-    ngram_ids: Literal["device", "pipeline"] = "device"  # where n-gram ids are computed
     seed: int = 0
 
 
@@ -184,6 +186,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     ngram_lr_multiplier: float = 1.0  # learning rate of the N-gram tables relative to lr
     ngram_weight_decay: float = 0.0  # the N-gram (and token) tables get no weight decay by default
+    # N-gram tables: dense (optax AdamW on the full table gradient, the control) | rowwise_adagrad |
+    # lazy_adam (sparse: only the rows a batch read are updated; see docs/SPARSE_TABLES.md)
+    table_optimizer: Literal["dense", "rowwise_adagrad", "lazy_adam"] = "dense"
     run_dir: str = "runs/default"
     log_every: int = 10
     eval_every: int = 200

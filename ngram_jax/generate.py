@@ -1,8 +1,8 @@
 """Prefill + incremental decoding with a KV cache and an N-gram cache (SPEC.md section 6).
 
 The N-gram cache keeps, per sequence, the history of the next token: ``x~_{t-1}, x~_{t-2}, ...``
-(the last N-1 tokens of its segment, zeros after an EOS), so a new token's n-gram ids cost O(N)
-(:func:`ngram_jax.ngram.hashing.ids_from_history`) instead of a pass over the prefix. Incremental
+(the last N-1 tokens of its segment, zeros after an EOS). The model takes it as ``history`` and
+computes the new token's n-gram ids from it in O(N) instead of a pass over the prefix. Incremental
 logits equal a full forward pass over the same tokens.
 
     python -m ngram_jax.generate --checkpoint runs/train_tiny --prompt "ROMEO:" --max-new-tokens 60
@@ -30,19 +30,6 @@ class DecodeState(NamedTuple):
     positions: jax.Array  # int32 [B]: position of the next token
 
 
-def _layouts(model: Model) -> list[tuple[str, hashing.NgramLayout]]:
-    out = []
-    if model.config.ngram.enabled:
-        out.append(("ne", model.embed.layout))
-    if model.config.ple.kind == "plne":
-        out.append(("plne", model.ple.layout))
-    return out
-
-
-def history_length(model: Model) -> int:
-    return max([lay.max_n - 1 for _, lay in _layouts(model)] + [1])
-
-
 def prefill_history(tokens: jax.Array, segment_ids: jax.Array, eos_id: int | None, length: int) -> jax.Array:
     """History of the token that follows ``tokens`` [B, P] (same segment as the last one). [B, length]."""
     ext = jnp.concatenate([tokens, jnp.zeros_like(tokens[:, :1])], axis=1)
@@ -56,16 +43,6 @@ def advance_history(history: jax.Array, token: jax.Array, eos_id: int | None) ->
     if eos_id is None:
         return pushed
     return jnp.where((token == eos_id)[:, None], 0, pushed)
-
-
-def step_ngram_ids(model: Model, token: jax.Array, history: jax.Array) -> dict[str, jax.Array]:
-    """n-gram ids [B, 1, T] of the new tokens [B] for the NE and PLNE tables: O(N) per token."""
-    out = {}
-    for name, lay in _layouts(model):
-        out[name] = hashing.ids_from_history(token[:, None], history[:, None, : lay.max_n - 1],
-                                             vocab_size=lay.vocab_size, table_sizes=lay.table_sizes,
-                                             max_n=lay.max_n)
-    return out
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -92,15 +69,14 @@ def prefill(model: Model, tokens: jax.Array, segment_ids: jax.Array, max_len: in
     positions = default_positions(tokens.shape, segment_ids)
     kv = init_kv(model, tokens.shape[0], max_len)
     logits, kv = model(tokens, segment_ids=segment_ids, positions=positions, cache=kv)
-    history = prefill_history(tokens, segment_ids, model.config.eos_id, history_length(model))
+    history = prefill_history(tokens, segment_ids, model.config.eos_id, max(model.history_length(), 1))
     return logits[:, -1], DecodeState(kv, history, positions[:, -1] + 1)
 
 
 def decode_step(model: Model, token: jax.Array, state: DecodeState) -> tuple[jax.Array, DecodeState]:
     """Feed one token per sequence [B]; returns its logits [B, V] and the advanced state."""
-    ids = step_ngram_ids(model, token, state.history)
     logits, kv = model(token[:, None], segment_ids=jnp.ones_like(token)[:, None], positions=state.positions[:, None],
-                       ngram_ids=ids.get("ne"), ple_ngram_ids=ids.get("plne"), cache=state.kv)
+                       cache=state.kv, history=state.history[:, None])
     history = advance_history(state.history, token, model.config.eos_id)
     return logits[:, 0], DecodeState(kv, history, state.positions + 1)
 

@@ -26,8 +26,8 @@ from ngram_jax.layers.linear import Linear, RMSNorm
 from ngram_jax.layers.moe import MoE
 from ngram_jax.ngram import hashing
 from ngram_jax.ngram.embedding import NgramEmbedding
+from ngram_jax.ngram.lookup import Table, hashed_tables, token_lookup
 from ngram_jax.ngram.ple import PerLayerEmbedding, PerLayerNgramEmbedding, PLEFeedForward
-from ngram_jax.sharding import lookup_rows
 
 
 class TokenEmbedding(nnx.Module):
@@ -36,14 +36,14 @@ class TokenEmbedding(nnx.Module):
     def __init__(self, vocab_size: int, d_model: int, *, init_std: float = 0.02, dtype=jnp.float32,
                  param_dtype=jnp.float32, rngs: nnx.Rngs):
         init = nnx.initializers.normal(init_std)
-        self.embedding = nnx.Param(init(rngs.params(), (vocab_size, d_model), param_dtype),
-                                   out_sharding=("vocab_rows", "table_embed"))
+        self.embedding = Table(init(rngs.params(), (vocab_size, d_model), param_dtype),
+                               out_sharding=("vocab_rows", "table_embed"))
         self.vocab_size, self.dtype = vocab_size, dtype
 
-    def __call__(self, tokens, *, segment_ids=None, ngram_ids=None):
-        del segment_ids, ngram_ids
+    def __call__(self, tokens, *, segment_ids=None, history=None):
+        del segment_ids, history
         hashing.check_token_ids(tokens, self.vocab_size)
-        return lookup_rows(self.embedding[...].astype(self.dtype), tokens, "vocab_rows")
+        return token_lookup(self.embedding[...], tokens).astype(self.dtype)
 
 
 class SwiGLU(nnx.Module):
@@ -116,25 +116,30 @@ class Model(nnx.Module):
                                                             dtype=dt, param_dtype=pdt, rngs=rngs)
 
     def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
-                 positions: jax.Array | None = None, ngram_ids: jax.Array | None = None,
-                 ple_ngram_ids: jax.Array | None = None, cache: list | None = None):
+                 positions: jax.Array | None = None, cache: list | None = None, history: jax.Array | None = None):
         """tokens int [B, S] -> logits float32 [B, S, V].
 
-        ``segment_ids`` [B, S] marks packed documents (attention and n-gram history stay inside
-        one); ``positions`` [B, S] default to the offset inside each document; ``ngram_ids``
-        [B, S, T] (and ``ple_ngram_ids`` for PLNE) may come precomputed (input pipeline, N-gram cache).
-        With ``cache`` (see :mod:`ngram_jax.generate`) attention reads and extends the KV cache, where
-        ``segment_ids == 0`` marks padding, and the call returns ``(logits, cache)``.
+        The model computes the n-gram ids of its tokens itself, from what defines their history:
+        ``segment_ids`` [B, S] marks packed documents (attention and n-gram history stay inside one,
+        and an EOS resets the history); in decoding, ``history`` [B, S, H] (the N-gram cache: the H
+        tokens before each position, zeros outside its segment, H >= N-1) replaces it.
+        ``positions`` [B, S] default to the offset inside each document. With ``cache`` (see
+        :mod:`ngram_jax.generate`) attention reads and extends the KV cache, where ``segment_ids == 0``
+        marks padding, and the call returns ``(logits, cache)``.
         """
         tokens = jnp.asarray(tokens) if not isinstance(tokens, jax.core.Tracer) else tokens
         hashing.check_token_ids(tokens, self.config.vocab_size)
         if positions is None:
             positions = default_positions(tokens.shape, segment_ids)
-        h = self.embed(tokens, segment_ids=segment_ids, ngram_ids=ngram_ids)  # [B, S, D]
+        h = self.embed(tokens, segment_ids=segment_ids, history=history)  # [B, S, D]
         ple = None
         if self.ple is not None:
-            ple = self.ple(tokens, segment_ids=segment_ids, ngram_ids=ple_ngram_ids)  # [B, S, L, F]
+            ple = self.ple(tokens, segment_ids=segment_ids, history=history)  # [B, S, L, F]
         return self.trunk(h, positions, segment_ids, ple, cache)
+
+    def history_length(self) -> int:
+        """Tokens of history the n-gram lookups need (max N - 1; 0 without N-gram tables)."""
+        return max([m.layout.max_n - 1 for _, m in hashed_tables(self)] + [0])
 
     def trunk(self, h: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None,
               ple: jax.Array | None = None, cache: list | None = None):

@@ -5,10 +5,11 @@ the mesh axes ``data``, ``fsdp``, ``tensor``, ``expert``. Build and run models i
 :func:`param_context`: with a mesh the parameters are created sharded and the N-gram lookup runs as
 a ``shard_map`` masked local gather; without one (a laptop, a unit test) everything is plain arrays.
 
-The lookup never moves a table: each device gathers the rows it owns for the ids its row group sees
-(ids outside its shard give zeros), and the partial rows are combined by ``psum_scatter`` (over the
-axes that also split the batch) and ``psum`` (over the others). Communication per step is
-O(tokens x T x d_e), whatever the table size.
+The lookup never moves a table (:func:`row_sharded_lookup`): each device runs the gather over the
+rows it owns for the tokens its row group sees (ids outside its shard give zeros), and the partial
+rows are combined by ``psum_scatter`` (over the axes that also split the batch) and ``psum`` (over the
+others). The row-wise optimizers update tables where they live (:func:`row_sharded_update`).
+Communication per step is O(tokens x T x d_e), whatever the table size.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import contextlib
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -176,60 +178,110 @@ def check_divisible(module: nnx.Module, mesh: Mesh, rules: Rules = DEFAULT_RULES
 
 
 # ----------------------------------------------------------------------------------------------
-# The sharded lookup
+# Row-sharded tables: the lookup and the row-wise update run where the rows live
 
 
-def sharded_row_gather(table: jax.Array, rows: jax.Array, *, mesh, row_axes: tuple[str, ...],
-                       batch_axes: tuple[str, ...]) -> jax.Array:
-    """``table[rows]`` with the table row-sharded over ``row_axes`` and ``rows`` batch-sharded over
-    ``batch_axes`` (dim 0). table [R, W], rows int [B, ...] -> [B, ..., W] sharded like ``rows``.
+class RowSharding(NamedTuple):
+    mesh: Mesh
+    row_axes: tuple[str, ...]  # mesh axes that split the table's rows
+    batch_axes: tuple[str, ...]  # mesh axes that split the batch (dim 0 of ids and activations)
 
-    Each device all-gathers the (small) ids of its row group, gathers the rows it owns (zeros for
-    the rest), and the partial results are summed back: ``psum_scatter`` over the axes shared with
-    the batch, ``psum`` over the other row axes. The backward pass scatters gradients into the
-    owning shard only.
+    @property
+    def shared(self) -> tuple[str, ...]:
+        """Batch axes that also split the rows, in the batch's (major-to-minor) order."""
+        return tuple(a for a in self.batch_axes if a in self.row_axes)
+
+    @property
+    def row_shards(self) -> int:
+        return math.prod(self.mesh.shape[a] for a in self.row_axes)
+
+
+def row_sharding(logical: str = "ngram_rows") -> RowSharding | None:
+    """How the active mesh and rules split a table whose dim 0 has logical name ``logical`` (None: it is
+    not split, e.g. outside a mesh context)."""
+    mesh = current_mesh()
+    if mesh is None:
+        return None
+    row_axes = tuple(a for a in mesh_axes(logical) if a in mesh.axis_names)
+    if not row_axes:
+        return None
+    return RowSharding(mesh, row_axes, tuple(a for a in mesh_axes("batch") if a in mesh.axis_names))
+
+
+def _check_split(rs: RowSharding, rows: int, batch: int, logical: str) -> None:
+    if rows % rs.row_shards:
+        key = ("model.ngram.row_multiple (or model.ple.row_multiple)" if logical == "ngram_rows"
+               else "model.vocab_size")
+        raise ConfigError(f"table of {rows} rows cannot be split over {rs.row_shards} devices of mesh axes "
+                          f"{rs.row_axes}; set {key} to a multiple of {rs.row_shards}")
+    n_batch = math.prod(rs.mesh.shape[a] for a in rs.batch_axes)
+    if batch % n_batch:
+        raise ConfigError(f"batch of {batch} rows cannot be split over the {n_batch} devices of mesh axes "
+                          f"{rs.batch_axes}; use a batch size divisible by {n_batch}")
+
+
+def _spec(axes: tuple[str, ...], ndim: int) -> P:
+    return P(axes if axes else None, *([None] * (ndim - 1)))
+
+
+def row_sharded_lookup(fn: Callable, table: jax.Array, *batch_args: jax.Array, logical: str = "ngram_rows",
+                       out_ndim: int, check_vma: bool = True) -> jax.Array:
+    """Sum over the row shards of ``fn(local_table, row_start, *batch_args)``, which must give zeros for
+    ids outside ``[row_start, row_start + local_rows)``. Without a mesh: ``fn(table, 0, *batch_args)``.
+
+    Each device all-gathers the (small) batch arguments of its row group, runs ``fn`` over the rows it
+    owns, and the partial results are summed back: ``psum_scatter`` over the axes shared with the batch,
+    ``psum`` over the other row axes. A table never moves; the output ``[B, ...]`` is sharded like the batch.
+    ``check_vma=False`` is needed for a Pallas kernel inside ``fn``.
     """
-    n_shards = math.prod(mesh.shape[a] for a in row_axes)
-    if table.shape[0] % n_shards:
-        raise ConfigError(f"table of {table.shape[0]} rows cannot be split over {n_shards} devices of mesh "
-                          f"axes {row_axes}; set model.ngram.row_multiple to a multiple of {n_shards}")
-    shared = tuple(a for a in batch_axes if a in row_axes)  # in the batch's (major-to-minor) order
-    only_rows = tuple(a for a in row_axes if a not in shared)
-    local_rows = table.shape[0] // n_shards
-    extra = (None,) * (rows.ndim - 1)
+    rs = row_sharding(logical)
+    if rs is None:
+        return fn(table, jnp.int32(0), *batch_args)
+    _check_split(rs, table.shape[0], batch_args[0].shape[0], logical)
+    shared, local_rows = rs.shared, table.shape[0] // rs.row_shards
+    only_rows = tuple(a for a in rs.row_axes if a not in shared)
 
-    def local(tab, ids):  # tab [R/n, W], ids [b, ...]
+    def local(tab, *args):
         if shared:
-            ids = jax.lax.all_gather(ids, shared, axis=0, tiled=True)
-        first = jax.lax.axis_index(row_axes) * local_rows
-        off = ids - first
-        mine = (off >= 0) & (off < local_rows)
-        vals = tab.at[jnp.where(mine, off, 0)].get(mode="promise_in_bounds")
-        vals = jnp.where(mine[..., None], vals, jnp.zeros((), vals.dtype))
+            args = [jax.lax.all_gather(a, shared, axis=0, tiled=True) for a in args]
+        vals = fn(tab, jax.lax.axis_index(rs.row_axes) * local_rows, *args)
         if shared:
             vals = jax.lax.psum_scatter(vals, shared, scatter_dimension=0, tiled=True)
         if only_rows:
             vals = jax.lax.psum(vals, only_rows)
         return vals
 
-    batch_spec = batch_axes if batch_axes else None
-    return jax.shard_map(local, mesh=mesh, in_specs=(P(row_axes, None), P(batch_spec, *extra)),
-                         out_specs=P(batch_spec, *extra, None))(table, rows)
+    in_specs = (_spec(rs.row_axes, table.ndim), *(_spec(rs.batch_axes, a.ndim) for a in batch_args))
+    return jax.shard_map(local, mesh=rs.mesh, in_specs=in_specs, out_specs=_spec(rs.batch_axes, out_ndim),
+                         check_vma=check_vma)(table, *batch_args)
 
 
-def lookup_rows(table: jax.Array, rows: jax.Array, logical: str = "ngram_rows") -> jax.Array:
-    """``table[rows]`` for a parameter whose dim 0 has logical name ``logical``: the sharded lookup
-    inside a mesh context whose rules split that axis, a plain gather otherwise."""
-    mesh = current_mesh()
-    row_axes = tuple(a for a in mesh_axes(logical) if mesh is not None and a in mesh.axis_names)
-    if mesh is None or not row_axes:
-        return table.at[rows].get(mode="promise_in_bounds")
-    batch_axes = tuple(a for a in mesh_axes("batch") if a in mesh.axis_names)
-    n_batch = math.prod(mesh.shape[a] for a in batch_axes)
-    if rows.shape[0] % n_batch:
-        raise ConfigError(f"batch of {rows.shape[0]} rows cannot be split over the {n_batch} devices of mesh "
-                          f"axes {batch_axes}; use a batch size divisible by {n_batch}")
-    return sharded_row_gather(table, rows, mesh=mesh, row_axes=row_axes, batch_axes=batch_axes)
+def row_sharded_update(fn: Callable, row_arrays: Sequence[jax.Array], batch_args: Sequence[jax.Array],
+                       scalars: Sequence[jax.Array] = (), *, logical: str = "ngram_rows"):
+    """``(new_row_arrays, partial_sums) = fn(local_row_arrays, row_start, batch_args, scalars)`` on every
+    row shard, with the batch arguments of the whole batch (all-gathered over the batch axes, so that every
+    replica of a row sees every update of it). ``partial_sums`` (a tuple of scalars) are summed over the row
+    shards. Row arrays keep their sharding; their local shards can be updated in place."""
+    rs = row_sharding(logical)
+    if rs is None:
+        new, sums = fn(tuple(row_arrays), jnp.int32(0), tuple(batch_args), tuple(scalars))
+        return new, sums
+    _check_split(rs, row_arrays[0].shape[0], batch_args[0].shape[0], logical)
+    local_rows = row_arrays[0].shape[0] // rs.row_shards
+
+    def local(rows, args, scal):
+        if rs.batch_axes:
+            args = tuple(jax.lax.all_gather(a, rs.batch_axes, axis=0, tiled=True) for a in args)
+        new, sums = fn(rows, jax.lax.axis_index(rs.row_axes) * local_rows, args, scal)
+        return new, tuple(jax.lax.psum(x, rs.row_axes) for x in sums)
+
+    row_specs = tuple(_spec(rs.row_axes, a.ndim) for a in row_arrays)
+    arg_specs = tuple(_spec(rs.batch_axes, a.ndim) for a in batch_args)
+    n_sums = len(jax.eval_shape(lambda: fn(tuple(row_arrays), jnp.int32(0), tuple(batch_args),
+                                           tuple(scalars)))[1])
+    return jax.shard_map(local, mesh=rs.mesh, in_specs=(row_specs, arg_specs, tuple(P() for _ in scalars)),
+                         out_specs=(row_specs, tuple(P() for _ in range(n_sums))),
+                         check_vma=False)(tuple(row_arrays), tuple(batch_args), tuple(scalars))
 
 
 def per_device_bytes(array: jax.Array) -> int:

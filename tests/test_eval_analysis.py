@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ngram_jax.checkpoint import Checkpointer
+from ngram_jax.checkpoint import Checkpointer, row_chunked_paths
 from ngram_jax.config import load_config, to_dict
 from ngram_jax.data.corpus import bundled_corpus_files
 from ngram_jax.data.pipeline import make_dataset
@@ -102,7 +102,8 @@ def save_model_checkpoint(cfg, data_dir, run_dir):
         model = build_model(cfg, nnx.Rngs(0))
     ckpt = Checkpointer(run_dir / "checkpoints")
     it = iter(make_dataset(data_dir, "train", seq_len=32, batch_size=2, vocab_size=4096, seed=0))
-    ckpt.save(1, {"model": nnx.to_pure_dict(nnx.state(model))}, it, {"config": to_dict(cfg), "step": 1})
+    ckpt.save(1, {"model": nnx.to_pure_dict(nnx.state(model))}, it, {"config": to_dict(cfg), "step": 1},
+              row_chunked_paths(model))
     ckpt.close()
     return model
 

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from oracles import ngram_ids_reference
 
 from ngram_jax import generate as G
 from ngram_jax.config import load_config
@@ -68,7 +69,7 @@ def test_ngram_cache_history_matches_the_formula():
     h = G.prefill_history(jnp.asarray(seq[:, :-1]), jnp.ones((1, 5), jnp.int32), 0, 3)
     ids = hashing.ids_from_history(jnp.asarray(seq[:, -1:]), h[:, None], vocab_size=4096, table_sizes=lay.table_sizes,
                                    max_n=4)
-    want = hashing.ngram_ids_reference(seq, vocab_size=4096, table_sizes=lay.table_sizes, max_n=4, splits=2, eos_id=0)
+    want = ngram_ids_reference(seq, vocab_size=4096, table_sizes=lay.table_sizes, max_n=4, splits=2, eos_id=0)
     np.testing.assert_array_equal(np.asarray(ids)[0, 0], want[0, -1])
 
 

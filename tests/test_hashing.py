@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from oracles import ngram_ids_reference
 
 from ngram_jax.ngram import hashing
 from ngram_jax.ngram.hashing import (
@@ -13,7 +14,6 @@ from ngram_jax.ngram.hashing import (
     make_layout,
     mulmod_u32,
     ngram_ids,
-    ngram_ids_reference,
     table_sizes,
 )
 

@@ -25,6 +25,7 @@ from safetensors.numpy import save_file
 
 from ngram_jax.config import Config, ConfigError, ModelConfig, from_dict, to_dict
 from ngram_jax.model import Model, build_model
+from ngram_jax.ngram.lookup import hashed_tables
 
 # ----------------------------------------------------------------------------------------------
 # Configs
@@ -201,6 +202,11 @@ def load_hf_checkpoint(path: str | Path, dtype=jnp.float32, row_multiple: int = 
         for ours, theirs in (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj")):
             _set(pure, ("blocks", layer, "moe", ours),
                  np.stack([take(f"{p}.{e}.{theirs}.weight").T for e in range(m.moe.num_experts)]))
+    for lookup_path, _ in hashed_tables(abstract):  # no table row has been read by training yet
+        node = pure
+        for key in lookup_path.split("/"):
+            node = node[key]
+        node["row_usage"] = np.zeros(node["row_usage"].shape, np.uint8)
     for layer in range(m.num_blocks):  # routing statistics start empty
         if m.moe.num_experts:
             blk = pure["blocks"][layer]["moe"]

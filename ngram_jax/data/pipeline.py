@@ -1,10 +1,10 @@
 """grain input pipeline: ArrayRecord documents -> shuffled, repeated, per-process shards -> packed rows
-with segment ids and positions -> next-token targets -> batches (-> n-gram ids on the host, optional).
+with segment ids and positions -> next-token targets -> batches.
 
 Every batch is a dict of numpy arrays, all [B, L]: ``inputs``, ``targets``, ``segment_ids`` (1, 2, ...
-per document, 0 for padding), ``positions`` (restarting per document), ``loss_mask``; and with
-``ngram_ids='pipeline'`` also ``ngram_ids`` [B, L, T]. The iterator is deterministic for a seed and
-its state (``get_state``/``set_state``) is checkpointed with the model.
+per document, 0 for padding), ``positions`` (restarting per document), ``loss_mask``. The model
+computes the n-gram ids of the inputs itself. The iterator is deterministic for a seed and its state
+(``get_state``/``set_state``) is checkpointed with the model.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import numpy as np
 from array_record.python.array_record_module import ArrayRecordReader
 
 from ngram_jax.data.prepare import read_metadata
-from ngram_jax.ngram import hashing
 
 
 class TokenSource(grain.sources.RandomAccessDataSource):
@@ -68,12 +67,10 @@ def _to_example(row: dict) -> dict:
 
 
 def make_dataset(data_dir: str | Path, split: str, *, seq_len: int, batch_size: int, vocab_size: int, seed: int,
-                 process_index: int = 0, process_count: int = 1, repeat: bool = True,
-                 ngram_layout: hashing.NgramLayout | None = None, eos_id: int | None = None) -> grain.IterDataset:
+                 process_index: int = 0, process_count: int = 1, repeat: bool = True) -> grain.IterDataset:
     """The pipeline as a grain ``IterDataset``; ``iter()`` it for a checkpointable iterator.
 
-    ``batch_size`` is this process's share of the global batch. With ``ngram_layout`` the n-gram ids
-    of every position are computed here (on the host) instead of on the device.
+    ``batch_size`` is this process's share of the global batch.
     """
     src = TokenSource(data_dir, split, vocab_size)
     ds = grain.MapDataset.source(src)
@@ -86,14 +83,4 @@ def make_dataset(data_dir: str | Path, split: str, *, seq_len: int, batch_size: 
     it = grain.experimental.FirstFitPackIterDataset(it, length_struct={"inputs": seq_len + 1},
                                                     num_packing_bins=batch_size, seed=seed, shuffle_bins=repeat)
     it = it.map(_to_example).batch(batch_size, drop_remainder=repeat)
-    if ngram_layout is not None:
-        lay = ngram_layout
-
-        def add_ids(batch):
-            batch["ngram_ids"] = hashing.ngram_ids_numpy(
-                batch["inputs"], vocab_size=lay.vocab_size, table_sizes=lay.table_sizes, max_n=lay.max_n,
-                splits=lay.splits, eos_id=eos_id, segment_ids=batch["segment_ids"])
-            return batch
-
-        it = it.map(add_ids)
     return it

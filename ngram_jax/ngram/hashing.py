@@ -9,8 +9,8 @@ where x~ is the history: token 0 before the start of the token's segment. A segm
 includes an EOS token, and a change of ``segment_ids`` (packed documents) starts a new one.
 
 JAX runs with 32-bit integers (x64 off, as on TPU) while ``x * (V^j mod M)`` reaches 2^51, so the
-device path uses an exact 32-bit modular multiply (:func:`mulmod_u32`). ``ngram_ids_reference`` is
-the same maths in numpy int64, written straight from the formula, and is the oracle in tests.
+device path uses an exact 32-bit modular multiply (:func:`mulmod_u32`). The oracles (the same maths
+in numpy int64, written straight from the formula) live in ``tests/oracles.py``.
 """
 
 from __future__ import annotations
@@ -224,7 +224,7 @@ def flat_row_ids(ids: jax.Array, row_offsets: Sequence[int]) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------------------------
-# Validation and the numpy oracle.
+# Validation.
 
 
 def check_token_ids(tokens, vocab_size: int, *, name: str = "tokens") -> None:
@@ -244,54 +244,3 @@ def check_token_ids(tokens, vocab_size: int, *, name: str = "tokens") -> None:
             f"{name} holds {int(bad.sum())} id(s) outside [0, {vocab_size}); first: {int(arr[where])} "
             f"at index {where}"
         )
-
-
-def ngram_ids_reference(tokens, *, vocab_size: int, table_sizes: Sequence[int], max_n: int,
-                        splits: int, eos_id: int | None, segment_ids=None) -> np.ndarray:
-    """numpy int64 oracle of :func:`ngram_ids`, a direct loop over the SPEC formula."""
-    x = np.asarray(tokens, np.int64)
-    seg = None if segment_ids is None else np.asarray(segment_ids)
-    b, s = x.shape
-    out = np.zeros((b, s, len(table_sizes)), np.int64)
-    for bi in range(b):
-        start = 0
-        for t in range(s):
-            if t > 0 and ((eos_id is not None and x[bi, t - 1] == eos_id)
-                          or (seg is not None and seg[bi, t] != seg[bi, t - 1])):
-                start = t
-            for idx, m in enumerate(table_sizes):
-                n = idx // splits + 2
-                h = int(x[bi, t])
-                for j in range(1, n):
-                    prev = int(x[bi, t - j]) if t - j >= start else 0
-                    h += prev * (vocab_size**j % m)
-                out[bi, t, idx] = h % m
-    return out
-
-
-def ngram_ids_numpy(tokens, *, vocab_size: int, table_sizes: Sequence[int], max_n: int, splits: int,
-                    eos_id: int | None, segment_ids=None) -> np.ndarray:
-    """Vectorised int64 numpy version of :func:`ngram_ids` for input pipelines (host CPU, no JAX).
-
-    Exact: history tokens are < 2^20 and constants < 2^31, so each product is < 2^51.
-    """
-    _check_sizes(vocab_size, table_sizes, max_n, splits)
-    x = np.asarray(tokens, np.int64)
-    _, s = x.shape
-    pos = np.arange(s)[None, :]
-    start = np.broadcast_to(pos == 0, x.shape).copy()
-    if eos_id is not None:
-        start[:, 1:] |= x[:, :-1] == eos_id
-    if segment_ids is not None:
-        seg = np.asarray(segment_ids)
-        start[:, 1:] |= seg[:, 1:] != seg[:, :-1]
-    starts = np.maximum.accumulate(np.where(start, pos, 0), axis=1)
-    consts = hash_constants(vocab_size, table_sizes, max_n)  # [T, N-1]
-    m = np.asarray(table_sizes, np.int64)
-    h = x[..., None] % m
-    for j in range(1, max_n):
-        prev = np.zeros_like(x)
-        prev[:, j:] = x[:, :-j]
-        prev = np.where(pos - j >= starts, prev, 0)
-        h = (h + prev[..., None] * consts[:, j - 1]) % m
-    return h.astype(np.int32)

@@ -10,16 +10,13 @@ loop only slices ``[B, S, L, F]``.
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from ngram_jax.config import ModelConfig
 from ngram_jax.ngram import hashing
-from ngram_jax.ngram.embedding import row_width
-from ngram_jax.sharding import lookup_rows
+from ngram_jax.ngram.lookup import HashedTables, Table, token_lookup
 
 
 def ffn_layers(m: ModelConfig) -> int:
@@ -34,8 +31,8 @@ class PerLayerEmbedding(nnx.Module):
                  dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.vocab_size, self.num_layers, self.width, self.dtype = vocab_size, num_layers, width, dtype
         init = nnx.initializers.normal(init_std)
-        self.embedding = nnx.Param(init(rngs.params(), (vocab_size, num_layers * width), param_dtype),
-                                   out_sharding=("vocab_rows", "ple_embed"))  # [V, L*F]
+        self.embedding = Table(init(rngs.params(), (vocab_size, num_layers * width), param_dtype),
+                               out_sharding=("vocab_rows", "ple_embed"))  # [V, L*F]
 
     @classmethod
     def from_config(cls, m: ModelConfig, *, rngs: nnx.Rngs) -> PerLayerEmbedding:
@@ -43,62 +40,37 @@ class PerLayerEmbedding(nnx.Module):
                    dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype), rngs=rngs)
 
     def __call__(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None,
-                 ngram_ids: jax.Array | None = None) -> jax.Array:
-        del segment_ids, ngram_ids  # same call signature as PerLayerNgramEmbedding
+                 history: jax.Array | None = None) -> jax.Array:
+        del segment_ids, history  # same call signature as PerLayerNgramEmbedding
         hashing.check_token_ids(tokens, self.vocab_size)
-        e = lookup_rows(self.embedding[...].astype(self.dtype), tokens, "vocab_rows")  # [B, S, L*F]
+        e = token_lookup(self.embedding[...], tokens).astype(self.dtype)  # [B, S, L*F]
         return e.reshape(*tokens.shape, self.num_layers, self.width)
 
 
-class PerLayerNgramEmbedding(nnx.Module):
-    """Per-layer N-gram Embeddings: layer-specific tables and projections, one gather for all."""
+class PerLayerNgramEmbedding(HashedTables):
+    """Per-layer N-gram Embeddings: layer-specific tables and projections, one gather for all layers."""
 
     def __init__(self, vocab_size: int, num_layers: int, width: int, *, max_n: int, splits: int,
                  ratio: float, eos_id: int | None, init_std: float = 1.0, row_multiple: int = 1,
-                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        self.layout = hashing.make_layout(vocab_size, max_n, splits, ratio, row_multiple)
-        self.vocab_size, self.num_layers, self.width = vocab_size, num_layers, width
-        self.eos_id, self.dtype = eos_id, dtype
-        t = self.layout.num_tables
-        d_e = row_width(width, self.layout)
-        normal = nnx.initializers.normal(init_std)
-        self.embedding = nnx.Param(normal(rngs.params(), (vocab_size, num_layers * width), param_dtype),
-                                   out_sharding=("vocab_rows", "ple_embed"))  # [V, L*F]
-        self.ngram_table = nnx.Param(
-            normal(rngs.params(), (self.layout.padded_rows, num_layers * d_e), param_dtype),
-            out_sharding=("ngram_rows", "ngram_dim"))  # [sum M, L*d_e]
-        proj_init = nnx.initializers.normal(1.0 / math.sqrt(d_e))
-        self.ngram_proj = nnx.Param(proj_init(rngs.params(), (num_layers, t, d_e, width), param_dtype),
-                                    out_sharding=("layers", "ngram_tables", "ngram_dim", "mlp"))  # [L, T, d_e, F]
+                 kernel: str = "auto", dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        super().__init__(vocab_size, width, layers=num_layers, max_n=max_n, splits=splits, ratio=ratio,
+                         eos_id=eos_id, init_std=init_std, row_multiple=row_multiple, kernel=kernel,
+                         kernel_key="model.ple.kernel", embed_names=("vocab_rows", "ple_embed"),
+                         proj_names=("layers", "ngram_tables", "ngram_dim", "mlp"), dtype=dtype,
+                         param_dtype=param_dtype, rngs=rngs)
+        self.num_layers = num_layers
 
     @classmethod
     def from_config(cls, m: ModelConfig, *, rngs: nnx.Rngs) -> PerLayerNgramEmbedding:
         p = m.ple
         return cls(m.vocab_size, ffn_layers(m), m.ffn_dim, max_n=p.max_n, splits=p.splits, ratio=p.ratio,
-                   eos_id=m.eos_id, init_std=p.init_std, row_multiple=p.row_multiple, dtype=jnp.dtype(m.dtype),
-                   param_dtype=jnp.dtype(m.param_dtype), rngs=rngs)
-
-    def ngram_ids(self, tokens: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
-        lay = self.layout
-        return hashing.ngram_ids(tokens, vocab_size=lay.vocab_size, table_sizes=lay.table_sizes,
-                                 max_n=lay.max_n, splits=lay.splits, eos_id=self.eos_id,
-                                 segment_ids=segment_ids)
+                   eos_id=m.eos_id, init_std=p.init_std, row_multiple=p.row_multiple, kernel=p.kernel,
+                   dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype), rngs=rngs)
 
     def __call__(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None,
-                 ngram_ids: jax.Array | None = None) -> jax.Array:
+                 history: jax.Array | None = None) -> jax.Array:
         """tokens [B, S] -> per-layer embeddings [B, S, L, F]."""
-        hashing.check_token_ids(tokens, self.vocab_size)
-        if ngram_ids is None:
-            ngram_ids = self.ngram_ids(tokens, segment_ids)
-        nl, f, t = self.num_layers, self.width, self.layout.num_tables
-        rows = hashing.flat_row_ids(ngram_ids, self.layout.row_offsets)  # [B, S, T]
-        base = lookup_rows(self.embedding[...].astype(self.dtype), tokens, "vocab_rows")  # [B, S, L*F]
-        base = base.reshape(*tokens.shape, nl, f)  # [B, S, L, F]
-        gathered = lookup_rows(self.ngram_table[...].astype(self.dtype), rows)  # [B, S, T, L*d_e]
-        gathered = gathered.reshape(*tokens.shape, t, nl, -1).swapaxes(-3, -2)  # [B, S, L, T, d_e]
-        proj = self.ngram_proj[...].astype(self.dtype)  # [L, T, d_e, F]
-        projected = jnp.einsum("bslte,ltef->bslf", gathered, proj)
-        return (base + projected) / (1 + t)
+        return self.lookup(tokens, segment_ids=segment_ids, history=history)
 
 
 class PLEFeedForward(nnx.Module):

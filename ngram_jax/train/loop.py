@@ -20,15 +20,21 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ngram_jax.budget import parameter_budget
-from ngram_jax.checkpoint import Checkpointer, build_train_state, config_differences, train_state_target
+from ngram_jax.checkpoint import (
+    Checkpointer,
+    build_train_state,
+    config_differences,
+    row_chunked_paths,
+    train_state_target,
+)
 from ngram_jax.config import Config, ConfigError, to_dict
 from ngram_jax.data.pipeline import make_dataset
 from ngram_jax.data.prepare import ensure_bundled, read_metadata
 from ngram_jax.layers.moe import update_selection_bias
-from ngram_jax.ngram import hashing
+from ngram_jax.ngram.lookup import hashed_tables, row_perturbations
 from ngram_jax.sharding import initialize_distributed, make_mesh, param_context, rules_for_mesh
 from ngram_jax.train.metrics import MetricsWriter, flops_per_token, peak_flops
-from ngram_jax.train.optimizer import schedule
+from ngram_jax.train.optimizer import Optimizer, schedule
 
 
 class TrainingDiverged(RuntimeError):
@@ -36,26 +42,53 @@ class TrainingDiverged(RuntimeError):
 
 
 def loss_fn(model, batch):
-    logits = model(batch["inputs"], segment_ids=batch["segment_ids"], positions=batch["positions"],
-                   ngram_ids=batch.get("ngram_ids"))
+    logits = model(batch["inputs"], segment_ids=batch["segment_ids"], positions=batch["positions"])
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
     mask = batch["loss_mask"]
     loss = jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1.0)
     return loss + model.aux_loss(), loss
 
 
-def train_step(model, opt, batch):
-    (_, loss), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, batch)
-    opt.update(model, grads)
+def train_step(model, opt: Optimizer, batch):
+    """One update. With a row-wise table optimizer the N-gram tables are not differentiated: the step
+    takes the gradient of zero perturbations of the gathered rows (row gradients [B, S, T, W]) and
+    updates only the rows read, on the shards that own them."""
+    lookups = dict(hashed_tables(model))
+    rows = {k: m.row_ids(batch["inputs"], segment_ids=batch["segment_ids"]) for k, m in lookups.items()}
+    if not opt.sparse:
+        (_, loss), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, batch)
+        grad_norm = optax.global_norm(grads)
+        opt.dense.update(model, grads)
+    else:
+        deltas = {k: jnp.zeros(m.gathered_shape(batch["inputs"].shape), jnp.float32) for k, m in lookups.items()}
+
+        def perturbed_loss(model, deltas):
+            with row_perturbations(model, deltas):
+                return loss_fn(model, batch)
+
+        (_, loss), (grads, row_grads) = nnx.value_and_grad(
+            perturbed_loss, argnums=(nnx.DiffState(0, opt.wrt), 1), has_aux=True)(model, deltas)
+        sq = jnp.square(optax.global_norm(grads))
+        for k, m in lookups.items():
+            sq = sq + opt.tables[k].sq_norm(m, rows[k], row_grads[k])
+        grad_norm = jnp.sqrt(sq)
+        scale = jnp.minimum(1.0, opt.grad_clip / jnp.maximum(grad_norm, 1e-30))
+        step = opt.step[...]
+        opt.dense.update(model, jax.tree.map(lambda g: g * scale, grads))
+        for k, m in lookups.items():
+            opt.tables[k].update(m, rows[k], row_grads[k], step, scale)
+    for k, m in lookups.items():
+        m.record_usage(rows[k])
     update_selection_bias(model)  # aux-loss-free balancing, outside the optimizer
     counts = [b.moe.counts[...] for b in model.blocks if b.moe is not None]
-    return {"loss": loss, "grad_norm": optax.global_norm(grads),
-            "expert_counts": jnp.stack(counts) if counts else jnp.zeros((0, 0), jnp.int32)}
+    usage = [m.usage_fraction() for m in lookups.values()]
+    return {"loss": loss, "grad_norm": grad_norm,
+            "expert_counts": jnp.stack(counts) if counts else jnp.zeros((0, 0), jnp.int32),
+            "ngram_rows_seen_frac": usage[0] if usage else jnp.float32(jnp.nan)}
 
 
 def eval_step(model, batch):
-    logits = model(batch["inputs"], segment_ids=batch["segment_ids"], positions=batch["positions"],
-                   ngram_ids=batch.get("ngram_ids"))
+    logits = model(batch["inputs"], segment_ids=batch["segment_ids"], positions=batch["positions"])
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
     return jnp.sum(ce * batch["loss_mask"]), jnp.sum(batch["loss_mask"])
 
@@ -86,12 +119,12 @@ def _device_batch(batch: dict, sharding: NamedSharding) -> dict:
     return out
 
 
-def evaluate(cfg: Config, model, mesh, sharding, eval_fn, layout) -> float:
+def evaluate(cfg: Config, model, mesh, sharding, eval_fn) -> float:
     """Mean held-out cross-entropy per token over ``train.eval_batches`` batches."""
     ds = make_dataset(cfg.data.path, "heldout", seq_len=cfg.data.seq_len,
                       batch_size=cfg.data.batch_size // jax.process_count(), vocab_size=cfg.model.vocab_size,
                       seed=cfg.data.seed, process_index=jax.process_index(), process_count=jax.process_count(),
-                      repeat=False, ngram_layout=layout, eos_id=cfg.model.eos_id)
+                      repeat=False)
     total, count = 0.0, 0.0
     for i, batch in enumerate(ds):
         if i >= cfg.train.eval_batches:
@@ -104,8 +137,8 @@ def evaluate(cfg: Config, model, mesh, sharding, eval_fn, layout) -> float:
     return total / count
 
 
-def log_metrics(cfg: Config, out: dict, batch: dict, model, rows_seen, steps: int, elapsed: float,
-                tokens_per_step: int, flops: float, peak: float) -> dict:
+def log_metrics(cfg: Config, out: dict, steps: int, elapsed: float, tokens_per_step: int, flops: float,
+                peak: float) -> dict:
     """The metrics of a log step: throughput, MFU, gradient norm, expert load, N-gram row usage."""
     record = {"grad_norm": float(out["grad_norm"]), "tokens_per_s": steps * tokens_per_step / elapsed,
               "step_time_s": elapsed / steps}
@@ -116,15 +149,9 @@ def log_metrics(cfg: Config, out: dict, batch: dict, model, rows_seen, steps: in
         real = counts[:, : cfg.model.moe.num_experts].astype(np.float64)
         record["expert_load_max_over_mean"] = float((real.max(1) / np.maximum(real.mean(1), 1e-9)).mean())
         record["zero_expert_fraction"] = float(1 - real.sum() / counts.sum())
-    if rows_seen is not None:  # fraction of N-gram rows read so far, sampled at log steps
-        ids = batch.get("ngram_ids")
-        if ids is None:
-            lay = model.embed.layout
-            ids = hashing.ngram_ids_numpy(batch["inputs"], vocab_size=lay.vocab_size, table_sizes=lay.table_sizes,
-                                          max_n=lay.max_n, splits=lay.splits, eos_id=cfg.model.eos_id,
-                                          segment_ids=batch["segment_ids"])
-        rows_seen[np.asarray(ids) + np.asarray(model.embed.layout.row_offsets)] = True
-        record["ngram_rows_seen_frac"] = float(rows_seen.mean())
+    seen = float(out["ngram_rows_seen_frac"])
+    if math.isfinite(seen):  # fraction of the N-gram rows read so far, recorded by the model
+        record["ngram_rows_seen_frac"] = seen
     return record
 
 
@@ -155,11 +182,9 @@ def train(cfg: Config) -> dict:
     batch_axes = dict(rules_for_mesh(rules, mesh)).get("batch")
     sharding = NamedSharding(mesh, P(batch_axes))
     model, opt = build_train_state(cfg, mesh)
-    layout = model.embed.layout if (d.ngram_ids == "pipeline" and cfg.model.ngram.enabled) else None
     train_iter = iter(make_dataset(d.path, "train", seq_len=d.seq_len, batch_size=d.batch_size // jax.process_count(),
                                    vocab_size=cfg.model.vocab_size, seed=d.seed, process_index=jax.process_index(),
-                                   process_count=jax.process_count(), ngram_layout=layout,
-                                   eos_id=cfg.model.eos_id))
+                                   process_count=jax.process_count()))
 
     ckpt = Checkpointer(run_dir / "checkpoints", t.keep_checkpoints)
     start = ckpt.latest_step() or 0
@@ -177,13 +202,13 @@ def train(cfg: Config) -> dict:
         if lead:
             print(f"resumed {run_dir} from step {start}", flush=True)
 
+    chunked = row_chunked_paths(model, opt)
     budget = parameter_budget(cfg)
     tokens_per_step = d.batch_size * d.seq_len
     flops = flops_per_token(cfg, budget["activated_max"]) * tokens_per_step
     peak = peak_flops(cfg) * jax.device_count()
     lr_at = schedule(t)
     writer = MetricsWriter(run_dir, enabled=lead)
-    rows_seen = np.zeros(model.embed.layout.total_rows, bool) if cfg.model.ngram.enabled else None
     result: dict = {"step": start}
 
     with param_context(mesh, rules), _StopFlag() as stop:
@@ -211,13 +236,12 @@ def train(cfg: Config) -> dict:
                 record = {"loss": loss, "lr": float(lr_at(step - 1))}
                 if step % t.log_every == 0 or step == t.steps:
                     elapsed = time.perf_counter() - window_t
-                    record.update(log_metrics(cfg, out, batch, model, rows_seen, window_steps, elapsed,
-                                              tokens_per_step, flops, peak))
+                    record.update(log_metrics(cfg, out, window_steps, elapsed, tokens_per_step, flops, peak))
                     window_t, window_steps = time.perf_counter(), 0
                     if progress is not None:
                         progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
                 if step % t.eval_every == 0 or step == t.steps:
-                    record["eval_loss"] = evaluate(cfg, model, mesh, sharding, eval_fn, layout)
+                    record["eval_loss"] = evaluate(cfg, model, mesh, sharding, eval_fn)
                     record["eval_ppl"] = math.exp(min(record["eval_loss"], 50.0))
                     result.update(eval_loss=record["eval_loss"], eval_ppl=record["eval_ppl"])
                 writer.write(step, record)
@@ -227,7 +251,7 @@ def train(cfg: Config) -> dict:
                 if step % t.checkpoint_every == 0 or step == t.steps or stop.signal is not None:
                     ckpt.save(step, {"model": nnx.to_pure_dict(nnx.state(model)),
                                      "opt": nnx.to_pure_dict(nnx.state(opt))}, train_iter,
-                              {"config": to_dict(cfg), "step": step})
+                              {"config": to_dict(cfg), "step": step}, chunked)
                 if stop.signal is not None:
                     ckpt.wait()
                     name = signal.Signals(stop.signal).name

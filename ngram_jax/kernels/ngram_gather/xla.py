@@ -35,11 +35,11 @@ def gather_with_vjp(gather_fn):
     return gather
 
 
-_gather = gather_with_vjp(masked_rows)
+gather_rows = gather_with_vjp(masked_rows)  # (table, rows, row_start) -> [..., d_e], segment-sum backward
 
 
 def ngram_gather_xla(tokens, table, *, layout, eos_id, segment_ids=None, row_start=0, proj=None):
-    rows = _gather(table, flat_rows(tokens, layout, eos_id, segment_ids), jnp.asarray(row_start, jnp.int32))
+    rows = gather_rows(table, flat_rows(tokens, layout, eos_id, segment_ids), jnp.asarray(row_start, jnp.int32))
     if proj is None:
         return rows
     return jnp.einsum("bste,ted->bsd", rows, proj) / (1 + layout.num_tables)
