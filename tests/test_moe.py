@@ -1,6 +1,9 @@
 """MoE: routing against numpy, zero experts, bias semantics, dispatch equivalence, balancing."""
 
+import re
+
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -146,3 +149,34 @@ def test_aux_losses():
     with_z = make(load_balance_loss_weight=1.0, router_z_loss_weight=1.0)
     with_z(x_in())
     assert float(with_z.aux_loss[...]) > lb
+
+
+def _router_dots(jaxpr, n_experts):
+    """dot_general equations (at any nesting depth) whose output has the router's width."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general" and eqn.outvars[0].aval.shape[-1] == n_experts:
+            found.append(eqn)
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            found += _router_dots(sub, n_experts)
+    return found
+
+
+def test_router_logits_are_float32_at_highest_precision():
+    layer = make(e=4, z=2, k=2)
+    graphdef, state = nnx.split(layer)
+    x = x_in(7).astype(jnp.bfloat16)
+
+    def forward(state, x):  # the MoE layer's own forward pass, as a pure function
+        return nnx.merge(graphdef, state)(x)
+
+    with jax.default_matmul_precision("bfloat16"):  # a global default must not lower the router's precision
+        closed = jax.make_jaxpr(forward)(state, x)
+        dots = _router_dots(closed.jaxpr, 6)
+        assert dots, closed
+        for eqn in dots:
+            assert eqn.params["precision"] == (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST), eqn
+            assert eqn.params["preferred_element_type"] == jnp.float32
+            assert all(v.aval.dtype == jnp.float32 for v in eqn.invars)
+        hlo = jax.jit(lambda x: route(x.reshape(-1, D), layer.router[...], layer.bias[...], 2, 1.0)).lower(x).as_text()
+    assert re.search(r"dot_general .*precision = \[HIGHEST, HIGHEST\].*-> tensor<14x6xf32>", hlo), hlo

@@ -42,8 +42,13 @@ class Routing(NamedTuple):
 
 
 def route(x: jax.Array, kernel: jax.Array, bias: jax.Array, top_k: int, scale: float) -> Routing:
-    """x [N, D], kernel [D, E+Z], bias [E+Z] -> top-k experts and weights (float32 throughout)."""
-    logits = x.astype(jnp.float32) @ kernel.astype(jnp.float32)
+    """x [N, D], kernel [D, E+Z], bias [E+Z] -> top-k experts and weights (float32 throughout).
+
+    The router matmul runs in float32 at ``Precision.HIGHEST`` on every backend: no bfloat16 passes
+    on TPU, no TF32 on GPU, whatever ``jax_default_matmul_precision`` says (top-k is discontinuous:
+    a rounding flip changes the selected expert)."""
+    logits = jnp.matmul(x.astype(jnp.float32), kernel.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST,
+                        preferred_element_type=jnp.float32)
     probs = jax.nn.softmax(logits, axis=-1)
     _, experts = jax.lax.top_k(probs + jax.lax.stop_gradient(bias.astype(jnp.float32)), top_k)
     weights = jnp.take_along_axis(probs, experts, axis=-1) * scale
