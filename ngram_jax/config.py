@@ -98,6 +98,10 @@ class MoEConfig:
     capacity_factor: float = 1.25  # capacity dispatch: slots per expert = factor * tokens * top_k / E
     bias_update_rate: float = 1e-3  # aux-loss-free balancing step for the selection bias
     bias_update_rule: Literal["sign", "proportional"] = "sign"
+    # K_e: expected real (non-zero) experts per token that the bias update steers toward; the zero
+    # experts absorb the other (top_k - K_e) / top_k of the routed slots (layers/moe.py, SPEC.md 3).
+    # null: top_k (zero experts are pushed out); must be top_k without zero experts.
+    real_experts_per_token: float | None = None
     load_balance_loss_weight: float = 0.0  # Switch-style auxiliary loss (0: off)
     router_z_loss_weight: float = 0.0
 
@@ -438,6 +442,14 @@ def validate(cfg: Config) -> None:
                  f"model.moe.top_k={e.top_k} must be in [1, num_experts + num_zero_experts = "
                  f"{e.num_experts + e.num_zero_experts}]")
         _require(e.expert_dim >= 1, f"model.moe.expert_dim must be >= 1, got {e.expert_dim}")
+        ke = e.real_experts_per_token
+        if ke is not None:
+            _require(0 < ke <= e.top_k,
+                     f"model.moe.real_experts_per_token={ke} must be in (0, top_k={e.top_k}] (or null: top_k)")
+            _require(e.num_zero_experts > 0 or ke == e.top_k,
+                     f"model.moe.real_experts_per_token={ke} must equal top_k={e.top_k} without zero experts "
+                     "(set model.moe.num_zero_experts > 0, or null)")
+        _require(e.bias_update_rate >= 0, f"model.moe.bias_update_rate must be >= 0, got {e.bias_update_rate}")
     else:
         _require(e.num_zero_experts == 0, "model.moe.num_zero_experts needs num_experts > 0")
 

@@ -92,7 +92,8 @@ class Block(nnx.Module):
 
         h = h + attend(0, self.attn_norm[0](h))
         x = self.ffn_norm[0](h)
-        shortcut = self.moe(x) if self.moe is not None else None
+        mask = None if segment_ids is None else segment_ids != 0  # padding counts in no expert load
+        shortcut = self.moe(x, token_mask=mask) if self.moe is not None else None
         h = h + self._ffn(0, x, ple)
         h = h + attend(1, self.attn_norm[1](h))
         h = h + self._ffn(1, self.ffn_norm[1](h), ple)

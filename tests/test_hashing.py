@@ -33,7 +33,7 @@ def test_x64_is_off():
 def test_table_sizes_formula_and_layout():
     assert table_sizes(10, 3, 1, 2) == (21, 23)
     assert table_sizes(131072, 4, 4, 78) == tuple(78 * 131072 + 2 * i + 1 for i in range(12))
-    # the ratio is read as written: 8.37 * 32768 = 274268.16 -> 274268
+    # 8.37 * 32768 = 274268.16 -> 274268 + 1
     assert table_sizes(32768, 2, 1, 8.37) == (274269,)
     lay = make_layout(100, 3, 2, 1.5)
     assert lay.table_sizes == (151, 153, 155, 157)
@@ -163,3 +163,30 @@ def test_check_token_ids():
         hashing.check_token_ids(jnp.array([[-1, 3]]), 10)
     with pytest.raises(ValueError, match="integers"):
         hashing.check_token_ids(np.array([0.5]), 10)
+
+
+def reference_table_sizes(vocab_size, max_n, splits, ratio):
+    """Transcription of the reference (HF modeling_longcat_ngram.py NgramEmbedding, sglang, vLLM):
+    ``m = ngram_vocab_size_ratio * vocab_size``; table i has ``int(m + i * 2 + 1)`` rows."""
+    m = ratio * vocab_size
+    return tuple(int(m + i * 2 + 1) for i in range(splits * (max_n - 1)))
+
+
+def test_table_sizes_follow_the_reference_float_arithmetic():
+    # 0.57 * 100 = 56.99999999999999 in floats: the reference truncates, a decimal reading would not
+    assert table_sizes(100, 3, 2, 0.57) == (57, 59, 61, 63)
+    assert table_sizes(100, 7, 2, 0.57)[4:6] == (66, 68)  # 56.99999999999999 + 9 rounds up to 66.0
+    assert table_sizes(131072, 4, 4, 78) == reference_table_sizes(131072, 4, 4, 78)
+
+
+@settings(max_examples=300, deadline=None)
+@given(vocab=st.integers(2, 1 << 20), max_n=st.integers(2, 5), splits=st.integers(1, 4),
+       ratio=st.one_of(st.floats(0.01, 2000.0, allow_nan=False, allow_infinity=False),
+                       st.integers(1, 2000), st.decimals("0.01", "200", places=2).map(float)))
+def test_table_sizes_equal_the_reference_formula(vocab, max_n, splits, ratio):
+    want = reference_table_sizes(vocab, max_n, splits, ratio)
+    if want[-1] > MAX_TABLE_SIZE:
+        with pytest.raises(ValueError, match="2\\^31"):
+            table_sizes(vocab, max_n, splits, ratio)
+    else:
+        assert table_sizes(vocab, max_n, splits, ratio) == want

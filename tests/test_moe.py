@@ -1,6 +1,9 @@
 """MoE: routing against numpy, zero experts, bias semantics, dispatch equivalence, balancing."""
 
+import re
+
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -115,9 +118,9 @@ def test_capacity_drops_overflow():
     assert not np.allclose(np.asarray(tight(x)), np.asarray(dense(x)), atol=1e-4)
 
 
-@pytest.mark.parametrize("rule", ["sign", "proportional"])
-def test_bias_update_moves_skewed_load_toward_balance(rule):
-    layer = make(e=4, z=0, k=1, bias_update_rate=0.01, bias_update_rule=rule)
+@pytest.mark.parametrize("rule, rate", [("sign", 0.01), ("proportional", 0.05)])  # proportional: rate * share gap
+def test_bias_update_moves_skewed_load_toward_balance(rule, rate):
+    layer = make(e=4, z=0, k=1, bias_update_rate=rate, bias_update_rule=rule)
     w0 = layer.router[...][:, 0]
     x = x_in(6, (4, 32, D)) + 2.0 * w0 / jnp.linalg.norm(w0)  # inputs lean toward expert 0
     step = nnx.jit(lambda m, x: (m(x), moe_lib.update_selection_bias(m)))
@@ -134,8 +137,88 @@ def test_bias_update_moves_skewed_load_toward_balance(rule):
 def test_bias_update_rules():
     np.testing.assert_allclose(np.asarray(bias_update(jnp.zeros(3), jnp.array([6, 2, 1]), 0.1, "sign")),
                                [-0.1, 0.1, 0.1])
+    # proportional: rate * (target share - T_i / (K * T_all)) = 0.5 * (0.5 - [0.75, 0.25])
     np.testing.assert_allclose(np.asarray(bias_update(jnp.zeros(2), jnp.array([3, 1]), 0.5, "proportional")),
-                               [-0.25, 0.25])
+                               [-0.125, 0.125])
+    np.testing.assert_array_equal(np.asarray(bias_update(jnp.ones(2), jnp.array([0, 0]), 0.5, "sign")), [1, 1])
+
+
+def test_bias_update_steers_real_experts_per_token():
+    """SPEC section 3: E=2 real, Z=2 zero, K=2, K_e=1.5: targets 1.5/(2*2) = 0.375 per real expert and
+    0.5/(2*2) = 0.125 per zero expert; loads [3, 1, 2, 2] / 8 = [0.375, 0.125, 0.25, 0.25]."""
+    targets = moe_lib.balance_targets(2, 2, 2, 1.5)
+    np.testing.assert_allclose(targets, [0.375, 0.375, 0.125, 0.125])
+    counts = jnp.array([3, 1, 2, 2])
+    np.testing.assert_allclose(np.asarray(bias_update(jnp.zeros(4), counts, 0.1, "sign", targets)),
+                               [0, 0.1, -0.1, -0.1])
+    np.testing.assert_allclose(np.asarray(bias_update(jnp.zeros(4), counts, 0.1, "proportional", targets)),
+                               [0, 0.025, -0.0125, -0.0125], atol=1e-7)
+    # K_e = K: the zero experts' target is 0 (pushed out); without zero experts K_e = K is plain balance
+    np.testing.assert_allclose(moe_lib.balance_targets(2, 2, 2, 2.0), [0.5, 0.5, 0, 0])
+    np.testing.assert_allclose(moe_lib.balance_targets(4, 0, 2, 2.0), [0.25] * 4)
+
+
+@pytest.mark.parametrize("rule, rate", [("sign", 2e-3), ("proportional", 0.1)])
+@pytest.mark.parametrize("real_per_token", [1.5, 2.0])
+def test_training_realises_the_configured_real_expert_share(rule, rate, real_per_token):
+    """E=4 real + Z=4 zero, top-2: the bias drives the realised real-expert share of the slots to
+    K_e/K, balancing the real experts among themselves (the old rule balanced all 8 equally: 1/2)."""
+    layer = make(e=4, z=4, k=2, bias_update_rate=rate, bias_update_rule=rule, real_experts_per_token=real_per_token)
+    x = x_in(8, (4, 64, D))
+    step = nnx.jit(lambda m, x: (m(x), moe_lib.update_selection_bias(m)))
+    shares, real_loads = [], []
+    for _ in range(300):
+        step(layer, x)
+        c = np.asarray(layer.counts[...], np.float64)
+        shares.append(c[:4].sum() / c.sum())
+        real_loads.append(c[:4] / c[:4].sum())
+    want = real_per_token / 2
+    assert abs(np.mean(shares[-50:]) - want) < 0.05, (want, shares[-50:])
+    assert np.abs(np.mean(real_loads[-50:], 0) - 0.25).max() < 0.08, np.mean(real_loads[-50:], 0)
+
+
+def test_padding_counts_in_no_load_and_no_loss():
+    """Tokens with token_mask False change neither the counts nor the auxiliary loss."""
+    x = x_in(9, (2, 8, D))
+    mask = jnp.array([[True] * 5 + [False] * 3, [True] * 8])
+    for dispatch in ("dropless", "capacity", "dense"):
+        kw = {"capacity_factor": 100.0} if dispatch == "capacity" else {}
+        full = make(dispatch, load_balance_loss_weight=1.0, router_z_loss_weight=0.5, **kw)
+        full(x, token_mask=mask)
+        alone = make(dispatch, load_balance_loss_weight=1.0, router_z_loss_weight=0.5, **kw)
+        y_alone = alone(jnp.concatenate([x[0, :5], x[1]])[None])  # the 13 real tokens only
+        np.testing.assert_array_equal(np.asarray(full.counts[...]), np.asarray(alone.counts[...]))
+        assert int(full.counts[...].sum()) == 13 * 3
+        np.testing.assert_allclose(float(full.aux_loss[...]), float(alone.aux_loss[...]), rtol=1e-5)
+        y = full(x, token_mask=mask)
+        np.testing.assert_allclose(np.asarray(y[0, :5]), np.asarray(y_alone[0, :5]), rtol=1e-5, atol=1e-6)
+
+
+def test_padding_takes_no_capacity_slot():
+    """12 padding rows that route like the first real token come first; with 12 slots per expert
+    (16 tokens * 3 / 4) they would fill its experts' buffers and drop its assignments."""
+    real = x_in(10, (1, 4, D))
+    x = jnp.concatenate([jnp.repeat(real[:, :1], 12, axis=1), real], axis=1)  # [1, 16, D]
+    mask = jnp.arange(16)[None] >= 12
+    tight, dense = make("capacity", capacity_factor=1.0), make("dense")
+    assert tight.capacity(16) == 12
+    want = np.asarray(dense(x))[:, 12:]
+    np.testing.assert_allclose(np.asarray(tight(x, token_mask=mask))[:, 12:], want, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(np.asarray(tight(x))[:, 12], want[:, 0], atol=1e-4)  # unmasked: dropped
+
+
+def test_model_excludes_padding_from_expert_counts():
+    from ngram_jax.config import load_config
+    from ngram_jax.model import build_model
+
+    cfg = load_config("configs/models/tiny_moe.yaml", ["model.d_model=32", "model.ffn_dim=32", "model.num_blocks=1",
+                                                        "model.moe.expert_dim=16"])
+    model = build_model(cfg, nnx.Rngs(0))
+    tokens = jnp.arange(24, dtype=jnp.int32).reshape(2, 12) + 7
+    seg = jnp.array([[1] * 9 + [0] * 3, [1] * 4 + [2] * 6 + [0] * 2])
+    model(tokens, segment_ids=seg)
+    counts = np.asarray(model.blocks[0].moe.counts[...])
+    assert counts.sum() == cfg.model.moe.top_k * 19  # 19 real tokens; 5 padding tokens not counted
 
 
 def test_aux_losses():
@@ -146,3 +229,52 @@ def test_aux_losses():
     with_z = make(load_balance_loss_weight=1.0, router_z_loss_weight=1.0)
     with_z(x_in())
     assert float(with_z.aux_loss[...]) > lb
+
+
+def _router_dots(jaxpr, logits_shape):
+    """dot_general equations (at any nesting depth) whose output has the router logits' shape."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general" and eqn.outvars[0].aval.shape == logits_shape:
+            found.append(eqn)
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            found += _router_dots(sub, logits_shape)
+    return found
+
+
+def test_router_logits_are_float32_at_highest_precision():
+    layer = make(e=4, z=2, k=2)
+    graphdef, state = nnx.split(layer)
+    x = x_in(7).astype(jnp.bfloat16)
+
+    def forward(state, x):  # the MoE layer's own forward pass, as a pure function
+        return nnx.merge(graphdef, state)(x)
+
+    with jax.default_matmul_precision("bfloat16"):  # a global default must not lower the router's precision
+        closed = jax.make_jaxpr(forward)(state, x)
+        dots = _router_dots(closed.jaxpr, (14, 6))  # [B*S, E+Z]
+        assert dots, closed
+        for eqn in dots:
+            assert eqn.params["precision"] == (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST), eqn
+            assert eqn.params["preferred_element_type"] == jnp.float32
+            assert all(v.aval.dtype == jnp.float32 for v in eqn.invars)
+        hlo = jax.jit(lambda x: route(x.reshape(-1, D), layer.router[...], layer.bias[...], 2, 1.0)).lower(x).as_text()
+    assert re.search(r"dot_general .*precision = \[HIGHEST, HIGHEST\].*-> tensor<14x6xf32>", hlo), hlo
+
+
+def test_expert_parallel_excludes_padding_like_the_local_path():
+    """experts split over 2 devices, tokens over 2: masked counts and losses equal the local path's."""
+    from ngram_jax.sharding import make_mesh_from_spec, param_context
+
+    x = x_in(11, (4, 6, D))
+    mask = jnp.array([[1] * 6, [1] * 2 + [0] * 4, [0] * 6, [1] * 5 + [0]], bool)
+    kw = dict(e=4, z=2, k=3, load_balance_loss_weight=1.0, router_z_loss_weight=0.5)
+    local = make(**kw)
+    local(x, token_mask=mask)
+    mesh = make_mesh_from_spec("data=2,expert=2", devices=jax.devices()[:4])
+    with param_context(mesh):
+        sharded = make(**kw)
+        nnx.jit(lambda m, x, mask: m(x, token_mask=mask))(sharded, x, mask)
+    np.testing.assert_array_equal(np.asarray(sharded.counts[...]), np.asarray(local.counts[...]))
+    assert int(local.counts[...].sum()) == 13 * 3
+    np.testing.assert_allclose(float(sharded.aux_loss[...]), float(local.aux_loss[...]), rtol=1e-5)

@@ -2,9 +2,17 @@
 with segment ids and positions -> next-token targets -> batches.
 
 Every batch is a dict of numpy arrays, all [B, L]: ``inputs``, ``targets``, ``segment_ids`` (1, 2, ...
-per document, 0 for padding), ``positions`` (restarting per document), ``loss_mask``. The model
-computes the n-gram ids of the inputs itself. The iterator is deterministic for a seed and its state
-(``get_state``/``set_state``) is checkpointed with the model.
+per packed piece, 0 for padding), ``positions`` (each token's position in its document), ``loss_mask``.
+The model computes the n-gram ids of the inputs itself. The iterator is deterministic for a seed and
+its state (``get_state``/``set_state``) is checkpointed with the model.
+
+Documents longer than a row (L + 1 tokens) are cut into pieces that train on every target exactly
+once (:class:`_Chunk`): a continuation piece repeats the ``HISTORY`` tokens before its first scored
+target as context (their targets are masked out of the loss, they were scored in the previous
+piece), so the n-gram history of every scored token is its real previous tokens (orders N <= 9)
+without any model input beyond the row, and positions continue through the document. What a row
+cannot give a continuation piece is attention to more than those ``HISTORY`` tokens of the earlier
+document.
 """
 
 from __future__ import annotations
@@ -45,24 +53,49 @@ class TokenSource(grain.sources.RandomAccessDataSource):
         return ids
 
 
-class _Chunk(grain.experimental.FlatMapTransform):
-    """Split documents longer than a packed row into row-sized pieces."""
+HISTORY = 8  # context tokens repeated at the start of a continuation piece (n-gram orders up to 9)
 
-    def __init__(self, length: int, max_pieces: int):
-        self.length, self.max_fan_out = length, max_pieces
+
+class _Chunk(grain.experimental.FlatMapTransform):
+    """A document -> pieces of at most ``length`` tokens (a packed row) that score every target once.
+
+    Piece 0 is tokens ``[0, length)``. With ``s`` the last token of the previous piece, the next
+    piece is ``[s - h, s - h + length)``: its first ``h`` tokens are the real context before ``s``
+    and the token ``s`` itself is its first scored input. Each piece carries ``positions`` (the
+    tokens' positions in the document) and ``scored`` (1 on a token whose prediction trains here).
+    """
+
+    def __init__(self, length: int, history: int = HISTORY):
+        self.length = length
+        self.history = max(0, min(history, length - 2))  # >= 1 new target per piece
+        self.max_fan_out = 1  # set by make_dataset from the longest record
 
     def flat_map(self, ids):
-        return [{"inputs": ids[start : start + self.length]} for start in range(0, len(ids), self.length)]
+        n, pieces, s = len(ids), [], 0
+        while True:
+            a = max(0, s - self.history)
+            b = min(a + self.length, n)
+            index = np.arange(a, b, dtype=np.int32)
+            pieces.append({"inputs": ids[a:b], "positions": index, "scored": (index > s).astype(np.int32)})
+            if b >= n:
+                return pieces
+            s = b - 1
+
+    def pieces(self, n: int) -> int:
+        """How many pieces a document of ``n`` tokens gives."""
+        if n <= self.length:
+            return 1
+        return 1 + -(-(n - self.length) // (self.length - 1 - self.history))
 
 
 def _to_example(row: dict) -> dict:
-    x, seg, pos = row["inputs"], row["inputs_segment_ids"], row["inputs_positions"]
+    x, seg, pos, scored = row["inputs"], row["inputs_segment_ids"], row["positions"], row["scored"]
     return {
         "inputs": x[:-1].astype(np.int32),
         "targets": x[1:].astype(np.int32),
         "segment_ids": seg[:-1].astype(np.int32),
         "positions": pos[:-1].astype(np.int32),
-        "loss_mask": ((seg[1:] == seg[:-1]) & (seg[:-1] > 0)).astype(np.float32),
+        "loss_mask": ((seg[1:] == seg[:-1]) & (seg[:-1] > 0) & (scored[1:] > 0)).astype(np.float32),
     }
 
 
@@ -78,9 +111,11 @@ def make_dataset(data_dir: str | Path, split: str, *, seq_len: int, batch_size: 
         ds = ds.seed(seed).shuffle().repeat(None)
     ds = ds[process_index::process_count]
     meta = read_metadata(data_dir)
-    max_pieces = -(-int(meta.get("max_doc_tokens", 2048)) // (seq_len + 1)) + 1
-    it = grain.experimental.FlatMapIterDataset(ds.to_iter_dataset(), _Chunk(seq_len + 1, max_pieces))
-    it = grain.experimental.FirstFitPackIterDataset(it, length_struct={"inputs": seq_len + 1},
+    chunk = _Chunk(seq_len + 1)
+    chunk.max_fan_out = chunk.pieces(int(meta.get("max_doc_tokens", 2048)) + 1)  # records hold up to that + 1
+    it = grain.experimental.FlatMapIterDataset(ds.to_iter_dataset(), chunk)
+    row = seq_len + 1
+    it = grain.experimental.FirstFitPackIterDataset(it, length_struct={"inputs": row, "positions": row, "scored": row},
                                                     num_packing_bins=batch_size, seed=seed, shuffle_bins=repeat)
     it = it.map(_to_example).batch(batch_size, drop_remainder=repeat)
     return it

@@ -4,10 +4,13 @@
     python -m ngram_jax.data.prepare --input docs.jsonl --tokenizer path/to/tokenizer.json --out data/x
     python -m ngram_jax.data.prepare --bundled --train-bpe 4096 --out data/shakespeare
 
-Each record is one document (or a piece of at most ``--max-doc-tokens`` tokens of one) as int32
-bytes, ending with the EOS token. ``metadata.json`` records the tokenizer hash, vocabulary size,
-EOS id, and record and token counts per split; ``tokenizer.json`` is copied beside it. The output
-directory appears atomically, complete or not at all.
+Each record is one document (or a piece of at most ``--max-doc-tokens`` + 1 tokens of one) as int32
+bytes, ending with the EOS token. Consecutive pieces of a document share one token (the last of a
+piece is the first of the next), so every next-token target of the document is in exactly one record;
+the n-gram history and positions restart at such a record boundary (rare: raise ``--max-doc-tokens``;
+the pipeline itself splits long records into rows without a reset). ``metadata.json`` records the
+tokenizer hash, vocabulary size, EOS id, and record and token counts per split; ``tokenizer.json`` is
+copied beside it. The output directory appears atomically, complete or not at all.
 """
 
 from __future__ import annotations
@@ -64,13 +67,13 @@ def prepare(inputs: Sequence[str | Path], out: str | Path, *, tokenizer: str | P
             if bad.size:
                 raise ValueError(f"{src}: document {index}, token position {int(bad[0])}: id {int(ids[bad[0]])} "
                                  f"is outside the vocabulary [0, {vocab})")
-            for start in range(0, len(ids), max_doc_tokens):
+            for start in range(0, max(len(ids) - 1, 1), max_doc_tokens):  # pieces overlap by one token
                 if writer is None or n_records % records_per_shard == 0:
                     if writer is not None:
                         writer.close()
                     files.append(f"{split}-{len(files):05d}.array_record")
                     writer = ArrayRecordWriter(str(tmp / files[-1]), "group_size:1")
-                writer.write(ids[start : start + max_doc_tokens].astype(np.int32).tobytes())
+                writer.write(ids[start : start + max_doc_tokens + 1].astype(np.int32).tobytes())
                 n_records += 1
             n_tokens += len(ids)
         if writer is not None:

@@ -5,7 +5,22 @@ Router: ``p = softmax(x W_r)`` over E real + Z zero experts in float32; selectio
 ``w = p[selected] * routed_scaling_factor`` (no renormalisation). A zero expert returns its input
 times its weight. Real experts are SwiGLU. The bias is not trained by gradients: it lives in a
 :class:`SelectionBias` variable (outside the optimizer) and :func:`update_selection_bias` moves it
-toward balanced load after each step (aux-loss-free balancing).
+after each step (aux-loss-free balancing, SPEC.md section 3).
+
+Balancing rule (LongCat-Flash, arXiv 2509.01322). With K = ``top_k``, E real and Z zero experts,
+K_e = ``real_experts_per_token`` (the expected number of real experts per token; default K),
+T_i the tokens routed to expert i and T_all the tokens of the step (padding excluded, so
+``sum_i T_i = K * T_all``), every expert has a target share of the K * T_all routed slots:
+``K_e / (K * E)`` for a real expert, ``(K - K_e) / (K * Z)`` for a zero expert, and its gap is
+``g_i = target_i - T_i / (K * T_all)``. The update is ``Δb_i = μ * sign(g_i)`` (``bias_update_rule:
+sign``) or ``Δb_i = μ * g_i`` (``proportional``), μ = ``bias_update_rate``. So the real experts are
+balanced toward their mean and the zero experts together absorb the share ``(K - K_e) / K`` of
+the slots (K_e = K pushes zero experts out; Z = 0 needs K_e = K). The realised share is measurable:
+``counts`` (a :class:`RoutingStats`) holds the last step's assignments per expert over real tokens;
+the training loop logs ``zero_expert_fraction = zero-expert slots / all slots`` from it.
+
+Padding (``token_mask`` False, i.e. ``segment_ids == 0``) counts in no expert load, in no
+auxiliary loss and takes no capacity slot; its output is not meaningful.
 
 Dispatch (index maths as pure functions, all equal on inputs where nothing is dropped):
 - ``dense``: every expert on every token, then select (the test oracle);
@@ -34,6 +49,15 @@ class RoutingStats(nnx.Variable):
     """What the last forward pass routed: per-expert assignment counts and auxiliary losses."""
 
 
+class RoutingSums(NamedTuple):
+    """Per-layer routing totals over real (unmasked) tokens; summed over batch shards as they are."""
+
+    counts: jax.Array  # int32 [E+Z] assignments per expert
+    prob_sum: jax.Array  # f32 [E+Z] sum over tokens of the router probabilities
+    lse_sq_sum: jax.Array  # f32 [] sum over tokens of logsumexp(logits)^2
+    tokens: jax.Array  # f32 [] number of tokens
+
+
 class Routing(NamedTuple):
     probs: jax.Array  # f32 [N, E+Z]
     logits: jax.Array  # f32 [N, E+Z]
@@ -42,8 +66,13 @@ class Routing(NamedTuple):
 
 
 def route(x: jax.Array, kernel: jax.Array, bias: jax.Array, top_k: int, scale: float) -> Routing:
-    """x [N, D], kernel [D, E+Z], bias [E+Z] -> top-k experts and weights (float32 throughout)."""
-    logits = x.astype(jnp.float32) @ kernel.astype(jnp.float32)
+    """x [N, D], kernel [D, E+Z], bias [E+Z] -> top-k experts and weights (float32 throughout).
+
+    The router matmul runs in float32 at ``Precision.HIGHEST`` on every backend: no bfloat16 passes
+    on TPU, no TF32 on GPU, whatever ``jax_default_matmul_precision`` says (top-k is discontinuous:
+    a rounding flip changes the selected expert)."""
+    logits = jnp.matmul(x.astype(jnp.float32), kernel.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST,
+                        preferred_element_type=jnp.float32)
     probs = jax.nn.softmax(logits, axis=-1)
     _, experts = jax.lax.top_k(probs + jax.lax.stop_gradient(bias.astype(jnp.float32)), top_k)
     weights = jnp.take_along_axis(probs, experts, axis=-1) * scale
@@ -107,11 +136,12 @@ def capacity_slots(experts: jax.Array, n_real: int, capacity: int) -> tuple[jax.
     return slot.astype(jnp.int32), real & (slot < capacity)
 
 
-def combine_capacity(x, routing: Routing, gate, up, down, capacity: int) -> jax.Array:
-    """Fixed buffers [E, C, D]; overflowing assignments contribute nothing. [N, D]."""
+def combine_capacity(x, routing: Routing, gate, up, down, capacity: int, mask: jax.Array | None = None) -> jax.Array:
+    """Fixed buffers [E, C, D]; overflowing assignments contribute nothing; tokens where ``mask`` [N]
+    is False (padding) take no slot. [N, D]."""
     n, k = routing.experts.shape
     n_real = gate.shape[0]
-    slot, kept = capacity_slots(routing.experts, n_real, capacity)
+    slot, kept = capacity_slots(_unmasked(routing.experts, mask, n_real), n_real, capacity)
     e = jnp.where(kept, routing.experts, n_real)  # dropped -> an out-of-range expert row
     s = jnp.where(kept, slot, 0)
     buf = jnp.zeros((n_real, capacity, x.shape[-1]), x.dtype)
@@ -122,6 +152,11 @@ def combine_capacity(x, routing: Routing, gate, up, down, capacity: int) -> jax.
     real = routing.experts < n_real
     contrib = jnp.where(real[..., None], y, x[:, None, :])
     return jnp.einsum("nk,nkd->nd", routing.weights.astype(x.dtype), contrib)
+
+
+def _unmasked(experts: jax.Array, mask: jax.Array | None, no_expert: int) -> jax.Array:
+    """``experts`` [N, k] with the rows of masked-out tokens replaced by ``no_expert``."""
+    return experts if mask is None else jnp.where(mask[:, None], experts, no_expert)
 
 
 def grouped_swiglu(xs: jax.Array, groups: jax.Array, gate, up, down) -> jax.Array:
@@ -137,7 +172,7 @@ def grouped_swiglu(xs: jax.Array, groups: jax.Array, gate, up, down) -> jax.Arra
 
 
 def combine_expert_parallel(x, routing: Routing, gate, up, down, *, axis: str, capacity: int,
-                            mlp_axes: tuple[str, ...]) -> jax.Array:
+                            mlp_axes: tuple[str, ...], mask: jax.Array | None = None) -> jax.Array:
     """Inside ``shard_map``: experts split over mesh ``axis`` (this device holds E_loc of them).
 
     Each real assignment is sent to the device owning its expert with ``all_to_all`` (fixed
@@ -150,6 +185,7 @@ def combine_expert_parallel(x, routing: Routing, gate, up, down, *, axis: str, c
     n_real = e_loc * ep
     real = routing.experts < n_real
     dest = jnp.where(real, routing.experts // e_loc, ep)  # [n, k]; ep = "stays here"
+    dest = _unmasked(dest, mask, ep)
     slot, kept = capacity_slots(dest, ep, capacity)  # per-destination slots
     d_idx, s_idx = jnp.where(kept, dest, ep), jnp.where(kept, slot, 0)
     send_x = jnp.zeros((ep, capacity, x.shape[-1]), x.dtype).at[d_idx, s_idx].set(
@@ -167,15 +203,36 @@ def combine_expert_parallel(x, routing: Routing, gate, up, down, *, axis: str, c
     return jnp.einsum("nk,nkd->nd", routing.weights.astype(x.dtype), contrib)
 
 
-def load_balance_loss(routing: Routing) -> jax.Array:
-    """Switch loss ``E * sum_i f_i * P_i`` over all E+Z experts (f: fraction of assignments)."""
+def routing_sums(routing: Routing, mask: jax.Array | None = None) -> RoutingSums:
+    """Totals of one routing over the tokens where ``mask`` [N] is True (all when None)."""
+    n, k = routing.experts.shape
+    m = jnp.ones((n,), jnp.float32) if mask is None else mask.astype(jnp.float32)
     n_all = routing.probs.shape[-1]
-    f = jnp.bincount(routing.experts.reshape(-1), length=n_all) / routing.experts.size
-    return n_all * jnp.sum(jax.lax.stop_gradient(f) * routing.probs.mean(0))
+    counts = jnp.bincount(routing.experts.reshape(-1), weights=jnp.repeat(m, k), length=n_all)
+    lse = jax.nn.logsumexp(routing.logits, axis=-1)
+    return RoutingSums(counts.astype(jnp.int32), jnp.einsum("n,ne->e", m, routing.probs),
+                       jnp.sum(m * lse**2), jnp.sum(m))
 
 
-def router_z_loss(routing: Routing) -> jax.Array:
-    return jnp.mean(jax.nn.logsumexp(routing.logits, axis=-1) ** 2)
+def load_balance_loss_from_sums(sums: RoutingSums) -> jax.Array:
+    """Switch loss ``(E+Z) * sum_i f_i * P_i`` (f: fraction of assignments, P: mean probability)."""
+    n_all = sums.counts.shape[-1]
+    f = sums.counts.astype(jnp.float32) / jnp.maximum(jnp.sum(sums.counts), 1).astype(jnp.float32)
+    p = sums.prob_sum / jnp.maximum(sums.tokens, 1.0)
+    return n_all * jnp.sum(jax.lax.stop_gradient(f) * p)
+
+
+def router_z_loss_from_sums(sums: RoutingSums) -> jax.Array:
+    return sums.lse_sq_sum / jnp.maximum(sums.tokens, 1.0)
+
+
+def load_balance_loss(routing: Routing, mask: jax.Array | None = None) -> jax.Array:
+    """Switch loss over all E+Z experts and the tokens where ``mask`` is True."""
+    return load_balance_loss_from_sums(routing_sums(routing, mask))
+
+
+def router_z_loss(routing: Routing, mask: jax.Array | None = None) -> jax.Array:
+    return router_z_loss_from_sums(routing_sums(routing, mask))
 
 
 class MoE(nnx.Module):
@@ -196,51 +253,53 @@ class MoE(nnx.Module):
         self.counts = RoutingStats(jnp.zeros((e + z,), jnp.int32))
         self.aux_loss = RoutingStats(jnp.zeros((), jnp.float32))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, token_mask: jax.Array | None = None) -> jax.Array:
         """x [B, S, D] -> [B, S, D]; records per-expert counts and the weighted auxiliary loss.
 
-        Inside a mesh context whose rules split the ``expert`` logical axis, experts run
-        expert-parallel (``all_to_all`` inside ``shard_map``); otherwise by ``cfg.dispatch``.
+        ``token_mask`` bool [B, S] (e.g. ``segment_ids != 0``) marks the real tokens: padding counts
+        in no expert load and no auxiliary loss, and takes no capacity slot. Inside a mesh context
+        whose rules split the ``expert`` logical axis, experts run expert-parallel (``all_to_all``
+        inside ``shard_map``); otherwise by ``cfg.dispatch``.
         """
         from ngram_jax.sharding import current_mesh, mesh_axes
 
         shape = x.shape
         flat = x.reshape(-1, shape[-1]).astype(self.dtype)  # [N, D]
+        mask = jnp.ones(flat.shape[:1], bool) if token_mask is None else jnp.asarray(token_mask).reshape(-1) != 0
         experts = (p[...].astype(self.dtype) for p in (self.gate, self.up, self.down))
         params = (self.router[...], self.bias[...], *experts)
         mesh = current_mesh()
         ep_axes = tuple(a for a in mesh_axes("expert") if mesh is not None and a in mesh.axis_names
                         and mesh.shape[a] > 1)
         if ep_axes:
-            y, counts, aux = self._expert_parallel(flat, params, mesh, ep_axes)
+            y, sums = self._expert_parallel(flat, mask, params, mesh, ep_axes)
         else:
-            y, counts, aux = self._local(flat, *params)
-        self.counts[...] = counts
-        self.aux_loss[...] = aux
+            y, sums = self._local(flat, mask, *params)
+        self.counts[...] = sums.counts
+        self.aux_loss[...] = self._aux_loss(sums)
         return y.reshape(shape)
 
-    def _routing_outputs(self, routing: Routing) -> tuple[jax.Array, jax.Array]:
+    def _aux_loss(self, sums: RoutingSums) -> jax.Array:
         c = self.cfg
-        counts = jnp.bincount(routing.experts.reshape(-1), length=c.num_experts + c.num_zero_experts)
         aux = jnp.zeros((), jnp.float32)
         if c.load_balance_loss_weight:
-            aux = aux + c.load_balance_loss_weight * load_balance_loss(routing)
+            aux = aux + c.load_balance_loss_weight * load_balance_loss_from_sums(sums)
         if c.router_z_loss_weight:
-            aux = aux + c.router_z_loss_weight * router_z_loss(routing)
-        return counts, aux
+            aux = aux + c.router_z_loss_weight * router_z_loss_from_sums(sums)
+        return aux
 
-    def _local(self, flat, router, bias, gate, up, down):
+    def _local(self, flat, mask, router, bias, gate, up, down):
         c = self.cfg
         routing = route(flat, router, bias, c.top_k, c.routed_scaling_factor)
         if c.dispatch == "dense":
             y = combine_dense(flat, routing, gate, up, down)
         elif c.dispatch == "capacity":
-            y = combine_capacity(flat, routing, gate, up, down, self.capacity(flat.shape[0]))
+            y = combine_capacity(flat, routing, gate, up, down, self.capacity(flat.shape[0]), mask)
         else:
             y = combine_dropless(flat, routing, gate, up, down)
-        return (y, *self._routing_outputs(routing))
+        return y, routing_sums(routing, mask)
 
-    def _expert_parallel(self, flat, params, mesh, ep_axes: tuple[str, ...]):
+    def _expert_parallel(self, flat, mask, params, mesh, ep_axes: tuple[str, ...]):
         from jax.sharding import PartitionSpec as P
 
         from ngram_jax.config import ConfigError
@@ -264,42 +323,70 @@ class MoE(nnx.Module):
         if c.dispatch == "capacity":
             capacity = max(1, math.ceil(c.capacity_factor * n_local * c.top_k / ep))
 
-        def local(x, router, bias, gate, up, down):
+        def local(x, m, router, bias, gate, up, down):
             routing = route(x, router, bias, c.top_k, c.routed_scaling_factor)
             y = combine_expert_parallel(x, routing, gate, up, down, axis=axis, capacity=capacity,
-                                        mlp_axes=mlp_axes)
-            counts, aux = self._routing_outputs(routing)
-            if batch_axes:
-                counts, aux = jax.lax.psum(counts, batch_axes), jax.lax.pmean(aux, batch_axes)
-            return y, counts, aux
+                                        mlp_axes=mlp_axes, mask=m)
+            sums = routing_sums(routing, m)
+            if batch_axes:  # exact totals over the global batch
+                sums = RoutingSums(*(jax.lax.psum(v, batch_axes) for v in sums))
+            return y, sums
 
         b = batch_axes or None
         mlp = mlp_axes or None
         w_spec = P(axis, None, mlp)
         return jax.shard_map(local, mesh=mesh, check_vma=False,
-                             in_specs=(P(b, None), P(), P(), w_spec, w_spec, P(axis, mlp, None)),
-                             out_specs=(P(b, None), P(), P()))(flat, *params)
+                             in_specs=(P(b, None), P(b), P(), P(), w_spec, w_spec, P(axis, mlp, None)),
+                             out_specs=(P(b, None), RoutingSums(P(), P(), P(), P())))(flat, mask, *params)
 
     def capacity(self, tokens: int) -> int:
         c = self.cfg
         return max(1, math.ceil(c.capacity_factor * tokens * c.top_k / max(c.num_experts, 1)))
 
 
-def bias_update(bias: jax.Array, counts: jax.Array, rate: float, rule: str) -> jax.Array:
-    """Aux-loss-free balancing: raise the bias of under-loaded experts, lower the over-loaded."""
+def real_experts_per_token(cfg: MoEConfig) -> float:
+    """K_e: the configured expected number of real experts per token (default: all of top_k)."""
+    return float(cfg.top_k if cfg.real_experts_per_token is None else cfg.real_experts_per_token)
+
+
+def balance_targets(num_experts: int, num_zero_experts: int, top_k: int, real_per_token: float) -> np.ndarray:
+    """Target share of the routed slots per expert, float32 [E+Z] summing to 1:
+    ``K_e / (K * E)`` for each real expert, ``(K - K_e) / (K * Z)`` for each zero expert."""
+    e, z, k = num_experts, num_zero_experts, top_k
+    real = np.full(e, real_per_token / (k * e))
+    zero = np.full(z, (k - real_per_token) / (k * z) if z else 0.0)
+    return np.concatenate([real, zero]).astype(np.float32)
+
+
+def bias_update(bias: jax.Array, counts: jax.Array, rate: float, rule: str,
+                targets: jax.Array | np.ndarray | None = None) -> jax.Array:
+    """Aux-loss-free balancing: ``Δb_i = rate * sign(g_i)`` (``sign``) or ``rate * g_i`` (``proportional``)
+    with the gap ``g_i = targets_i - T_i / (K * T_all)`` (``counts`` = T_i, whose sum is K * T_all).
+
+    ``targets`` (see :func:`balance_targets`) default to equal shares. A step without tokens (all
+    padding) leaves the bias unchanged.
+    """
     load = counts.astype(jnp.float32)
-    mean = load.mean()
+    total = load.sum()
+    if targets is None:
+        targets = jnp.full(load.shape, 1.0 / load.shape[-1], jnp.float32)
+    gap = jnp.where(total > 0, jnp.asarray(targets, jnp.float32) - load / jnp.maximum(total, 1.0), 0.0)
     if rule == "sign":
-        return bias + rate * jnp.sign(mean - load)
-    return bias + rate * (mean - load) / jnp.maximum(mean, 1.0)
+        return bias + rate * jnp.sign(gap)
+    if rule == "proportional":
+        return bias + rate * gap
+    raise ValueError(f"unknown bias update rule {rule!r}; use 'sign' or 'proportional'")
 
 
 def update_selection_bias(model: nnx.Module) -> None:
-    """Apply :func:`bias_update` to every MoE layer of ``model`` from its last recorded counts."""
+    """Apply :func:`bias_update` to every MoE layer of ``model`` from its last recorded counts,
+    toward the targets of ``model.moe.real_experts_per_token`` (see the module docstring)."""
     for _, module in nnx.iter_modules(model):
         if isinstance(module, MoE):
-            module.bias[...] = bias_update(module.bias[...], module.counts[...], module.cfg.bias_update_rate,
-                                           module.cfg.bias_update_rule)
+            c = module.cfg
+            targets = balance_targets(c.num_experts, c.num_zero_experts, c.top_k, real_experts_per_token(c))
+            module.bias[...] = bias_update(module.bias[...], module.counts[...], c.bias_update_rate,
+                                           c.bias_update_rule, targets)
 
 
 def numpy_route(x, kernel, bias, top_k, scale):

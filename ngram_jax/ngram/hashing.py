@@ -15,9 +15,7 @@ in numpy int64, written straight from the formula) live in ``tests/oracles.py``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from fractions import Fraction
 from typing import NamedTuple
 
 import jax
@@ -58,16 +56,20 @@ def num_tables(max_n: int, splits: int) -> int:
 
 
 def table_sizes(vocab_size: int, max_n: int, splits: int, ratio: float) -> tuple[int, ...]:
-    """Sub-table sizes ``M_idx = floor(ratio * V) + 2 * idx + 1`` (odd and all distinct).
+    """Sub-table sizes ``M_idx = int(ratio * V + 2 * idx + 1)`` in Python float arithmetic.
 
-    ``ratio`` is read as the decimal the user wrote (``Fraction(str(ratio))``) so that, e.g.,
-    ``8.37 * 32768`` floors the same way on every machine.
+    This is the reference's arithmetic exactly (HF ``modeling_longcat_ngram.py``, sglang and vLLM:
+    ``m = ngram_vocab_size_ratio * vocab_size``; ``int(m + 2 * i + 1)``): the product and the sum are
+    IEEE doubles, then truncated. For an integer ``ratio * V`` this is ``ratio * V + 2 * idx + 1``
+    (odd, all distinct); for other ratios the float rounding of the reference is kept, e.g. V=100,
+    r=0.57: ``0.57 * 100 = 56.99999999999999`` gives sizes 57, 59, 61, 63, 66, 68, ... (strictly
+    increasing, so still distinct, but not all odd), so that weights import and export 1:1.
     """
     _check_layout_args(vocab_size, max_n, splits)
     if not ratio > 0:
         raise ValueError(f"table ratio must be > 0, got {ratio}")
-    base = math.floor(Fraction(str(ratio)) * vocab_size)
-    sizes = tuple(base + 2 * idx + 1 for idx in range(num_tables(max_n, splits)))
+    m = (ratio if isinstance(ratio, int) else float(ratio)) * vocab_size  # int stays exact, as in Python
+    sizes = tuple(int(m + idx * 2 + 1) for idx in range(num_tables(max_n, splits)))
     if sizes[-1] > MAX_TABLE_SIZE:
         raise ValueError(
             f"sub-table size {sizes[-1]} exceeds 2^31 - 1 (ratio={ratio}, vocab_size={vocab_size}); "

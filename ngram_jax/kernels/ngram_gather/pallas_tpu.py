@@ -176,20 +176,24 @@ def ngram_gather_pallas_tpu(tokens, table, *, layout, eos_id, segment_ids=None, 
     """Rows (or the projected mean with ``proj``) through the kernel, differentiable w.r.t. ``table``."""
 
     shape, dtype = table.shape, table.dtype
+    if segment_ids is None:
+        segment_ids = jnp.ones_like(tokens)
 
+    # tokens, segments and the shard start are arguments (not closed over), so that the backward pass
+    # holds no tracer of an enclosing transformation (shard_map, grad)
     @jax.custom_vjp
-    def gather(tab):
-        return gather_rows_pallas(tokens, tab, layout, eos_id, segment_ids, row_start, interpret)
+    def gather(tab, tok, seg, start):
+        return gather_rows_pallas(tok, tab, layout, eos_id, seg, start, interpret)
 
-    def fwd(tab):
-        return gather(tab), None
+    def fwd(tab, tok, seg, start):
+        return gather(tab, tok, seg, start), (tok, seg, start)
 
-    def bwd(_, ct):
-        rows = flat_rows(tokens, layout, eos_id, segment_ids)
-        return (scatter_add_rows(shape, dtype, rows, jnp.asarray(row_start, jnp.int32), ct),)
+    def bwd(res, ct):
+        tok, seg, start = res
+        return scatter_add_rows(shape, dtype, flat_rows(tok, layout, eos_id, seg), start, ct), None, None, None
 
     gather.defvjp(fwd, bwd)
-    rows = gather(table)
+    rows = gather(table, tokens, segment_ids, jnp.asarray(row_start, jnp.int32))
     if proj is None:
         return rows
     return jnp.einsum("bste,ted->bsd", rows, proj) / (1 + layout.num_tables)
