@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/input_pipeline.py
 	$(PY) benchmarks/decode.py
 	$(PY) benchmarks/ngram_gather.py
+	$(PY) benchmarks/table_growth.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -4,6 +4,7 @@
 
 Times the jitted decode step (KV cache + N-gram cache) after a prefill; both models share every
 other setting (tiny_ne vs tiny_plain). Goal: NE costs at most 5% per token.
+Last line: ``decode_ne_overhead=<NE time per token / plain time per token>``.
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ def main() -> None:
     print("rounds (tokens/s):", {k: [round(x) for x in v] for k, v in rates.items()})
     print(f"tiny_plain  {plain:>10,.0f} tokens/s")
     print(f"tiny_ne     {ne:>10,.0f} tokens/s   NE cost per token: {plain / ne - 1:+.1%}")
+    print(f"decode_ne_overhead={plain / ne:.3f}")
 
 
 if __name__ == "__main__":

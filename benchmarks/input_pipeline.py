@@ -2,9 +2,10 @@
 
     python benchmarks/input_pipeline.py [--config configs/train_tiny.yaml --batches 200]
 
-Pipeline: shuffle + packing + next-token targets + batching, with n-gram ids computed on the host
-(``data.ngram_ids=pipeline``, the heavier mode) and without. Training: the jitted step of the same
-config on this machine. Goal: the pipeline is at least 10x faster than training consumes.
+Pipeline: shuffle + packing + next-token targets + batching (the model computes n-gram ids itself,
+on device).
+Training: the jitted step of the same config on this machine. Goal: the pipeline is at least 10x
+faster than training consumes.
 """
 
 from __future__ import annotations
@@ -20,14 +21,11 @@ from flax import nnx
 from ngram_jax.config import ConfigWarning, load_config
 from ngram_jax.data.pipeline import make_dataset
 from ngram_jax.data.prepare import ensure_bundled
-from ngram_jax.ngram import hashing
 
 
-def pipeline_rate(cfg, batches: int, with_ids: bool) -> float:
-    m = cfg.model
-    layout = hashing.make_layout(m.vocab_size, m.ngram.max_n, m.ngram.splits, m.ngram.ratio) if with_ids else None
+def pipeline_rate(cfg, batches: int) -> float:
     it = iter(make_dataset(cfg.data.path, "train", seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size,
-                           vocab_size=m.vocab_size, seed=0, ngram_layout=layout, eos_id=m.eos_id))
+                           vocab_size=cfg.model.vocab_size, seed=0))
     next(it)
     t0, n = time.perf_counter(), 0
     for _ in range(batches):
@@ -64,13 +62,11 @@ def main() -> None:
         warnings.simplefilter("ignore", ConfigWarning)
         cfg = load_config(args.config)
     ensure_bundled(cfg.data.path, cfg.model.vocab_size)
-    plain = pipeline_rate(cfg, args.batches, with_ids=False)
-    with_ids = pipeline_rate(cfg, args.batches, with_ids=True)
+    plain = pipeline_rate(cfg, args.batches)
     train = training_rate(cfg, args.train_steps)
     print(f"# {time.strftime('%Y-%m-%d')} {platform.node()} {jax.devices()[0].device_kind}, jax {jax.__version__}; "
           f"{args.config}: batch {cfg.data.batch_size} x seq {cfg.data.seq_len}")
     for name, rate in (("pipeline (packing, targets, batching)", plain),
-                       ("pipeline + host n-gram ids (data.ngram_ids=pipeline)", with_ids),
                        ("training step (jitted, 1 device)", train)):
         print(f"{name:<54} {rate:>11,.0f} tokens/s  {rate / train:6.1f}x training")
 

@@ -191,7 +191,7 @@ class TrainConfig:
     ngram_lr_multiplier: float = 1.0  # learning rate of the N-gram tables relative to lr
     ngram_weight_decay: float = 0.0  # the N-gram (and token) tables get no weight decay by default
     # N-gram tables: dense (optax AdamW on the full table gradient, the control) | rowwise_adagrad |
-    # lazy_adam (sparse: only the rows a batch read are updated; see docs/SPARSE_TABLES.md)
+    # lazy_adam (sparse: only the rows a batch read are updated; see ngram_jax/train/optimizer.py)
     table_optimizer: Literal["dense", "rowwise_adagrad", "lazy_adam"] = "dense"
     run_dir: str = "runs/default"
     log_every: int = 10
