@@ -200,11 +200,14 @@ class HashedTables(nnx.Module):
         [B, S, T, L*d_e] -> [B, S, W] (NE) or [B, S, L, W] (PLNE)."""
         t = self.layout.num_tables
         base = base.astype(self.dtype)
-        if self.layers is None:
-            return (base + jnp.einsum("bste,tew->bsw", gathered, self._proj())) / (1 + t)
-        g = gathered.reshape(*gathered.shape[:3], self.layers, -1)  # [B, S, T, L, d_e]
-        base = base.reshape(*base.shape[:2], self.layers, self.width)  # [B, S, L, W]
-        return (base + jnp.einsum("bstle,ltew->bslw", g, self._proj())) / (1 + t)
+        b, s = gathered.shape[:2]
+        if self.layers is None:  # one [B*S, T*d_e] x [T*d_e, W] matmul sums the T projections
+            proj = self._proj().reshape(-1, self.width)
+            return (base + (gathered.reshape(b, s, -1) @ proj)) / (1 + t)
+        g = gathered.reshape(b, s, t, self.layers, -1).swapaxes(2, 3).reshape(b, s, self.layers, -1)  # [B,S,L,T*d_e]
+        proj = self._proj().reshape(self.layers, -1, self.width)  # [L, T*d_e, W]
+        base = base.reshape(b, s, self.layers, self.width)  # [B, S, L, W]
+        return (base + jnp.einsum("bslk,lkw->bslw", g, proj)) / (1 + t)
 
     def token_rows(self, tokens: jax.Array) -> jax.Array:
         """E0[x_t] [B, S, L*W]: the token table, row-sharded like the N-gram table."""
