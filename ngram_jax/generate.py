@@ -106,14 +106,31 @@ def sample(logits: jax.Array, key: jax.Array, temperature: float = 0.0, top_k: i
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
+def frozen(fn, model: Model, static_argnums: tuple[int, ...] = ()):
+    """``fn(model, *args)`` jitted over a fixed model, for inference: the parameters are inputs only.
+
+    ``nnx.jit`` returns every variable of the model as an output (it cannot know which ones the call
+    changed), and XLA copies each one per call: for decoding that is a full copy of the N-gram tables
+    per generated token. Here the model state is split once and the call's mutations (e.g. routing
+    statistics) are dropped, so nothing is copied.
+    """
+    graphdef, state = nnx.split(model)
+
+    def call(st, *args):
+        return fn(nnx.merge(graphdef, st), *args)
+
+    jitted = jax.jit(call, static_argnums=tuple(i + 1 for i in static_argnums))
+    return lambda *args: jitted(state, *args)
+
+
 def generate(model: Model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_at_eos: bool = True) -> list[list[int]]:
     """Continue each prompt by up to ``max_new_tokens`` tokens (stops a row at EOS when asked)."""
     tokens, seg = left_pad(prompts)
-    prefill_fn = nnx.jit(prefill, static_argnums=(3,))
-    step_fn = nnx.cached_partial(nnx.jit(decode_step), model)  # skips nnx's per-call graph traversal
+    prefill_fn = frozen(prefill, model, static_argnums=(2,))
+    step_fn = frozen(decode_step, model)
     sample_fn = jax.jit(sample, static_argnums=(2, 3, 4))
-    logits, state = prefill_fn(model, jnp.asarray(tokens), jnp.asarray(seg), tokens.shape[1] + max_new_tokens)
+    logits, state = prefill_fn(jnp.asarray(tokens), jnp.asarray(seg), tokens.shape[1] + max_new_tokens)
     key = jax.random.key(seed)
     out = [[] for _ in prompts]
     done = np.zeros(len(prompts), bool)
