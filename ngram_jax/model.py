@@ -28,6 +28,7 @@ from ngram_jax.ngram import hashing
 from ngram_jax.ngram.embedding import NgramEmbedding
 from ngram_jax.ngram.lookup import Table, hashed_tables, token_lookup
 from ngram_jax.ngram.ple import PerLayerEmbedding, PerLayerNgramEmbedding, PLEFeedForward
+from ngram_jax.sharding import logical_axes
 
 
 class TokenEmbedding(nnx.Module):
@@ -37,7 +38,7 @@ class TokenEmbedding(nnx.Module):
                  param_dtype=jnp.float32, rngs: nnx.Rngs):
         init = nnx.initializers.normal(init_std)
         self.embedding = Table(init(rngs.params(), (vocab_size, d_model), param_dtype),
-                               out_sharding=("vocab_rows", "table_embed"))
+                               **logical_axes(("vocab_rows", "table_embed")))
         self.vocab_size, self.dtype = vocab_size, dtype
 
     def __call__(self, tokens, *, segment_ids=None, history=None):

@@ -20,7 +20,7 @@ from ngram_jax.data.corpus import bundled_corpus_files
 from ngram_jax.data.pipeline import make_dataset
 from ngram_jax.data.prepare import prepare
 from ngram_jax.sharding import make_mesh_from_spec, param_context
-from ngram_jax.train.loop import eval_step
+from ngram_jax.train.loss import eval_step
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["model.d_model=64", "model.num_blocks=1", "model.ffn_dim=128", "model.moe.expert_dim=32",

@@ -39,6 +39,7 @@ import numpy as np
 from flax import nnx
 
 from ngram_jax.config import MoEConfig
+from ngram_jax.sharding import logical_axes
 
 
 class SelectionBias(nnx.Variable):
@@ -242,13 +243,13 @@ class MoE(nnx.Module):
         e, z, f = cfg.num_experts, cfg.num_zero_experts, cfg.expert_dim
         normal = nnx.initializers.normal(init_std)
         self.router = nnx.Param(normal(rngs.params(), (d_model, e + z), jnp.float32),
-                                out_sharding=("embed", "router"))  # [D, E+Z], kept in float32
+                                **logical_axes(("embed", "router")))  # [D, E+Z], kept in float32
         self.gate = nnx.Param(normal(rngs.params(), (e, d_model, f), param_dtype),
-                              out_sharding=("expert", "embed", "expert_mlp"))  # [E, D, F]
+                              **logical_axes(("expert", "embed", "expert_mlp")))  # [E, D, F]
         self.up = nnx.Param(normal(rngs.params(), (e, d_model, f), param_dtype),
-                            out_sharding=("expert", "embed", "expert_mlp"))  # [E, D, F]
+                            **logical_axes(("expert", "embed", "expert_mlp")))  # [E, D, F]
         self.down = nnx.Param(normal(rngs.params(), (e, f, d_model), param_dtype),
-                              out_sharding=("expert", "expert_mlp", "embed"))  # [E, F, D]
+                              **logical_axes(("expert", "expert_mlp", "embed")))  # [E, F, D]
         self.bias = SelectionBias(jnp.zeros((e + z,), jnp.float32))
         self.counts = RoutingStats(jnp.zeros((e + z,), jnp.int32))
         self.aux_loss = RoutingStats(jnp.zeros((), jnp.float32))

@@ -20,33 +20,21 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ngram_jax.budget import parameter_budget
-from ngram_jax.checkpoint import (
-    Checkpointer,
-    build_train_state,
-    config_differences,
-    row_chunked_paths,
-    train_state_target,
-)
+from ngram_jax.checkpoint import Checkpointer, config_differences, row_chunked_paths
 from ngram_jax.config import Config, ConfigError, to_dict
 from ngram_jax.data.pipeline import make_dataset
 from ngram_jax.data.prepare import ensure_bundled, read_metadata
 from ngram_jax.layers.moe import update_selection_bias
 from ngram_jax.ngram.lookup import hashed_tables, row_perturbations
 from ngram_jax.sharding import initialize_distributed, make_mesh, param_context, rules_for_mesh
+from ngram_jax.train.loss import eval_step, loss_fn
 from ngram_jax.train.metrics import MetricsWriter, flops_per_token, peak_flops
 from ngram_jax.train.optimizer import Optimizer, schedule
+from ngram_jax.train.state import build_train_state, train_state_target
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
-
-
-def loss_fn(model, batch):
-    logits = model(batch["inputs"], segment_ids=batch["segment_ids"], positions=batch["positions"])
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-    mask = batch["loss_mask"]
-    loss = jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-    return loss + model.aux_loss(), loss
 
 
 def train_step(model, opt: Optimizer, batch):
@@ -85,12 +73,6 @@ def train_step(model, opt: Optimizer, batch):
     return {"loss": loss, "grad_norm": grad_norm,
             "expert_counts": jnp.stack(counts) if counts else jnp.zeros((0, 0), jnp.int32),
             "ngram_rows_seen_frac": usage[0] if usage else jnp.float32(jnp.nan)}
-
-
-def eval_step(model, batch):
-    logits = model(batch["inputs"], segment_ids=batch["segment_ids"], positions=batch["positions"])
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-    return jnp.sum(ce * batch["loss_mask"]), jnp.sum(batch["loss_mask"])
 
 
 class _StopFlag:
