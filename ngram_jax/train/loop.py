@@ -19,7 +19,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ngram_jax.budget import parameter_budget
+from ngram_jax.budget import check_config, parameter_budget
 from ngram_jax.checkpoint import Checkpointer, config_differences, row_chunked_paths
 from ngram_jax.config import Config, ConfigError, to_dict
 from ngram_jax.data.pipeline import make_dataset
@@ -139,6 +139,7 @@ def log_metrics(cfg: Config, out: dict, steps: int, elapsed: float, tokens_per_s
 
 def train(cfg: Config) -> dict:
     """Train (or resume) the run ``cfg.train.run_dir``; returns the final metrics."""
+    check_config(cfg)
     initialize_distributed()
     t, d = cfg.train, cfg.data
     run_dir = Path(t.run_dir)
