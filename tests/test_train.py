@@ -270,3 +270,28 @@ def test_eval_cli_runs_a_local_lm_eval_task(straight, tmp_path):
     result = json.loads((straight[0] / "eval_results.json").read_text())
     assert 0.0 <= result["tasks"]["ngram_jax_tiny_mc"]["acc,none"] <= 1.0
     assert "ngram_jax_tiny_mc: " in res.stdout
+
+
+def test_throughput_window_excludes_eval_and_checkpoint_time(data_dir, tmp_path):
+    """Evaluation and checkpoint saves made 2 s slower each: the logged step time stays the step's."""
+    run_dir = tmp_path / "slow_eval"
+    code = f"""
+import time, warnings
+import ngram_jax.train.loop as loop
+from ngram_jax.config import load_config
+evaluate, save = loop.evaluate, loop.Checkpointer.save
+loop.evaluate = lambda *a: (time.sleep(2.0), evaluate(*a))[1]
+loop.Checkpointer.save = lambda *a, **k: (time.sleep(2.0), save(*a, **k))[1]
+cfg = load_config({str(ROOT / "configs/models/tiny_ne.yaml")!r}, {overrides(data_dir, run_dir)!r} + [
+    "train.steps=12", "train.log_every=4", "train.eval_every=4", "train.checkpoint_every=4"])
+loop.train(cfg)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env_one_device(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    logged = {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+    for step in (8, 12):  # windows after an eval and a save (4 s outside the steps): 1 s a step if counted
+        assert logged[step]["step_time_s"] < 0.5, logged[step]
+        assert 0 < logged[step]["train_tokens"] <= 4 * 8 * 32
+        assert logged[step]["tokens_per_s"] == pytest.approx(logged[step]["train_tokens"]
+                                                             / (4 * logged[step]["step_time_s"]))
