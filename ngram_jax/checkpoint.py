@@ -20,7 +20,9 @@ from ngram_jax.config import Config, ConfigError, from_dict, to_dict
 from ngram_jax.train.state import build_train_state, train_state_target
 
 # Keys that may differ between a checkpoint and the run resuming it (run control, not the model).
-RUN_CONTROL_KEYS = ("train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
+# train.steps is checked on its own by the training loop (it shapes the learning-rate schedule: a change
+# needs train.extend=true).
+RUN_CONTROL_KEYS = ("train.steps", "train.extend", "train.log_every", "train.eval_every", "train.eval_batches",
                     "train.checkpoint_every", "train.keep_checkpoints", "train.progress", "train.run_dir",
                     "train.peak_flops_per_device", "data.path", "data.bundled", "mesh.ici", "mesh.dcn", "name")
 

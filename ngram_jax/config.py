@@ -181,6 +181,11 @@ class DataConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = 1000
+    # Resuming a run with another train.steps is refused (the cosine schedule decays over train.steps).
+    # extend: true allows it: the remaining steps follow the schedule of the new train.steps (warmup
+    # unchanged; the cosine is recomputed over the new total, so the learning rate moves to the new
+    # curve's value at the resume step: up when extending a run, down when shortening it).
+    extend: bool = False
     lr: float = 3e-3
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1  # cosine decays to lr * this

@@ -295,3 +295,25 @@ loop.train(cfg)
         assert 0 < logged[step]["train_tokens"] <= 4 * 8 * 32
         assert logged[step]["tokens_per_s"] == pytest.approx(logged[step]["train_tokens"]
                                                              / (4 * logged[step]["step_time_s"]))
+
+
+def test_resume_with_other_steps_needs_extend(straight, data_dir, tmp_path):
+    """Defect 5: another train.steps would change the learning-rate curve; train.extend=true allows it."""
+    from ngram_jax.train.optimizer import schedule
+
+    run_dir = tmp_path / "extend"
+    shutil.copytree(straight[0], run_dir)
+    steps = [s for s in STEPS if not s.startswith("train.steps=")]
+    rc, out = run(data_dir, run_dir, *steps, "train.steps=320")
+    assert rc != 0
+    assert "train.steps=300" in out and "train.steps=320" in out and "train.extend=true" in out, out
+    assert max(losses(run_dir)) == 300  # nothing trained
+    rc, out = run(data_dir, run_dir, *steps, "train.steps=310", "train.extend=true")
+    assert rc == 0, out
+    assert f"resumed {run_dir} from step 300" in out
+    records = {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+    assert max(records) == 310
+    cfg = load_config(ROOT / "configs/models/tiny_ne.yaml", overrides(data_dir, run_dir, *steps, "train.steps=310"))
+    assert records[301]["lr"] == pytest.approx(float(schedule(cfg.train)(300)))
+    rc, out = run(data_dir, run_dir, *steps, "train.steps=310")  # the new steps are the run's steps now
+    assert rc == 0, out

@@ -6,6 +6,7 @@ current step and exit cleanly; a non-finite loss stops with a clear message and 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import signal
 import time
@@ -134,6 +135,21 @@ def log_metrics(cfg: Config, out: dict, window: TrainWindow) -> dict:
     return record
 
 
+def check_resumed_steps(saved_steps: int, cfg: Config, start: int) -> None:
+    """Resuming with another ``train.steps`` would silently change the learning-rate schedule (the
+    cosine decays over ``train.steps``): refused unless ``train.extend`` is true, which takes the
+    schedule of the new ``train.steps`` for the remaining steps."""
+    steps = cfg.train.steps
+    if steps == saved_steps or cfg.train.extend:
+        return
+    old, new = schedule(dataclasses.replace(cfg.train, steps=saved_steps)), schedule(cfg.train)
+    raise ConfigError(
+        f"{cfg.train.run_dir} was trained (to step {start}) with train.steps={saved_steps}, which its "
+        f"learning-rate schedule decays over; train.steps={steps} would change the learning rate from step "
+        f"{start} on ({float(old(start)):.3g} -> {float(new(start)):.3g}). Resume with train.steps={saved_steps}, "
+        f"or set train.extend=true to continue on the schedule of train.steps={steps}")
+
+
 def train(cfg: Config) -> dict:
     """Train (or resume) the run ``cfg.train.run_dir``; returns the final metrics."""
     check_config(cfg)
@@ -169,11 +185,17 @@ def train(cfg: Config) -> dict:
     ckpt = Checkpointer(run_dir / "checkpoints", t.keep_checkpoints)
     start = ckpt.latest_step() or 0
     if start:
-        diffs = config_differences(ckpt.read_meta(start)["config"], cfg)
+        saved = ckpt.read_meta(start)["config"]
+        diffs = config_differences(saved, cfg)
         if diffs:
             ckpt.close()
             raise ConfigError(f"{run_dir} holds a checkpoint (step {start}) of a different configuration; "
                               "use another train.run_dir or the same config. Differences:\n  " + "\n  ".join(diffs))
+        try:
+            check_resumed_steps(saved["train"]["steps"], cfg, start)
+        except ConfigError:
+            ckpt.close()
+            raise
         restored = ckpt.restore(start, train_state_target(model, opt, mesh, rules), train_iter)
         for module, saved in ((model, restored["model"]), (opt, restored["opt"])):
             state = nnx.state(module)
