@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ngram_jax.config import MoEConfig
+from ngram_jax.config import ModelConfig, MoEConfig
 from ngram_jax.sharding import logical_axes
 
 
@@ -237,6 +237,10 @@ def router_z_loss(routing: Routing, mask: jax.Array | None = None) -> jax.Array:
 
 
 class MoE(nnx.Module):
+    @classmethod
+    def from_config(cls, m: ModelConfig, *, rngs: nnx.Rngs) -> MoE:
+        return cls(m.moe, m.d_model, dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype), rngs=rngs)
+
     def __init__(self, cfg: MoEConfig, d_model: int, *, dtype=jnp.float32, param_dtype=jnp.float32,
                  init_std: float = 0.02, rngs: nnx.Rngs):
         self.cfg, self.dtype = cfg, dtype
