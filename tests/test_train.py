@@ -153,7 +153,7 @@ def test_sigterm_saves_and_next_start_resumes(data_dir, tmp_path):
     assert "SIGTERM: saved step" in out
     step = int(out.split("SIGTERM: saved step ")[1].split()[0])
     assert Checkpointer(run_dir / "checkpoints").latest_step() == step
-    rc, out = run(data_dir, run_dir, *STEPS[1:], "train.steps=" + str(step + 5))
+    rc, out = run(data_dir, run_dir, *STEPS[1:], "train.steps=" + str(step + 5), "train.extend=true")  # a short finish
     assert rc == 0 and f"from step {step}" in out, out
 
 
