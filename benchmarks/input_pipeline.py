@@ -34,9 +34,9 @@ def pipeline_rate(cfg, batches: int) -> float:
 
 
 def training_rate(cfg, steps: int) -> float:
-    from ngram_jax.checkpoint import build_train_state
     from ngram_jax.sharding import param_context
     from ngram_jax.train.loop import train_step
+    from ngram_jax.train.state import build_train_state
 
     model, opt = build_train_state(cfg)
     it = iter(make_dataset(cfg.data.path, "train", seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size,

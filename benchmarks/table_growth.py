@@ -25,10 +25,10 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from ngram_jax.checkpoint import build_train_state  # noqa: E402
 from ngram_jax.config import ConfigWarning, load_config  # noqa: E402
 from ngram_jax.sharding import make_mesh_from_spec, param_context  # noqa: E402
 from ngram_jax.train.loop import train_step  # noqa: E402
+from ngram_jax.train.state import build_train_state  # noqa: E402
 
 OPTIMIZERS = ("dense", "rowwise_adagrad", "lazy_adam")
 

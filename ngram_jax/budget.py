@@ -16,9 +16,11 @@ zero experts allow (``activated_min``).
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
-from ngram_jax.config import AttentionConfig, ModelConfig
+from ngram_jax.config import AttentionConfig, Config, ConfigError, ConfigWarning, ModelConfig
 from ngram_jax.ngram.hashing import make_layout, num_tables
 
 
@@ -43,6 +45,36 @@ def ngram_table_params(vocab: int, width: int, max_n: int, splits: int, ratio: f
     t = num_tables(max_n, splits)
     d_e = width // t
     return make_layout(vocab, max_n, splits, ratio, row_multiple).padded_rows * d_e, t * d_e * width
+
+
+def check_config(cfg: Config | ModelConfig):
+    """The config checks that need the table layout and the parameter budget (``config.validate`` does
+    the rest and imports nothing): every N-gram table addressable by int32 row ids (a
+    :class:`ConfigError` naming the key), and a :class:`ConfigWarning` when the N-gram tables hold more
+    than half of all parameters (the paper finds NE helps only up to about 50%). Returns ``cfg``.
+
+    Training (``ngram_jax.train.loop.train``) and ``python -m ngram_jax.tools.plan`` run it:
+    ``cfg = check_config(load_config(path, overrides))``."""
+    m = cfg.model if isinstance(cfg, Config) else cfg
+    tables = [("model.ngram", m.ngram)] if m.ngram.enabled else []
+    if m.ple.kind == "plne":
+        tables.append(("model.ple", m.ple))
+    for prefix, n in tables:
+        try:
+            make_layout(m.vocab_size, n.max_n, n.splits, n.ratio, n.row_multiple)
+        except ValueError as err:
+            raise ConfigError(f"{prefix}: {err}") from None
+    if tables:
+        b = closed_form_budget(m)
+        share = b["ngram"] / b["total"]
+        if share > 0.5:
+            warnings.warn(
+                f"N-gram embeddings hold {share:.1%} of all parameters ({b['ngram']:,} of {b['total']:,}); "
+                "the paper finds NE helps only up to about 50% of the budget (lower model.ngram.ratio)",
+                ConfigWarning,
+                stacklevel=2,
+            )
+    return cfg
 
 
 def closed_form_budget(m: ModelConfig) -> dict[str, int]:

@@ -1,5 +1,6 @@
 """Checkpoints: an orbax CheckpointManager holding the model and optimizer state, the data iterator
-state and the resolved config; and :func:`restore_model` for analysis from Python.
+state and the resolved config; and :func:`restore_model` for analysis from Python. Building the
+model and optimizer (and the abstract restore target) is :mod:`ngram_jax.train.state`'s job.
 
 Saves are asynchronous and atomic (orbax writes a temporary directory and renames it when complete),
 so a crash or a kill at any moment leaves the latest *complete* checkpoint readable.
@@ -16,9 +17,12 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from ngram_jax.config import Config, ConfigError, from_dict, to_dict
+from ngram_jax.train.state import build_train_state, train_state_target
 
 # Keys that may differ between a checkpoint and the run resuming it (run control, not the model).
-RUN_CONTROL_KEYS = ("train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
+# train.steps is checked on its own by the training loop (it shapes the learning-rate schedule: a change
+# needs train.extend=true).
+RUN_CONTROL_KEYS = ("train.steps", "train.extend", "train.log_every", "train.eval_every", "train.eval_batches",
                     "train.checkpoint_every", "train.keep_checkpoints", "train.progress", "train.run_dir",
                     "train.peak_flops_per_device", "data.path", "data.bundled", "mesh.ici", "mesh.dcn", "name")
 
@@ -128,18 +132,6 @@ class Checkpointer:
         self.mgr.close()
 
 
-def abstract_with_shardings(tree, mesh, rules) -> dict:
-    """Pure-dict abstract arrays (shape, dtype, sharding) for restoring an nnx state onto ``mesh``."""
-    from ngram_jax.sharding import logical_to_sharding
-
-    if mesh is None:
-        shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), tree)
-    else:
-        shardings = logical_to_sharding(tree, mesh, rules)
-    pure_abs, pure_sh = nnx.to_pure_dict(tree), nnx.to_pure_dict(shardings)
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), pure_abs, pure_sh)
-
-
 def find_checkpoints(path: str | Path) -> Path:
     """A run directory or its ``checkpoints`` directory -> the checkpoints directory."""
     path = Path(path)
@@ -148,31 +140,6 @@ def find_checkpoints(path: str | Path) -> Path:
     if path.is_dir():
         return path
     raise FileNotFoundError(f"no checkpoints at {path}")
-
-
-def build_train_state(cfg: Config, mesh=None, abstract: bool = False):
-    """``(model, optimizer)`` for a config: created in their shards on ``mesh``, or abstract."""
-    from ngram_jax.model import build_model
-    from ngram_jax.sharding import create_sharded, param_context
-    from ngram_jax.train.optimizer import Optimizer
-
-    def build():
-        model = build_model(cfg, nnx.Rngs(cfg.seed))
-        return model, Optimizer(model, cfg.train)
-
-    if abstract:
-        with param_context(mesh, cfg.mesh.rules):
-            return nnx.eval_shape(build)
-    if mesh is None:
-        with param_context(None):
-            return build()
-    return create_sharded(build, mesh, cfg.mesh.rules)
-
-
-def train_state_target(model, opt, mesh, rules) -> dict:
-    """The abstract restore target of :func:`Checkpointer.restore` for a (possibly abstract) model and optimizer."""
-    return {"model": abstract_with_shardings(nnx.state(model), mesh, rules),
-            "opt": abstract_with_shardings(nnx.state(opt), mesh, rules)}
 
 
 def restore_model(path: str | Path, step: int | None = None, mesh=None):

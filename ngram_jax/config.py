@@ -4,8 +4,9 @@
 
 Every key is checked against the dataclasses below: an unknown key, a wrong type or an
 inconsistent value raises :class:`ConfigError` naming the key and what would be valid. Choices the
-paper advises against (NE above half of the parameters, a table ratio at a simple fraction of V)
-warn with :class:`ConfigWarning` and the numbers.
+paper advises against (a table ratio at a simple fraction of V here; NE above half of the parameters
+in ``ngram_jax.budget.check_config``) warn with :class:`ConfigWarning` and the numbers. This module
+is the bottom of the import graph: it imports nothing from the package.
 """
 
 from __future__ import annotations
@@ -180,6 +181,11 @@ class DataConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = 1000
+    # Resuming a run with another train.steps is refused (the cosine schedule decays over train.steps).
+    # extend: true allows it: the remaining steps follow the schedule of the new train.steps (warmup
+    # unchanged; the cosine is recomputed over the new total, so the learning rate moves to the new
+    # curve's value at the resume step: up when extending a run, down when shortening it).
+    extend: bool = False
     lr: float = 3e-3
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1  # cosine decays to lr * this
@@ -408,7 +414,11 @@ def _check_ngram_shape(prefix: str, width_key: str, width: int, max_n: int, spli
 
 
 def validate(cfg: Config) -> None:
-    """Check cross-field consistency; warn on choices the paper's findings advise against."""
+    """Check cross-field consistency; warn on choices the paper's findings advise against.
+
+    This module imports nothing from the package: the checks that need the table layout or the
+    parameter budget (table sizes within int32 row ids, the N-gram share of the parameters) are
+    ``ngram_jax.budget.check_config``, which training and the planning tool run."""
     m = cfg.model
     _require(m.vocab_size >= 2, f"model.vocab_size must be >= 2, got {m.vocab_size}")
     _require(m.vocab_size <= 1 << 20, f"model.vocab_size must be <= 2^20 (exact 32-bit hashing), got {m.vocab_size}")
@@ -458,11 +468,9 @@ def validate(cfg: Config) -> None:
              "model.ngram.row_multiple and model.ple.row_multiple must be >= 1")
     if n.enabled:
         _check_ngram_shape("model.ngram", "model.d_model", m.d_model, n.max_n, n.splits, n.ratio)
-        _check_table_limits("model.ngram", m.vocab_size, n.max_n, n.splits, n.ratio, n.row_multiple)
         _warn_simple_ratio("model.ngram.ratio", n.ratio, m.vocab_size)
     if p.kind == "plne":
         _check_ngram_shape("model.ple", "model.ffn_dim", m.ffn_dim, p.max_n, p.splits, p.ratio)
-        _check_table_limits("model.ple", m.vocab_size, p.max_n, p.splits, p.ratio, p.row_multiple)
         _warn_simple_ratio("model.ple.ratio", p.ratio, m.vocab_size)
 
     d, t = cfg.data, cfg.train
@@ -477,27 +485,6 @@ def validate(cfg: Config) -> None:
                  f"{key}: axis sizes must be >= 1, with at most one -1 (fill), got "
                  f"{dict(zip(MESH_AXES, values, strict=True))}")
 
-    if n.enabled or p.kind == "plne":
-        from ngram_jax.budget import closed_form_budget  # budget imports this module's types
-
-        b = closed_form_budget(m)
-        share = b["ngram"] / b["total"]
-        if share > 0.5:
-            warnings.warn(
-                f"N-gram embeddings hold {share:.1%} of all parameters ({b['ngram']:,} of {b['total']:,}); "
-                "the paper finds NE helps only up to about 50% of the budget (lower model.ngram.ratio)",
-                ConfigWarning,
-                stacklevel=3,
-            )
-
-
-def _check_table_limits(prefix: str, vocab: int, max_n: int, splits: int, ratio: float, row_multiple: int) -> None:
-    from ngram_jax.ngram.hashing import make_layout
-
-    try:
-        make_layout(vocab, max_n, splits, ratio, row_multiple)
-    except ValueError as err:
-        raise ConfigError(f"{prefix}: {err}") from None
 
 
 def nearest_simple_fraction(ratio: float, max_denominator: int = 4) -> Fraction:

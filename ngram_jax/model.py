@@ -12,6 +12,12 @@ dense FFN is ``W_d(SiLU(W_a x) * e^l)`` with its per-layer embedding slice.
 
     model = build_model(config, nnx.Rngs(0))
     logits = model(tokens, segment_ids=None, positions=None)   # [B, S, V] float32
+
+Config reaches modules one way: every module a config section describes (token or N-gram embedding,
+PLE/PLNE, MLA/GQA attention, MoE) is built from the :class:`ModelConfig` by its
+``Cls.from_config(m, *, rngs)``, which reads its section and the model-wide values (vocabulary, width,
+EOS, dtypes). Constructors take plain values (or the module's own section) for direct use; building
+blocks (Linear, RMSNorm, SwiGLU) take plain values only.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from ngram_jax.ngram import hashing
 from ngram_jax.ngram.embedding import NgramEmbedding
 from ngram_jax.ngram.lookup import Table, hashed_tables, token_lookup
 from ngram_jax.ngram.ple import PerLayerEmbedding, PerLayerNgramEmbedding, PLEFeedForward
+from ngram_jax.sharding import logical_axes
 
 
 class TokenEmbedding(nnx.Module):
@@ -37,8 +44,12 @@ class TokenEmbedding(nnx.Module):
                  param_dtype=jnp.float32, rngs: nnx.Rngs):
         init = nnx.initializers.normal(init_std)
         self.embedding = Table(init(rngs.params(), (vocab_size, d_model), param_dtype),
-                               out_sharding=("vocab_rows", "table_embed"))
+                               **logical_axes(("vocab_rows", "table_embed")))
         self.vocab_size, self.dtype = vocab_size, dtype
+
+    @classmethod
+    def from_config(cls, m: ModelConfig, *, rngs: nnx.Rngs) -> TokenEmbedding:
+        return cls(m.vocab_size, m.d_model, dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype), rngs=rngs)
 
     def __call__(self, tokens, *, segment_ids=None, history=None):
         del segment_ids, history
@@ -67,12 +78,12 @@ class Block(nnx.Module):
         norm = lambda: RMSNorm(m.d_model, eps=m.norm_eps, name="norm", dtype=dt, param_dtype=pdt)  # noqa: E731
         self.attn_norm = nnx.List([norm(), norm()])
         self.ffn_norm = nnx.List([norm(), norm()])
-        self.attn = nnx.List([build_attention(m.attention, m.d_model, **kw) for _ in range(2)])
+        self.attn = nnx.List([build_attention(m, rngs=rngs) for _ in range(2)])
         if m.ple.kind == "none":
             self.ffn = nnx.List([SwiGLU(m.d_model, m.ffn_dim, **kw) for _ in range(2)])
         else:
             self.ffn = nnx.List([PLEFeedForward(m.d_model, m.ffn_dim, **kw) for _ in range(2)])
-        self.moe = MoE(m.moe, m.d_model, **kw) if m.moe.num_experts > 0 else None
+        self.moe = MoE.from_config(m, rngs=rngs) if m.moe.num_experts > 0 else None
 
     def _ffn(self, i: int, x: jax.Array, ple: jax.Array | None) -> jax.Array:
         return self.ffn[i](x) if ple is None else self.ffn[i](x, ple[:, :, i])
@@ -105,10 +116,7 @@ class Model(nnx.Module):
     def __init__(self, m: ModelConfig, *, rngs: nnx.Rngs):
         self.config = m
         dt, pdt = jnp.dtype(m.dtype), jnp.dtype(m.param_dtype)
-        if m.ngram.enabled:
-            self.embed = NgramEmbedding.from_config(m, rngs=rngs)
-        else:
-            self.embed = TokenEmbedding(m.vocab_size, m.d_model, dtype=dt, param_dtype=pdt, rngs=rngs)
+        self.embed = (NgramEmbedding if m.ngram.enabled else TokenEmbedding).from_config(m, rngs=rngs)
         ple_cls = {"none": None, "ple": PerLayerEmbedding, "plne": PerLayerNgramEmbedding}[m.ple.kind]
         self.ple = ple_cls.from_config(m, rngs=rngs) if ple_cls is not None else None
         self.blocks = nnx.List([Block(m, rngs=rngs) for _ in range(m.num_blocks)])

@@ -131,6 +131,13 @@ def current_mesh() -> Mesh | None:
     return None if mesh.empty else mesh
 
 
+def logical_axes(names: Sequence[str | None]) -> dict:
+    """Metadata of a new variable: its logical axis names (``out_sharding``), and creation in its shards
+    only when a mesh is set. Without one the variable is a plain array (its logical names stay for a later
+    mesh), so that modules build and run on one device with no mesh or :func:`param_context`."""
+    return {"out_sharding": tuple(names), "eager_sharding": None if current_mesh() is not None else False}
+
+
 @contextlib.contextmanager
 def param_context(mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES) -> Iterator[None]:
     """Build or run modules: sharded on ``mesh`` by ``rules``, or plain when ``mesh`` is None (logical

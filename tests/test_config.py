@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from ngram_jax.budget import closed_form_budget
+from ngram_jax.budget import check_config, closed_form_budget
 from ngram_jax.config import Config, ConfigError, ConfigWarning, from_dict, load_config, replace, to_dict
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -73,7 +73,6 @@ def test_frozen_and_round_trip():
         (["model.eos_id=4096"], r"model\.eos_id=4096 must be in \[0, vocab_size=4096\) or null"),
         (["model.ple.kind=plne", "model.ple.max_n=4", "model.ple.splits=5"],
          r"model\.ple: model\.ffn_dim=256 must be divisible by K\*\(N-1\) = 5\*\(4-1\) = 15"),
-        (["model.ngram.ratio=600000"], r"model\.ngram: .*exceeds 2\^31 - 1"),
         (["model.moe.num_experts=4", "model.moe.top_k=9"], r"model\.moe\.top_k=9 must be in \[1, .* = 8\]"),
         (["model.moe.real_experts_per_token=3"], r"model\.moe\.real_experts_per_token=3\.0 must be in \(0, top_k=2\]"),
         (["model.moe.real_experts_per_token=0"], r"model\.moe\.real_experts_per_token=0\.0 must be in \(0, top_k"),
@@ -113,9 +112,36 @@ def test_file_errors(tmp_path):
         load_config(write(tmp_path, "list.yaml", "- 1\n- 2\n"))
 
 
+@pytest.mark.parametrize("overrides, pattern", [
+    (["model.ngram.ratio=600000"], r"model\.ngram: .*exceeds 2\^31 - 1"),
+    (["model.ple.kind=plne", "model.ple.ratio=600000.37"], r"model\.ple: .*exceeds 2\^31 - 1"),
+    (["model.ngram.ratio=260000.37", "model.ngram.max_n=5", "model.ngram.splits=2"],
+     r"model\.ngram: flattened table has \d+ rows, more than int32 row ids"),
+])
+def test_table_limits_name_the_key(overrides, pattern):
+    """Checked where the table layout lives (budget.check_config, run by training and the plan tool)."""
+    cfg = load_config(CONFIGS / "models" / "tiny_ne.yaml", overrides=overrides)
+    with pytest.raises(ConfigError, match=pattern):
+        check_config(cfg)
+
+
 def test_warns_when_ngram_exceeds_half_the_budget():
+    cfg = load_config(CONFIGS / "models" / "tiny_ne.yaml", overrides=["model.ngram.ratio=8.37"])
     with pytest.warns(ConfigWarning, match=r"N-gram embeddings hold [5-9]\d\.\d% of all parameters"):
-        load_config(CONFIGS / "models" / "tiny_ne.yaml", overrides=["model.ngram.ratio=8.37"])
+        assert check_config(cfg) is cfg
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConfigWarning)
+        check_config(load_config(CONFIGS / "models" / "tiny_ne.yaml"))  # the shipped tiny NE: below half
+
+
+def test_config_imports_nothing_from_the_package():
+    import ast
+
+    tree = ast.parse((Path(__file__).resolve().parent.parent / "ngram_jax" / "config.py").read_text())
+    names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) if n.level == 0]
+    assert not [n for n in names if n.split(".")[0] == "ngram_jax"], names
+    assert not [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level > 0]
 
 
 @pytest.mark.parametrize("ratio, warns", [(2.0, True), (2.5, True), (2.333, True), (2.37, False), (2.73, False)])

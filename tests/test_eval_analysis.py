@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from ngram_jax.budget import check_config
 from ngram_jax.checkpoint import Checkpointer, row_chunked_paths
 from ngram_jax.config import load_config, to_dict
 from ngram_jax.data.corpus import bundled_corpus_files
@@ -112,8 +113,9 @@ def test_analysis_reads_only_the_rows_it_needs(data_dir, tmp_path):
     """A 42 MB N-gram table; the analysis may read at most a quarter of it."""
     from ngram_jax.analyze import analyze
 
+    cfg = load_config("configs/models/tiny_ne.yaml", SMALL + [f"data.path={data_dir}", "model.ngram.ratio=40.37"])
     with pytest.warns(UserWarning, match="N-gram embeddings hold"):  # deliberately oversized
-        cfg = load_config("configs/models/tiny_ne.yaml", SMALL + [f"data.path={data_dir}", "model.ngram.ratio=40.37"])
+        check_config(cfg)
     model = save_model_checkpoint(cfg, data_dir, tmp_path / "run")
     table_bytes = model.embed.ngram_table[...].nbytes
     assert table_bytes > 40e6

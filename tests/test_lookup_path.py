@@ -11,13 +11,13 @@ from flax import nnx
 from jax.experimental.pallas import tpu as pltpu
 from test_sharding import collectives
 
-from ngram_jax.checkpoint import build_train_state
 from ngram_jax.config import ConfigError, load_config
 from ngram_jax.model import build_model
 from ngram_jax.ngram import hashing
 from ngram_jax.ngram.lookup import NgramTable, hashed_tables, resolve_kernel
 from ngram_jax.sharding import create_sharded, make_mesh_from_spec, param_context
 from ngram_jax.train.loop import train_step
+from ngram_jax.train.state import build_train_state
 
 SMALL = ["model.vocab_size=520", "model.eos_id=3", "model.d_model=64", "model.num_blocks=1", "model.ffn_dim=128",
          "model.moe.num_experts=4", "model.moe.num_zero_experts=2", "model.moe.expert_dim=32",

@@ -20,7 +20,7 @@ from ngram_jax.data.corpus import bundled_corpus_files
 from ngram_jax.data.pipeline import make_dataset
 from ngram_jax.data.prepare import prepare
 from ngram_jax.sharding import make_mesh_from_spec, param_context
-from ngram_jax.train.loop import eval_step
+from ngram_jax.train.loss import eval_step
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["model.d_model=64", "model.num_blocks=1", "model.ffn_dim=128", "model.moe.expert_dim=32",
@@ -153,7 +153,7 @@ def test_sigterm_saves_and_next_start_resumes(data_dir, tmp_path):
     assert "SIGTERM: saved step" in out
     step = int(out.split("SIGTERM: saved step ")[1].split()[0])
     assert Checkpointer(run_dir / "checkpoints").latest_step() == step
-    rc, out = run(data_dir, run_dir, *STEPS[1:], "train.steps=" + str(step + 5))
+    rc, out = run(data_dir, run_dir, *STEPS[1:], "train.steps=" + str(step + 5), "train.extend=true")  # a short finish
     assert rc == 0 and f"from step {step}" in out, out
 
 
@@ -270,3 +270,50 @@ def test_eval_cli_runs_a_local_lm_eval_task(straight, tmp_path):
     result = json.loads((straight[0] / "eval_results.json").read_text())
     assert 0.0 <= result["tasks"]["ngram_jax_tiny_mc"]["acc,none"] <= 1.0
     assert "ngram_jax_tiny_mc: " in res.stdout
+
+
+def test_throughput_window_excludes_eval_and_checkpoint_time(data_dir, tmp_path):
+    """Evaluation and checkpoint saves made 2 s slower each: the logged step time stays the step's."""
+    run_dir = tmp_path / "slow_eval"
+    code = f"""
+import time, warnings
+import ngram_jax.train.loop as loop
+from ngram_jax.config import load_config
+evaluate, save = loop.evaluate, loop.Checkpointer.save
+loop.evaluate = lambda *a: (time.sleep(2.0), evaluate(*a))[1]
+loop.Checkpointer.save = lambda *a, **k: (time.sleep(2.0), save(*a, **k))[1]
+cfg = load_config({str(ROOT / "configs/models/tiny_ne.yaml")!r}, {overrides(data_dir, run_dir)!r} + [
+    "train.steps=12", "train.log_every=4", "train.eval_every=4", "train.checkpoint_every=4"])
+loop.train(cfg)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env_one_device(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    logged = {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+    for step in (8, 12):  # windows after an eval and a save (4 s outside the steps): 1 s a step if counted
+        assert logged[step]["step_time_s"] < 0.5, logged[step]
+        assert 0 < logged[step]["train_tokens"] <= 4 * 8 * 32
+        assert logged[step]["tokens_per_s"] == pytest.approx(logged[step]["train_tokens"]
+                                                             / (4 * logged[step]["step_time_s"]))
+
+
+def test_resume_with_other_steps_needs_extend(straight, data_dir, tmp_path):
+    """Defect 5: another train.steps would change the learning-rate curve; train.extend=true allows it."""
+    from ngram_jax.train.optimizer import schedule
+
+    run_dir = tmp_path / "extend"
+    shutil.copytree(straight[0], run_dir)
+    steps = [s for s in STEPS if not s.startswith("train.steps=")]
+    rc, out = run(data_dir, run_dir, *steps, "train.steps=320")
+    assert rc != 0
+    assert "train.steps=300" in out and "train.steps=320" in out and "train.extend=true" in out, out
+    assert max(losses(run_dir)) == 300  # nothing trained
+    rc, out = run(data_dir, run_dir, *steps, "train.steps=310", "train.extend=true")
+    assert rc == 0, out
+    assert f"resumed {run_dir} from step 300" in out
+    records = {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+    assert max(records) == 310
+    cfg = load_config(ROOT / "configs/models/tiny_ne.yaml", overrides(data_dir, run_dir, *steps, "train.steps=310"))
+    assert records[301]["lr"] == pytest.approx(float(schedule(cfg.train)(300)))
+    rc, out = run(data_dir, run_dir, *steps, "train.steps=310")  # the new steps are the run's steps now
+    assert rc == 0, out

@@ -13,6 +13,7 @@ from ngram_jax.data.pipeline import make_dataset
 from ngram_jax.data.prepare import prepare, read_metadata
 from ngram_jax.data.tokenizer import load_tokenizer
 from ngram_jax.sharding import param_context
+from ngram_jax.train.loss import eval_step
 
 
 def target_bytes(tokenizer, inputs: np.ndarray, targets: np.ndarray, loss_mask: np.ndarray) -> int:
@@ -44,8 +45,6 @@ def evaluate(model, data: str | Path, *, seq_len: int, batch_size: int, tokenize
     """Mean next-token loss over ``split`` of a prepared directory, or over a raw .txt/.jsonl file
     (tokenized with ``tokenizer``). Returns loss (nats/token), perplexity, bits_per_byte, tokens and
     bytes (the UTF-8 bytes of the scored targets' text, see :func:`target_bytes`)."""
-    from ngram_jax.train.loop import eval_step
-
     data = Path(data)
     with tempfile.TemporaryDirectory() as tmp:
         if data.is_file():

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ngram_jax.config import AttentionConfig
+from ngram_jax.config import AttentionConfig, ModelConfig
 from ngram_jax.layers.linear import Linear, RMSNorm
 from ngram_jax.layers.rope import apply_rope, inv_frequencies, yarn_attention_factor, yarn_mscale
 
@@ -82,6 +82,10 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, sc
 
 
 class MLA(nnx.Module):
+    @classmethod
+    def from_config(cls, m: ModelConfig, *, rngs: nnx.Rngs):
+        return cls(m.attention, m.d_model, dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype), rngs=rngs)
+
     def __init__(self, cfg: AttentionConfig, d_model: int, *, dtype=jnp.float32, param_dtype=jnp.float32,
                  rngs: nnx.Rngs):
         self.cfg, self.dtype = cfg, dtype
@@ -143,6 +147,10 @@ class MLA(nnx.Module):
 class GQA(nnx.Module):
     """Grouped-query attention with rotary embeddings (interleaved pairs) on the full head."""
 
+    @classmethod
+    def from_config(cls, m: ModelConfig, *, rngs: nnx.Rngs):
+        return cls(m.attention, m.d_model, dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype), rngs=rngs)
+
     def __init__(self, cfg: AttentionConfig, d_model: int, *, dtype=jnp.float32, param_dtype=jnp.float32,
                  rngs: nnx.Rngs):
         self.cfg = cfg
@@ -176,5 +184,6 @@ class GQA(nnx.Module):
         return empty_cache(batch, max_len, c.num_kv_heads, c.head_dim, c.head_dim, dtype)
 
 
-def build_attention(cfg: AttentionConfig, d_model: int, **kw) -> MLA | GQA:
-    return MLA(cfg, d_model, **kw) if cfg.kind == "mla" else GQA(cfg, d_model, **kw)
+def build_attention(m: ModelConfig, *, rngs: nnx.Rngs) -> MLA | GQA:
+    """The attention sublayer ``model.attention.kind`` describes."""
+    return (MLA if m.attention.kind == "mla" else GQA).from_config(m, rngs=rngs)

@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ngram_jax.sharding import logical_axes
+
 
 class Linear(nnx.Module):
     """``y = x @ W``, W [in, out] (torch ``nn.Linear`` stores the transpose)."""
@@ -13,7 +15,7 @@ class Linear(nnx.Module):
     def __init__(self, d_in: int, d_out: int, names: tuple[str | None, str | None], *,
                  init_std: float | None = None, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         init = nnx.initializers.lecun_normal() if init_std is None else nnx.initializers.normal(init_std)
-        self.kernel = nnx.Param(init(rngs.params(), (d_in, d_out), param_dtype), out_sharding=names)
+        self.kernel = nnx.Param(init(rngs.params(), (d_in, d_out), param_dtype), **logical_axes(names))
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -25,7 +27,7 @@ class RMSNorm(nnx.Module):
 
     def __init__(self, dim: int, *, eps: float = 1e-6, name: str = "norm", dtype=jnp.float32,
                  param_dtype=jnp.float32):
-        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=(name,))
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), **logical_axes((name,)))
         self.eps, self.dtype = eps, dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -38,7 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ngram_jax.config import MoEConfig
+from ngram_jax.config import ModelConfig, MoEConfig
+from ngram_jax.sharding import logical_axes
 
 
 class SelectionBias(nnx.Variable):
@@ -236,19 +237,23 @@ def router_z_loss(routing: Routing, mask: jax.Array | None = None) -> jax.Array:
 
 
 class MoE(nnx.Module):
+    @classmethod
+    def from_config(cls, m: ModelConfig, *, rngs: nnx.Rngs) -> MoE:
+        return cls(m.moe, m.d_model, dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype), rngs=rngs)
+
     def __init__(self, cfg: MoEConfig, d_model: int, *, dtype=jnp.float32, param_dtype=jnp.float32,
                  init_std: float = 0.02, rngs: nnx.Rngs):
         self.cfg, self.dtype = cfg, dtype
         e, z, f = cfg.num_experts, cfg.num_zero_experts, cfg.expert_dim
         normal = nnx.initializers.normal(init_std)
         self.router = nnx.Param(normal(rngs.params(), (d_model, e + z), jnp.float32),
-                                out_sharding=("embed", "router"))  # [D, E+Z], kept in float32
+                                **logical_axes(("embed", "router")))  # [D, E+Z], kept in float32
         self.gate = nnx.Param(normal(rngs.params(), (e, d_model, f), param_dtype),
-                              out_sharding=("expert", "embed", "expert_mlp"))  # [E, D, F]
+                              **logical_axes(("expert", "embed", "expert_mlp")))  # [E, D, F]
         self.up = nnx.Param(normal(rngs.params(), (e, d_model, f), param_dtype),
-                            out_sharding=("expert", "embed", "expert_mlp"))  # [E, D, F]
+                            **logical_axes(("expert", "embed", "expert_mlp")))  # [E, D, F]
         self.down = nnx.Param(normal(rngs.params(), (e, f, d_model), param_dtype),
-                              out_sharding=("expert", "expert_mlp", "embed"))  # [E, F, D]
+                              **logical_axes(("expert", "expert_mlp", "embed")))  # [E, F, D]
         self.bias = SelectionBias(jnp.zeros((e + z,), jnp.float32))
         self.counts = RoutingStats(jnp.zeros((e + z,), jnp.int32))
         self.aux_loss = RoutingStats(jnp.zeros((), jnp.float32))

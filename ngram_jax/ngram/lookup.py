@@ -33,7 +33,7 @@ from ngram_jax.kernels.ngram_gather.api import IMPLEMENTATIONS, unavailable_reas
 from ngram_jax.kernels.ngram_gather.reference import masked_rows
 from ngram_jax.kernels.ngram_gather.xla import gather_rows
 from ngram_jax.ngram import hashing
-from ngram_jax.sharding import row_sharded_lookup, row_sharded_update
+from ngram_jax.sharding import logical_axes, row_sharded_lookup, row_sharded_update
 
 KERNELS = ("auto", "reference", "xla", "pallas_tpu")
 
@@ -131,13 +131,13 @@ class HashedTables(nnx.Module):
         d_e = row_width(width, self.layout)
         normal = nnx.initializers.normal(init_std)
         self.embedding = Table(normal(rngs.params(), (vocab_size, nl * width), param_dtype),
-                               out_sharding=embed_names)  # [V, L*W]
+                               **logical_axes(embed_names))  # [V, L*W]
         self.ngram_table = NgramTable(normal(rngs.params(), (self.layout.padded_rows, nl * d_e), param_dtype),
-                                      out_sharding=("ngram_rows", "ngram_dim"))  # [sum M, L*d_e]
+                                      **logical_axes(("ngram_rows", "ngram_dim")))  # [sum M, L*d_e]
         proj_init = nnx.initializers.normal(1.0 / math.sqrt(d_e))  # keeps a projected row at init_std
         shape = (t, d_e, width) if layers is None else (layers, t, d_e, width)
-        self.ngram_proj = nnx.Param(proj_init(rngs.params(), shape, param_dtype), out_sharding=proj_names)
-        self.row_usage = RowUsage(jnp.zeros((self.layout.padded_rows,), jnp.uint8), out_sharding=("ngram_rows",))
+        self.ngram_proj = nnx.Param(proj_init(rngs.params(), shape, param_dtype), **logical_axes(proj_names))
+        self.row_usage = RowUsage(jnp.zeros((self.layout.padded_rows,), jnp.uint8), **logical_axes(("ngram_rows",)))
 
     # -- ids ------------------------------------------------------------------------------------
 

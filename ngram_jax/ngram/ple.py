@@ -17,6 +17,7 @@ from flax import nnx
 from ngram_jax.config import ModelConfig
 from ngram_jax.ngram import hashing
 from ngram_jax.ngram.lookup import HashedTables, Table, token_lookup
+from ngram_jax.sharding import logical_axes
 
 
 def ffn_layers(m: ModelConfig) -> int:
@@ -32,7 +33,7 @@ class PerLayerEmbedding(nnx.Module):
         self.vocab_size, self.num_layers, self.width, self.dtype = vocab_size, num_layers, width, dtype
         init = nnx.initializers.normal(init_std)
         self.embedding = Table(init(rngs.params(), (vocab_size, num_layers * width), param_dtype),
-                               out_sharding=("vocab_rows", "ple_embed"))  # [V, L*F]
+                               **logical_axes(("vocab_rows", "ple_embed")))  # [V, L*F]
 
     @classmethod
     def from_config(cls, m: ModelConfig, *, rngs: nnx.Rngs) -> PerLayerEmbedding:
@@ -81,9 +82,9 @@ class PLEFeedForward(nnx.Module):
         self.dtype = dtype
         init = nnx.initializers.lecun_normal()
         self.w_a = nnx.Param(init(rngs.params(), (d_model, width), param_dtype),
-                             out_sharding=("embed", "mlp"))  # [D, F]
+                             **logical_axes(("embed", "mlp")))  # [D, F]
         self.w_d = nnx.Param(init(rngs.params(), (width, d_model), param_dtype),
-                             out_sharding=("mlp", "embed"))  # [F, D]
+                             **logical_axes(("mlp", "embed")))  # [F, D]
 
     def __call__(self, x: jax.Array, e: jax.Array) -> jax.Array:
         """x [B, S, D], e [B, S, F] (one layer's slice) -> [B, S, D]."""

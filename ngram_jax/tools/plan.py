@@ -22,6 +22,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from ngram_jax.budget import check_config
 from ngram_jax.config import Config, ConfigError, load_config
 from ngram_jax.model import build_model
 from ngram_jax.sharding import parse_mesh_spec
@@ -98,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--top", type=int, default=8, help="largest parameters to list")
     args = ap.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = check_config(load_config(args.config, args.overrides))
         mesh = parse_mesh_spec(args.mesh)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -6,6 +6,7 @@ current step and exit cleanly; a non-finite loss stops with a clear message and 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import signal
 import time
@@ -19,34 +20,22 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ngram_jax.budget import parameter_budget
-from ngram_jax.checkpoint import (
-    Checkpointer,
-    build_train_state,
-    config_differences,
-    row_chunked_paths,
-    train_state_target,
-)
+from ngram_jax.budget import check_config, parameter_budget
+from ngram_jax.checkpoint import Checkpointer, config_differences, row_chunked_paths
 from ngram_jax.config import Config, ConfigError, to_dict
 from ngram_jax.data.pipeline import make_dataset
 from ngram_jax.data.prepare import ensure_bundled, read_metadata
 from ngram_jax.layers.moe import update_selection_bias
 from ngram_jax.ngram.lookup import hashed_tables, row_perturbations
 from ngram_jax.sharding import initialize_distributed, make_mesh, param_context, rules_for_mesh
-from ngram_jax.train.metrics import MetricsWriter, flops_per_token, peak_flops
+from ngram_jax.train.loss import eval_step, loss_fn
+from ngram_jax.train.metrics import MetricsWriter, TrainWindow, peak_flops
 from ngram_jax.train.optimizer import Optimizer, schedule
+from ngram_jax.train.state import build_train_state, train_state_target
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
-
-
-def loss_fn(model, batch):
-    logits = model(batch["inputs"], segment_ids=batch["segment_ids"], positions=batch["positions"])
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-    mask = batch["loss_mask"]
-    loss = jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-    return loss + model.aux_loss(), loss
 
 
 def train_step(model, opt: Optimizer, batch):
@@ -82,15 +71,9 @@ def train_step(model, opt: Optimizer, batch):
     update_selection_bias(model)  # aux-loss-free balancing, outside the optimizer
     counts = [b.moe.counts[...] for b in model.blocks if b.moe is not None]
     usage = [m.usage_fraction() for m in lookups.values()]
-    return {"loss": loss, "grad_norm": grad_norm,
+    return {"loss": loss, "grad_norm": grad_norm, "tokens": jnp.sum(batch["segment_ids"] != 0),
             "expert_counts": jnp.stack(counts) if counts else jnp.zeros((0, 0), jnp.int32),
             "ngram_rows_seen_frac": usage[0] if usage else jnp.float32(jnp.nan)}
-
-
-def eval_step(model, batch):
-    logits = model(batch["inputs"], segment_ids=batch["segment_ids"], positions=batch["positions"])
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-    return jnp.sum(ce * batch["loss_mask"]), jnp.sum(batch["loss_mask"])
 
 
 class _StopFlag:
@@ -137,26 +120,39 @@ def evaluate(cfg: Config, model, mesh, sharding, eval_fn) -> float:
     return total / count
 
 
-def log_metrics(cfg: Config, out: dict, steps: int, elapsed: float, tokens_per_step: int, flops: float,
-                peak: float) -> dict:
-    """The metrics of a log step: throughput, MFU, gradient norm, expert load, N-gram row usage."""
-    record = {"grad_norm": float(out["grad_norm"]), "tokens_per_s": steps * tokens_per_step / elapsed,
-              "step_time_s": elapsed / steps}
-    if math.isfinite(peak):
-        record["mfu"] = flops * steps / elapsed / peak
+def log_metrics(cfg: Config, out: dict, window: TrainWindow) -> dict:
+    """The metrics of a log step: throughput and MFU of the window's training steps, gradient norm,
+    expert load, N-gram row usage."""
+    record = {"grad_norm": float(out["grad_norm"]), **window.report()}
     counts = np.asarray(out["expert_counts"])
     if counts.size:
         real = counts[:, : cfg.model.moe.num_experts].astype(np.float64)
         record["expert_load_max_over_mean"] = float((real.max(1) / np.maximum(real.mean(1), 1e-9)).mean())
-        record["zero_expert_fraction"] = float(1 - real.sum() / counts.sum())
+        record["zero_expert_fraction"] = float(1 - real.sum() / max(counts.sum(), 1))
     seen = float(out["ngram_rows_seen_frac"])
     if math.isfinite(seen):  # fraction of the N-gram rows read so far, recorded by the model
         record["ngram_rows_seen_frac"] = seen
     return record
 
 
+def check_resumed_steps(saved_steps: int, cfg: Config, start: int) -> None:
+    """Resuming with another ``train.steps`` would silently change the learning-rate schedule (the
+    cosine decays over ``train.steps``): refused unless ``train.extend`` is true, which takes the
+    schedule of the new ``train.steps`` for the remaining steps."""
+    steps = cfg.train.steps
+    if steps == saved_steps or cfg.train.extend:
+        return
+    old, new = schedule(dataclasses.replace(cfg.train, steps=saved_steps)), schedule(cfg.train)
+    raise ConfigError(
+        f"{cfg.train.run_dir} was trained (to step {start}) with train.steps={saved_steps}, which its "
+        f"learning-rate schedule decays over; train.steps={steps} would change the learning rate from step "
+        f"{start} on ({float(old(start)):.3g} -> {float(new(start)):.3g}). Resume with train.steps={saved_steps}, "
+        f"or set train.extend=true to continue on the schedule of train.steps={steps}")
+
+
 def train(cfg: Config) -> dict:
     """Train (or resume) the run ``cfg.train.run_dir``; returns the final metrics."""
+    check_config(cfg)
     initialize_distributed()
     t, d = cfg.train, cfg.data
     run_dir = Path(t.run_dir)
@@ -189,11 +185,17 @@ def train(cfg: Config) -> dict:
     ckpt = Checkpointer(run_dir / "checkpoints", t.keep_checkpoints)
     start = ckpt.latest_step() or 0
     if start:
-        diffs = config_differences(ckpt.read_meta(start)["config"], cfg)
+        saved = ckpt.read_meta(start)["config"]
+        diffs = config_differences(saved, cfg)
         if diffs:
             ckpt.close()
             raise ConfigError(f"{run_dir} holds a checkpoint (step {start}) of a different configuration; "
                               "use another train.run_dir or the same config. Differences:\n  " + "\n  ".join(diffs))
+        try:
+            check_resumed_steps(saved["train"]["steps"], cfg, start)
+        except ConfigError:
+            ckpt.close()
+            raise
         restored = ckpt.restore(start, train_state_target(model, opt, mesh, rules), train_iter)
         for module, saved in ((model, restored["model"]), (opt, restored["opt"])):
             state = nnx.state(module)
@@ -203,10 +205,7 @@ def train(cfg: Config) -> dict:
             print(f"resumed {run_dir} from step {start}", flush=True)
 
     chunked = row_chunked_paths(model, opt)
-    budget = parameter_budget(cfg)
-    tokens_per_step = d.batch_size * d.seq_len
-    flops = flops_per_token(cfg, budget["activated_max"]) * tokens_per_step
-    peak = peak_flops(cfg) * jax.device_count()
+    window = TrainWindow(cfg, parameter_budget(cfg)["activated_max"], peak_flops(cfg) * jax.device_count())
     lr_at = schedule(t)
     writer = MetricsWriter(run_dir, enabled=lead)
     result: dict = {"step": start}
@@ -219,25 +218,23 @@ def train(cfg: Config) -> dict:
             from tqdm import tqdm
 
             progress = tqdm(total=t.steps, initial=start, desc=cfg.name, unit="step", dynamic_ncols=True)
-        window_t, window_steps = time.perf_counter(), 0
         step = start
         try:
             while step < t.steps:
+                t0 = time.perf_counter()  # the window times the training step alone (not eval, saves, logs)
                 batch = next(train_iter)
                 out = step_fn(model, opt, _device_batch(batch, sharding))
                 step += 1
-                loss = float(out["loss"])
+                loss = float(out["loss"])  # waits for the step
+                window.add(time.perf_counter() - t0, out)
                 if not math.isfinite(loss):
                     last = ckpt.latest_step()
                     where = f"step {last} in {ckpt.directory}" if last is not None else "none yet"
                     raise TrainingDiverged(f"loss is {loss} at step {step}: training stopped and this step was not "
                                            f"saved; last good checkpoint: {where} (lower train.lr or check the data)")
-                window_steps += 1
                 record = {"loss": loss, "lr": float(lr_at(step - 1))}
                 if step % t.log_every == 0 or step == t.steps:
-                    elapsed = time.perf_counter() - window_t
-                    record.update(log_metrics(cfg, out, window_steps, elapsed, tokens_per_step, flops, peak))
-                    window_t, window_steps = time.perf_counter(), 0
+                    record.update(log_metrics(cfg, out, window))
                     if progress is not None:
                         progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
                 if step % t.eval_every == 0 or step == t.steps:

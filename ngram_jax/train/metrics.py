@@ -1,4 +1,5 @@
-"""Training metrics: FLOP estimate and MFU, and a writer for JSONL and TensorBoard event files."""
+"""Training metrics: FLOP estimate, throughput and MFU over training steps only, and a writer for JSONL
+and TensorBoard event files."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import math
 from pathlib import Path
 
 import jax
+import numpy as np
 
 from ngram_jax.config import Config
 
@@ -36,6 +38,59 @@ def peak_flops(cfg: Config) -> float:
         if kind.startswith(prefix):
             return value
     return math.nan  # unknown (e.g. CPU): MFU is not reported
+
+
+def activated_params(cfg: Config, activated_max: int, expert_counts) -> float:
+    """Activated parameters per token as routed: ``activated_max`` (every routed slot a real expert) less
+    one expert's weights for every slot that went to a zero expert.
+
+    ``expert_counts`` int [L, E+Z]: assignments per expert of the real tokens of a step, one row per MoE
+    layer (``train_step``'s ``expert_counts``); real experts per token in layer l are
+    ``top_k * sum(counts[l, :E]) / sum(counts[l])``."""
+    e = cfg.model.moe
+    counts = np.asarray(expert_counts, np.float64)
+    if counts.size == 0 or e.num_experts == 0:
+        return float(activated_max)
+    k_max = min(e.top_k, e.num_experts)
+    total = counts.sum(axis=1)
+    real = np.where(total > 0, e.top_k * counts[:, : e.num_experts].sum(axis=1) / np.maximum(total, 1), k_max)
+    return float(activated_max - 3 * cfg.model.d_model * e.expert_dim * np.sum(k_max - real))
+
+
+class TrainWindow:
+    """Throughput and MFU between two log steps, from the training steps alone.
+
+    :meth:`add` takes the seconds of one training step (fetching its batch, the step, waiting for its
+    loss) and the step's output: ``tokens`` (real tokens, ``segment_ids != 0``: padding is not counted)
+    and ``expert_counts`` (for the activated parameters actually routed, see :func:`activated_params`).
+    Evaluation, checkpoint saves and logging happen outside :meth:`add` and never enter the window."""
+
+    def __init__(self, cfg: Config, activated_max: int, peak: float):
+        self.cfg, self.activated_max, self.peak = cfg, activated_max, peak
+        self.reset()
+
+    def reset(self) -> None:
+        self.steps, self.seconds, self.tokens, self.flops, self.activated_tokens = 0, 0.0, 0, 0.0, 0.0
+
+    def add(self, seconds: float, out: dict) -> None:
+        tokens = int(out["tokens"])
+        activated = activated_params(self.cfg, self.activated_max, out["expert_counts"])
+        self.steps += 1
+        self.seconds += seconds
+        self.tokens += tokens
+        self.activated_tokens += activated * tokens
+        self.flops += flops_per_token(self.cfg, activated) * tokens
+
+    def report(self) -> dict:
+        """The window's metrics (then starts a new window)."""
+        seconds = max(self.seconds, 1e-12)
+        record = {"tokens_per_s": self.tokens / seconds, "step_time_s": seconds / max(self.steps, 1),
+                  "train_tokens": self.tokens,
+                  "activated_params": self.activated_tokens / self.tokens if self.tokens else math.nan}
+        if math.isfinite(self.peak):
+            record["mfu"] = self.flops / seconds / self.peak
+        self.reset()
+        return record
 
 
 class MetricsWriter:

@@ -29,7 +29,7 @@ from flax import nnx
 
 from ngram_jax.config import TrainConfig
 from ngram_jax.ngram.lookup import HashedTables, NgramTable, hashed_tables, table_paths
-from ngram_jax.sharding import row_sharded_update
+from ngram_jax.sharding import logical_axes, row_sharded_update
 
 
 def schedule(t: TrainConfig, multiplier: float = 1.0) -> optax.Schedule:
@@ -97,10 +97,10 @@ class RowwiseTableOptimizer(nnx.Module):
         self.kind, self.t = t.table_optimizer, t
         rows, width = lookup.ngram_table.shape
         if self.kind == "rowwise_adagrad":
-            self.acc = RowState(jnp.zeros((rows,), jnp.float32), out_sharding=("ngram_rows",))
+            self.acc = RowState(jnp.zeros((rows,), jnp.float32), **logical_axes(("ngram_rows",)))
         elif self.kind == "lazy_adam":
-            self.mu = RowState(jnp.zeros((rows, width), jnp.float32), out_sharding=("ngram_rows", "ngram_dim"))
-            self.nu = RowState(jnp.zeros((rows, width), jnp.float32), out_sharding=("ngram_rows", "ngram_dim"))
+            self.mu = RowState(jnp.zeros((rows, width), jnp.float32), **logical_axes(("ngram_rows", "ngram_dim")))
+            self.nu = RowState(jnp.zeros((rows, width), jnp.float32), **logical_axes(("ngram_rows", "ngram_dim")))
         else:
             raise ValueError(f"train.table_optimizer={self.kind!r} is not a row-wise optimizer")
 

@@ -1,0 +1,38 @@
+"""The one next-token loss, used by training (:func:`loss_fn`) and evaluation (:func:`eval_step`)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Masked next-token cross-entropy: ``(sum over scored targets, number of scored targets)``.
+
+    logits float [B, S, V], targets int [B, S], mask [B, S] (1 where a target is scored: not padding,
+    not a repeated context token)."""
+    mask = mask.astype(jnp.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    return jnp.sum(ce * mask), jnp.sum(mask)
+
+
+def mean_cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean of :func:`cross_entropy` over the scored targets (0 when there are none)."""
+    total, count = cross_entropy(logits, targets, mask)
+    return total / jnp.maximum(count, 1.0)
+
+
+def forward(model, batch: dict) -> jax.Array:
+    return model(batch["inputs"], segment_ids=batch["segment_ids"], positions=batch["positions"])
+
+
+def loss_fn(model, batch: dict) -> tuple[jax.Array, jax.Array]:
+    """The training objective ``(mean cross-entropy + MoE auxiliary losses, mean cross-entropy)``."""
+    loss = mean_cross_entropy(forward(model, batch), batch["targets"], batch["loss_mask"])
+    return loss + model.aux_loss(), loss
+
+
+def eval_step(model, batch: dict) -> tuple[jax.Array, jax.Array]:
+    """``(sum of cross-entropy, number of scored targets)`` of a batch (sum over batches, then divide)."""
+    return cross_entropy(forward(model, batch), batch["targets"], batch["loss_mask"])
