@@ -5,6 +5,7 @@ Resumes from the latest checkpoint in ``train.run_dir``; SIGTERM/SIGINT save and
 
 import sys
 
+from ngram_jax.checkpoint import CheckpointError
 from ngram_jax.config import ConfigError, load_config
 from ngram_jax.train.loop import TrainingDiverged, train
 
@@ -16,7 +17,7 @@ def main(argv: list[str]) -> int:
     try:
         cfg = load_config(argv[0], argv[1:])
         result = train(cfg)
-    except (ConfigError, TrainingDiverged, FileNotFoundError) as err:
+    except (ConfigError, TrainingDiverged, FileNotFoundError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     if "eval_loss" in result:

@@ -3,12 +3,19 @@ state and the resolved config; and :func:`restore_model` for analysis from Pytho
 model and optimizer (and the abstract restore target) is :mod:`ngram_jax.train.state`'s job.
 
 Saves are asynchronous and atomic (orbax writes a temporary directory and renames it when complete),
-so a crash or a kill at any moment leaves the latest *complete* checkpoint readable.
+so a crash or a kill at any moment leaves the latest *complete* checkpoint readable. A complete
+checkpoint damaged afterwards (a truncated or deleted file) is reported and skipped when resuming
+(:meth:`Checkpointer.restore_latest`); a full disk during a save is a :class:`CheckpointError`
+naming the directory and the last complete checkpoint, which stays intact.
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import grain
@@ -79,6 +86,97 @@ def row_chunked_paths(model, opt=None) -> frozenset[tuple[str, ...]]:
     return frozenset(out)
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (e.g. a full disk), or no checkpoint could be read."""
+
+
+def _is_disk_full(err: BaseException) -> bool:
+    """ENOSPC anywhere in the exception chain (tensorstore reports it as text, not as an errno)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if getattr(err, "errno", None) == errno.ENOSPC or "No space left on device" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _brief(err: BaseException, limit: int = 400) -> str:
+    """The root cause of ``err`` on one line (orbax wraps tensorstore's precise message in a long spec)."""
+    seen = {id(err)}
+    while (inner := err.__cause__ or err.__context__) is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        err = inner
+    text = " ".join(str(err).split()) or "(no message)"
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return f"{type(err).__name__}: {text}"
+
+
+def _drain_failed_reads(quiet_for: float = 0.5, limit: float = 10.0) -> None:
+    """After orbax's restore failed on one array, its concurrent reads of the other arrays end later, in
+    tensorstore's threads, each printing "Exception ignored ..." (the same failure, already reported,
+    or "Event loop is closed"). Collect them here, until none arrives for ``quiet_for`` seconds; other
+    unraisable exceptions still reach the usual hook."""
+    import gc
+    import time
+
+    def consequence(u) -> bool:
+        name = getattr(getattr(u.object, "cr_code", None), "co_name", "")
+        return (name == "_read_array_index_and_device_put"
+                or (isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed"))
+
+    previous, last = sys.unraisablehook, [time.monotonic()]
+
+    def hook(u):
+        if consequence(u):
+            last[0] = time.monotonic()
+        else:
+            previous(u)
+
+    sys.unraisablehook = hook
+    t0 = time.monotonic()
+    try:
+        while True:
+            gc.collect()
+            time.sleep(0.1)
+            now = time.monotonic()
+            if now - last[0] >= quiet_for or now - t0 >= limit:
+                break
+    finally:
+        sys.unraisablehook = previous
+
+
+def _all_processes_ok(ok: bool) -> bool:
+    """Whether every process succeeded (processes must agree on the checkpoint they resume from)."""
+    if jax.process_count() == 1:
+        return ok
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.array(ok, np.int32))))
+
+
+SLOW_SAVE_ENV = "NGRAM_JAX_TEST_SLOW_SAVE"
+
+
+def _install_slow_save_hook() -> None:
+    """A hook for tests, active only when ``NGRAM_JAX_TEST_SLOW_SAVE=<step>:<seconds>`` is set: the
+    background write of that step's metadata (orbax's JSON handler) waits, so that a test can kill the
+    process while an asynchronous save is in flight (its temporary directory exists, training goes on)."""
+    step, _, seconds = os.environ.get(SLOW_SAVE_ENV, "").partition(":")
+    original = ocp.JsonCheckpointHandler._save_fn
+    if not seconds or getattr(original, "_slow_save_hook", False):
+        return
+
+    async def slow(self, x, directory):
+        if isinstance(x, dict) and x.get("step") == int(step):
+            await asyncio.sleep(float(seconds))
+        await original(self, x, directory)
+
+    slow._slow_save_hook = True
+    ocp.JsonCheckpointHandler._save_fn = slow
+
+
 class Checkpointer:
     def __init__(self, directory: str | Path, keep: int = 3):
         self.directory = Path(directory).absolute()
@@ -88,6 +186,7 @@ class Checkpointer:
             item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler(),
                            "meta": ocp.JsonCheckpointHandler()},
         )
+        _install_slow_save_hook()
 
     def latest_step(self) -> int | None:
         return self.mgr.latest_step()
@@ -105,15 +204,34 @@ class Checkpointer:
             return ocp.SaveArgs(chunk_byte_size=TABLE_CHUNK_ROWS * row_bytes)
 
         save_args = jax.tree_util.tree_map_with_path(args, state)
-        try:
+        with self._disk_full_is_an_error(f"step {step}"):
+            # raises here the error of an earlier asynchronous save too (orbax checks before saving)
             self.mgr.save(step, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state, save_args=save_args),
                 data=grain.checkpoint.CheckpointSave(data_iter), meta=ocp.args.JsonSave(meta)), force=True)
-        except OSError as err:
-            if err.errno == errno.ENOSPC:
-                raise OSError(err.errno, f"disk full while saving step {step} to {self.directory}; the last "
-                                         f"complete checkpoint (step {self.latest_step()}) is intact") from err
-            raise
+
+    def _disk_full_is_an_error(self, what: str):
+        """A context mapping ENOSPC (raised at once or by an asynchronous save) to a :class:`CheckpointError`."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def ctx():
+            try:
+                yield
+            except CheckpointError:
+                raise
+            except Exception as err:
+                if not _is_disk_full(err):
+                    raise
+                self.mgr.reload()  # the steps actually complete on disk
+                last = self.mgr.latest_step()
+                intact = (f"the last complete checkpoint, step {last} ({self.directory / str(last)}), is intact"
+                          if last is not None else "no earlier checkpoint exists")
+                raise CheckpointError(f"disk full (no space left on device) while saving {what} to "
+                                      f"{self.directory}: {_brief(err)}; {intact}. Free space (or lower "
+                                      "train.keep_checkpoints) and run again to resume") from err
+
+        return ctx()
 
     def read_meta(self, step: int) -> dict:
         return self.mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -124,11 +242,82 @@ class Checkpointer:
             args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
         return self.mgr.restore(step, args=ocp.args.Composite(**args))["state"]
 
+    def restore_latest(self, abstract_state: dict, data_iter=None,
+                       check: Callable[[int, dict], None] | None = None,
+                       log: Callable[[str], None] | None = None) -> tuple[int, dict, dict] | None:
+        """``(step, meta, state)`` of the newest checkpoint that reads back, or None when there is none.
+
+        ``check(step, meta)`` may refuse a checkpoint by raising (e.g. a config mismatch): that error
+        propagates. A checkpoint that fails to read (a truncated or missing file) is reported through
+        ``log`` (its path, step and error) and the previous one is tried; once an older one is restored,
+        the unreadable newer ones are moved aside to ``<step>.unreadable-<n>`` (kept for inspection) so
+        that training can save those steps again. None readable: :class:`CheckpointError`.
+        """
+        log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.mgr.reload()
+        bad: list[tuple[int, str]] = []
+        for step in sorted(self.mgr.all_steps(), reverse=True):
+            path = self.directory / str(step)
+            problem = None
+            try:
+                meta = self.read_meta(step)
+            except Exception as err:  # noqa: BLE001 - any read failure means this checkpoint is unusable
+                meta, problem = None, f"its metadata does not read ({_brief(err)})"
+            if meta is not None and check is not None:
+                check(step, meta)
+            state = None
+            if problem is None:
+                try:
+                    state = self.restore(step, abstract_state, data_iter)
+                except Exception as err:  # noqa: BLE001
+                    problem = f"its state does not read ({_brief(err)})"
+                if problem is not None:
+                    _drain_failed_reads()
+            if not _all_processes_ok(problem is None):
+                problem = problem or "it does not read on another process"
+            if problem is not None:
+                bad.append((step, problem))
+                log(f"warning: checkpoint {path} (step {step}) is unreadable: {problem}; trying the previous one")
+                continue
+            for bad_step, _ in bad:
+                self._move_aside(bad_step, log)
+            if bad:
+                log(f"resuming from step {step} ({path}), the newest readable checkpoint")
+            return step, meta, state
+        if bad:
+            steps = ", ".join(str(s) for s, _ in bad)
+            raise CheckpointError(f"no readable checkpoint in {self.directory}: steps {steps} all fail to read "
+                                  f"(step {bad[0][0]}: {bad[0][1]}). Nothing was moved or deleted; move the "
+                                  "directory aside to start from scratch, or restore it from a backup")
+        return None
+
+    def _move_aside(self, step: int, log: Callable[[str], None]) -> None:
+        path = self.directory / str(step)
+        if jax.process_index() == 0:
+            n = 0
+            while (target := path.with_name(f"{step}.unreadable-{n}")).exists():
+                n += 1
+            path.rename(target)
+            log(f"moved the unreadable checkpoint {path} to {target}")
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"ngram_jax:moved_aside_{step}")
+        self.mgr.reload()
+
     def wait(self) -> None:
-        self.mgr.wait_until_finished()
+        with self._disk_full_is_an_error("a checkpoint"):
+            self.mgr.wait_until_finished()
 
     def close(self) -> None:
-        self.mgr.wait_until_finished()
+        try:
+            self.wait()
+        except BaseException:
+            try:
+                self.mgr.close()
+            except Exception:  # noqa: BLE001 - the same failure again; the first one is raised
+                pass
+            raise
         self.mgr.close()
 
 

@@ -37,3 +37,56 @@ def test_two_processes_match_one(tmp_path):
     layer = NgramEmbedding(96, 24, max_n=3, splits=2, ratio=2.37, eos_id=5, row_multiple=8, rngs=nnx.Rngs(0))
     want = np.asarray(layer(np.random.default_rng(0).integers(0, 96, (8, 16)).astype(np.int32)))
     np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_train_two_processes_killed_and_resumed_match_one_process(tmp_path):
+    """train.py under jax.distributed (2 processes x 2 CPU devices), killed after its step-4 checkpoint and
+    started again, gives the losses of one process with 4 devices on the same global mesh (data=4)."""
+    import json
+    import signal
+    import time
+
+    from test_train import ROOT, SHORT, TINY
+
+    from ngram_jax.data.corpus import bundled_corpus_files
+    from ngram_jax.data.prepare import prepare
+
+    data = tmp_path / "plays"
+    prepare(bundled_corpus_files()[:4], data, train_bpe_vocab=4096, heldout_fraction=0.05)
+    cmd = [sys.executable, str(ROOT / "train.py"), str(ROOT / "configs/models/tiny_ne.yaml"), *TINY, *SHORT,
+           f"data.path={data}", "mesh.ici.data=4"]
+    base = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
+
+    def losses(run_dir):
+        return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+
+    one = subprocess.run([*cmd, f"train.run_dir={tmp_path / 'one'}"], cwd=ROOT, capture_output=True, text=True,
+                         env=base | {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}, timeout=300)
+    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
+
+    def start_two(run_dir):
+        port = free_port()
+        return [subprocess.Popen([*cmd, f"train.run_dir={run_dir}"], cwd=ROOT, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True,
+                                 env=base | {"XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+                                             "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
+                                             "JAX_PROCESS_ID": str(rank)}) for rank in range(2)]
+
+    run_dir = tmp_path / "two"
+    procs = start_two(run_dir)
+    t0 = time.time()
+    while not (run_dir / "checkpoints" / "4").is_dir() and time.time() - t0 < 300:
+        assert all(p.poll() is None for p in procs), [p.communicate()[0][-3000:] for p in procs]
+        time.sleep(0.05)
+    for p in procs:
+        p.send_signal(signal.SIGKILL)
+    for p in procs:
+        p.wait(timeout=60)
+    procs = start_two(run_dir)
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, out in zip(procs, outs, strict=True):
+        assert p.returncode == 0, out[-3000:]
+    assert f"resumed {run_dir} from step" in outs[0]
+    got, want = losses(run_dir), losses(tmp_path / "one")
+    assert sorted(got) == sorted(want) == list(range(1, 9))
+    np.testing.assert_allclose([got[s] for s in range(1, 9)], [want[s] for s in range(1, 9)], rtol=2e-6)

@@ -317,3 +317,113 @@ def test_resume_with_other_steps_needs_extend(straight, data_dir, tmp_path):
     assert records[301]["lr"] == pytest.approx(float(schedule(cfg.train)(300)))
     rc, out = run(data_dir, run_dir, *steps, "train.steps=310")  # the new steps are the run's steps now
     assert rc == 0, out
+
+
+# ----------------------------------------------------------------------------------------------
+# Faults: unreadable checkpoints, a full disk, a kill during an asynchronous save
+
+SHORT = ["train.steps=8", "train.checkpoint_every=2", "train.eval_every=100", "train.log_every=4"]
+
+
+@pytest.fixture(scope="module")
+def short(data_dir, tmp_path_factory):
+    """An uninterrupted 8-step run with checkpoints at steps 2, 4, 6, 8 (the last 3 kept)."""
+    run_dir = tmp_path_factory.mktemp("short")
+    rc, out = run(data_dir, run_dir, *SHORT)
+    assert rc == 0, out
+    assert Checkpointer(run_dir / "checkpoints").mgr.all_steps() == [4, 6, 8]
+    return run_dir
+
+
+def _truncate_largest(directory: Path) -> Path:
+    f = max((f for f in directory.rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+    with open(f, "r+b") as fh:
+        fh.truncate(f.stat().st_size // 3)
+    return f
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(short, data_dir, tmp_path):
+    """Step 8's array data truncated, step 6's metadata deleted: both named, resume from step 4, exact."""
+    run_dir = tmp_path / "corrupt"
+    shutil.copytree(short, run_dir)
+    ckpt = run_dir / "checkpoints"
+    _truncate_largest(ckpt / "8" / "state")
+    (ckpt / "6" / "meta" / "metadata").unlink()
+    assert Checkpointer(ckpt).latest_step() == 8  # orbax sees complete directories only
+    rc, out = run(data_dir, run_dir, *SHORT)
+    assert rc == 0, out
+    assert f"checkpoint {ckpt / '8'} (step 8) is unreadable: its state does not read" in out, out
+    assert "is not valid for value of size" in out  # tensorstore's precise cause, not orbax's wrapper
+    assert f"checkpoint {ckpt / '6'} (step 6) is unreadable: its metadata does not read" in out, out
+    assert f"resumed {run_dir} from step 4" in out
+    assert (ckpt / "8.unreadable-0").is_dir() and (ckpt / "6.unreadable-0").is_dir()  # kept for inspection
+    assert Checkpointer(ckpt).latest_step() == 8  # saved again
+    assert losses(run_dir) == losses(short)
+
+
+def test_no_readable_checkpoint_is_an_error_not_a_fresh_start(short, data_dir, tmp_path):
+    run_dir = tmp_path / "all_corrupt"
+    shutil.copytree(short, run_dir)
+    for step in ("4", "6", "8"):
+        _truncate_largest(run_dir / "checkpoints" / step / "state")
+    rc, out = run(data_dir, run_dir, *SHORT)
+    assert rc == 1, out
+    assert (f"error: no readable checkpoint in {run_dir / 'checkpoints'}: steps 8, 6, 4 all fail to read "
+            "(step 8: its state does not read") in out
+    assert "Traceback" not in out
+    assert {p.name for p in (run_dir / "checkpoints").iterdir()} == {"4", "6", "8"}  # nothing moved or deleted
+
+
+def test_disk_full_during_an_async_save_is_a_clear_error(short, data_dir, tmp_path, monkeypatch, capsys):
+    """ENOSPC in the background write of step 4: the next save (or the final wait) reports it, naming the
+    directory and the last complete checkpoint, which restores; train.py exits 1 without a traceback."""
+    import errno
+    import importlib.util
+
+    import orbax.checkpoint as ocp
+
+    original = ocp.JsonCheckpointHandler._save_fn
+
+    async def disk_full_at_step_4(self, x, directory):
+        if x.get("step") == 4:
+            raise OSError(errno.ENOSPC, "No space left on device", str(directory / "metadata"))
+        await original(self, x, directory)
+
+    monkeypatch.setattr(ocp.JsonCheckpointHandler, "_save_fn", disk_full_at_step_4)
+    spec = importlib.util.spec_from_file_location("train_cli", ROOT / "train.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    run_dir = tmp_path / "full"
+    rc = cli.main([str(ROOT / "configs/models/tiny_ne.yaml"), *overrides(data_dir, run_dir, *SHORT)])
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    ckpt = run_dir / "checkpoints"
+    assert "error: disk full (no space left on device) while saving" in err
+    assert f"to {ckpt}: " in err and f"the last complete checkpoint, step 2 ({ckpt / '2'}), is intact" in err
+    assert Checkpointer(ckpt).latest_step() == 2
+    model, _ = restore_model(run_dir)  # the previous checkpoint reads back
+    assert np.isfinite(np.asarray(model.final_norm.scale[...])).all()
+
+
+def test_sigkill_during_an_async_save_resumes_exactly(short, data_dir, tmp_path):
+    """Killed while step 4's save is in flight (its temporary directory exists; the test hook holds its
+    metadata write): the next start resumes from step 2, the last complete one, bit for bit."""
+    from ngram_jax.checkpoint import SLOW_SAVE_ENV
+
+    run_dir = tmp_path / "killed_saving"
+    ckpt = run_dir / "checkpoints"
+    os.environ[SLOW_SAVE_ENV] = "4:60"
+    try:
+        proc = start(data_dir, run_dir, *SHORT)
+    finally:
+        del os.environ[SLOW_SAVE_ENV]
+    assert wait_for(lambda: any(ckpt.glob("4.orbax-checkpoint-tmp*")), proc=proc), proc.communicate()[0]
+    time.sleep(1.0)  # training goes on while the save is in flight
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (ckpt / "4").exists() and Checkpointer(ckpt).latest_step() == 2
+    rc, out = run(data_dir, run_dir, *SHORT)
+    assert rc == 0, out
+    assert f"resumed {run_dir} from step 2" in out
+    assert losses(run_dir) == losses(short)

@@ -103,13 +103,16 @@ def make_dataset(data_dir: str | Path, split: str, *, seq_len: int, batch_size: 
                  process_index: int = 0, process_count: int = 1, repeat: bool = True) -> grain.IterDataset:
     """The pipeline as a grain ``IterDataset``; ``iter()`` it for a checkpointable iterator.
 
-    ``batch_size`` is this process's share of the global batch.
+    ``batch_size`` is this process's share of the global batch. Every process builds the same global
+    batches (``batch_size * process_count`` rows) and keeps its block of rows, so the data a step
+    sees does not depend on the number of processes: a multi-process run trains exactly as one
+    process with the same global mesh (the token pipeline is cheap next to the model step).
     """
     src = TokenSource(data_dir, split, vocab_size)
     ds = grain.MapDataset.source(src)
     if repeat:
         ds = ds.seed(seed).shuffle().repeat(None)
-    ds = ds[process_index::process_count]
+    local, batch_size = batch_size, batch_size * process_count
     meta = read_metadata(data_dir)
     chunk = _Chunk(seq_len + 1)
     chunk.max_fan_out = chunk.pieces(int(meta.get("max_doc_tokens", 2048)) + 1)  # records hold up to that + 1
@@ -118,4 +121,7 @@ def make_dataset(data_dir: str | Path, split: str, *, seq_len: int, batch_size: 
     it = grain.experimental.FirstFitPackIterDataset(it, length_struct={"inputs": row, "positions": row, "scored": row},
                                                     num_packing_bins=batch_size, seed=seed, shuffle_bins=repeat)
     it = it.map(_to_example).batch(batch_size, drop_remainder=repeat)
+    if process_count > 1:
+        lo = process_index * local
+        it = it.map(lambda b: {k: v[lo : lo + local] for k, v in b.items()})
     return it

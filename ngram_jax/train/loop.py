@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -183,20 +184,24 @@ def train(cfg: Config) -> dict:
                                    process_count=jax.process_count()))
 
     ckpt = Checkpointer(run_dir / "checkpoints", t.keep_checkpoints)
-    start = ckpt.latest_step() or 0
-    if start:
-        saved = ckpt.read_meta(start)["config"]
-        diffs = config_differences(saved, cfg)
+    def same_config(step: int, saved_meta: dict) -> None:
+        diffs = config_differences(saved_meta["config"], cfg)
         if diffs:
             ckpt.close()
-            raise ConfigError(f"{run_dir} holds a checkpoint (step {start}) of a different configuration; "
+            raise ConfigError(f"{run_dir} holds a checkpoint (step {step}) of a different configuration; "
                               "use another train.run_dir or the same config. Differences:\n  " + "\n  ".join(diffs))
         try:
-            check_resumed_steps(saved["train"]["steps"], cfg, start)
+            check_resumed_steps(saved_meta["config"]["train"]["steps"], cfg, step)
         except ConfigError:
             ckpt.close()
             raise
-        restored = ckpt.restore(start, train_state_target(model, opt, mesh, rules), train_iter)
+
+    # the newest checkpoint that reads back; unreadable newer ones are reported and moved aside
+    found = ckpt.restore_latest(train_state_target(model, opt, mesh, rules), train_iter, check=same_config,
+                                log=(lambda msg: print(msg, file=sys.stderr, flush=True)) if lead else (lambda _: None))
+    start = found[0] if found else 0
+    if found:
+        restored = found[2]
         for module, saved in ((model, restored["model"]), (opt, restored["opt"])):
             state = nnx.state(module)
             nnx.replace_by_pure_dict(state, saved)
