@@ -181,19 +181,19 @@ def train(cfg: Config) -> dict:
     rules = cfg.mesh.rules
     batch_axes = dict(rules_for_mesh(rules, mesh)).get("batch")
     sharding = NamedSharding(mesh, P(batch_axes))
-    model, opt = build_train_state(cfg, mesh)
-    train_iter = iter(make_dataset(d.path, "train", seq_len=d.seq_len, batch_size=d.batch_size // jax.process_count(),
-                                   vocab_size=cfg.model.vocab_size, seed=d.seed, process_index=jax.process_index(),
-                                   process_count=jax.process_count()))
-
     ckpt = Checkpointer(run_dir / "checkpoints", t.keep_checkpoints)
     start = ckpt.latest_step() or 0
-    if start:
+    if start:  # before the model is built (and compiled)
         diffs = config_differences(ckpt.read_meta(start)["config"], cfg)
         if diffs:
             ckpt.close()
             raise ConfigError(f"{run_dir} holds a checkpoint (step {start}) of a different configuration; "
                               "use another train.run_dir or the same config. Differences:\n  " + "\n  ".join(diffs))
+    model, opt = build_train_state(cfg, mesh)
+    train_iter = iter(make_dataset(d.path, "train", seq_len=d.seq_len, batch_size=d.batch_size // jax.process_count(),
+                                   vocab_size=cfg.model.vocab_size, seed=d.seed, process_index=jax.process_index(),
+                                   process_count=jax.process_count()))
+    if start:
         restored = ckpt.restore(start, train_state_target(model, opt, mesh, rules), train_iter)
         for module, saved in ((model, restored["model"]), (opt, restored["opt"])):
             state = nnx.state(module)
