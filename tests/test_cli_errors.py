@@ -188,6 +188,11 @@ def test_train_mesh_that_does_not_divide_a_table(data, vocab, tmp_path):
     assert_user_error(res, USAGE, "ngram_table", "not divisible by the 3 shards", "model.ngram.row_multiple")
 
 
+def test_train_kernel_that_cannot_run_here(data, vocab, tmp_path):
+    res = cli("train.py", *tiny(data, vocab, tmp_path / "r", "model.ngram.kernel=pallas_tpu"))
+    assert_user_error(res, USAGE, "model.ngram.kernel='pallas_tpu'", "only for TPU", "auto or xla")
+
+
 def test_train_checkpoint_of_another_config(run, data, vocab, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(run, run_dir)

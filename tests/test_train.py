@@ -174,7 +174,7 @@ def test_mismatched_config_is_refused(straight, data_dir, tmp_path):
     run_dir = tmp_path / "mismatch"
     shutil.copytree(straight[0], run_dir)
     rc, out = run(data_dir, run_dir, *STEPS, "model.ngram.max_n=5", "model.ngram.splits=1")
-    assert rc == 1
+    assert rc == 2  # a config error (cli.USAGE_STATUS)
     assert "different configuration" in out and "model.ngram.max_n: checkpoint 3 -> requested 5" in out
 
 
