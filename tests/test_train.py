@@ -219,7 +219,7 @@ def test_prepare_cli_and_tokenizer_reuse(data_dir, tmp_path):
                         capture_output=True, text=True)
     assert rc.returncode == 0, rc.stderr
     meta = json.loads((tmp_path / "out" / "metadata.json").read_text())
-    assert meta["vocab_size"] == 4096 and meta["eos_id"] == 0
+    assert meta["vocab_size"] == 4096 and meta["eos_id"] == 1  # <|pad|> is 0: EOS is never the zero fill
     assert meta["tokenizer_hash"] == json.loads((data_dir / "metadata.json").read_text())["tokenizer_hash"]
     assert meta["splits"]["train"]["documents"] + meta["splits"]["heldout"]["documents"] == 10
 
