@@ -12,7 +12,8 @@ import json
 import sys
 from pathlib import Path
 
-from ngram_jax.eval.perplexity import evaluate
+from ngram_jax import cli
+from ngram_jax.errors import MissingInputError
 
 
 def run_tasks(model, cfg, tokenizer, tasks, include_path, limit, batch_size) -> dict:
@@ -29,7 +30,8 @@ def run_tasks(model, cfg, tokenizer, tasks, include_path, limit, batch_size) -> 
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.ArgumentParser(prog="python eval.py", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="a training run directory (or its checkpoints directory)")
     src.add_argument("--hf-checkpoint", help="a Hugging Face LongCat-Flash(-Lite) directory")
@@ -44,31 +46,48 @@ def main(argv=None) -> int:
     ap.add_argument("--include-path", help="a directory of extra lm-eval task YAMLs")
     ap.add_argument("--limit", type=int, default=None, help="at most this many documents per task")
     args = ap.parse_args(argv)
-    try:
-        if args.checkpoint:
-            from ngram_jax.checkpoint import find_checkpoints, restore_model
+    for name in ("batches", "batch_size", "seq_len", "limit"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            ap.error(f"--{name.replace('_', '-')} {value} must be >= 1")
+    if args.hf_checkpoint and not args.data:
+        ap.error("--hf-checkpoint needs --data (and --tokenizer for raw text)")
+    for flag, value in (("--checkpoint", args.checkpoint), ("--hf-checkpoint", args.hf_checkpoint),
+                        ("--data", args.data), ("--tokenizer", args.tokenizer)):
+        if value is not None and not Path(value).exists():
+            raise MissingInputError(f"{flag} {value}: no such file or directory")
+    from ngram_jax.eval.perplexity import evaluate
 
-            model, cfg = restore_model(args.checkpoint, args.step)
-            out_dir = find_checkpoints(args.checkpoint).parent
-            data = args.data or cfg.data.path
-            tokenizer = args.tokenizer or Path(cfg.data.path) / "tokenizer.json"
-            batch_size, seq_len = args.batch_size or cfg.data.batch_size, args.seq_len or cfg.data.seq_len
-        else:
-            from ngram_jax.convert.hf import load_hf_checkpoint
+    if args.checkpoint:
+        from ngram_jax.checkpoint import find_checkpoints, restore_model
 
-            if not args.data:
-                ap.error("--hf-checkpoint needs --data (and --tokenizer for raw text)")
-            model, cfg = load_hf_checkpoint(args.hf_checkpoint)
-            out_dir, data, tokenizer = Path(args.hf_checkpoint), args.data, args.tokenizer
-            batch_size, seq_len = args.batch_size or 8, args.seq_len or 512
-        result = evaluate(model, data, seq_len=seq_len, batch_size=batch_size, tokenizer=tokenizer,
-                          split=args.split, max_batches=args.batches)
-        if args.tasks:
-            result["tasks"] = run_tasks(model, cfg, tokenizer, args.tasks.split(","), args.include_path, args.limit,
-                                        batch_size)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        model, cfg = restore_model(args.checkpoint, args.step)
+        out_dir = find_checkpoints(args.checkpoint).parent
+        data = args.data or cfg.data.path
+        tokenizer = args.tokenizer or Path(cfg.data.path) / "tokenizer.json"
+        batch_size, seq_len = args.batch_size or cfg.data.batch_size, args.seq_len or cfg.data.seq_len
+    else:
+        from ngram_jax.convert.hf import load_hf_checkpoint
+
+        model, cfg = load_hf_checkpoint(args.hf_checkpoint)
+        out_dir, data, tokenizer = Path(args.hf_checkpoint), args.data, args.tokenizer
+        batch_size, seq_len = args.batch_size or 8, args.seq_len or 512
+    if Path(data).is_dir():  # prepared data: checked against the model (and --tokenizer) before any compilation
+        from ngram_jax.data.prepare import check_tokenizer, read_metadata
+        from ngram_jax.data.tokenizer import load_tokenizer
+        from ngram_jax.errors import DataError
+
+        meta = read_metadata(data)
+        if meta["vocab_size"] != cfg.model.vocab_size:
+            raise DataError(f"{data} was tokenized with vocab_size {meta['vocab_size']}, the model has "
+                            f"{cfg.model.vocab_size}; give --data prepared with the model's tokenizer")
+        if args.tokenizer:
+            check_tokenizer(load_tokenizer(args.tokenizer), data)
+    result = evaluate(model, data, seq_len=seq_len, batch_size=batch_size, tokenizer=tokenizer,
+                      split=args.split, max_batches=args.batches)
+    if args.tasks:
+        result["tasks"] = run_tasks(model, cfg, tokenizer, args.tasks.split(","), args.include_path, args.limit,
+                                    batch_size)
     result.update(data=str(data), split=args.split, batch_size=batch_size, seq_len=seq_len)
     (out_dir / "eval_results.json").write_text(json.dumps(result, indent=1))
     for task, metrics in result.get("tasks", {}).items():
@@ -79,4 +98,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -223,8 +223,10 @@ def _save(fig, path: Path) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ngram_jax.analyze", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    from ngram_jax import cli
+
+    ap = cli.ArgumentParser(prog="python -m ngram_jax.analyze", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint", help="a training run directory (or its checkpoints directory)")
     ap.add_argument("--step", type=int)
     ap.add_argument("--text", help="a text file to analyse (default: the run's held-out data)")
@@ -232,12 +234,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", help="output directory (default: RUN_DIR/analysis)")
     ap.add_argument("--no-plots", action="store_true")
     args = ap.parse_args(argv)
-    try:
-        r = analyze(args.checkpoint, step=args.step, text=args.text, max_tokens=args.max_tokens, out=args.out,
-                    plots=not args.no_plots)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    if args.max_tokens < 1:
+        ap.error(f"--max-tokens {args.max_tokens} must be >= 1")
+    if args.text is not None and not Path(args.text).is_file():
+        from ngram_jax.errors import MissingInputError
+
+        raise MissingInputError(f"--text {args.text}: no such file (give a text file to analyse, or leave --text "
+                                "out to use the run's held-out data)")
+    find_checkpoints(args.checkpoint)  # a missing run directory fails first
+    r = analyze(args.checkpoint, step=args.step, text=args.text, max_tokens=args.max_tokens, out=args.out,
+                plots=not args.no_plots)
     b = r["budget"]
     print(f"step {r['step']}: {b['total']:,} parameters, N-gram share {r['ngram_share']:.1%}, activated "
           f"{b['activated_min']:,} to {b['activated_max']:,}")
@@ -257,4 +263,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from ngram_jax import cli
+
+    sys.exit(cli.run(main))

@@ -24,6 +24,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from ngram_jax.config import Config, ConfigError, from_dict, to_dict
+from ngram_jax.errors import CheckpointError
 from ngram_jax.train.state import build_train_state, train_state_target
 
 # Keys that may differ between a checkpoint and the run resuming it (run control, not the model).
@@ -84,10 +85,6 @@ def row_chunked_paths(model, opt=None) -> frozenset[tuple[str, ...]]:
             if inside or isinstance(var, RowState):
                 out.add(("opt", *names))
     return frozenset(out)
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written (e.g. a full disk), or no checkpoint could be read."""
 
 
 def _is_disk_full(err: BaseException) -> bool:

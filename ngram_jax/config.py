@@ -113,7 +113,7 @@ class ModelConfig:
     d_model: int = 128
     num_blocks: int = 2  # ScMoE blocks: 2 attention + 2 dense FFN (+ 1 MoE) each
     ffn_dim: int = 256
-    eos_id: int | None = 0  # resets the n-gram history; null: no resets
+    eos_id: int | None = 1  # resets the n-gram history (1: <|endoftext|> of a BPE trained here); null: no resets
     tie_embeddings: bool = False
     norm_eps: float = 1e-5
     dtype: Literal["float32", "bfloat16"] = "float32"

@@ -149,9 +149,12 @@ def generate(model: Model, prompts: Sequence[Sequence[int]], max_new_tokens: int
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ngram_jax.generate", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    from ngram_jax import cli
+
+    ap = cli.ArgumentParser(prog="python -m ngram_jax.generate", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="a run directory (or its checkpoints directory)")
+    ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     ap.add_argument("--prompt", required=True)
     ap.add_argument("--tokenizer", help="tokenizer.json (default: the one beside the run's training data)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
@@ -160,13 +163,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--top-p", type=float, default=0.95)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    if args.max_new_tokens < 1:
+        ap.error(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
+    if args.temperature < 0:
+        ap.error(f"--temperature {args.temperature} must be >= 0 (0: greedy)")
+    if args.top_k < 0:
+        ap.error(f"--top-k {args.top_k} must be >= 0 (0: no top-k filter)")
+    if not 0 < args.top_p <= 1:
+        ap.error(f"--top-p {args.top_p} must be in (0, 1]")
+    if not args.prompt:
+        ap.error("--prompt is empty: give at least one character to continue")
     from pathlib import Path
 
-    from ngram_jax.checkpoint import restore_model
+    from ngram_jax.checkpoint import find_checkpoints, restore_model
+    from ngram_jax.data.prepare import check_tokenizer
     from ngram_jax.data.tokenizer import load_tokenizer
 
-    model, cfg = restore_model(args.checkpoint)
-    tok = load_tokenizer(args.tokenizer or Path(cfg.data.path) / "tokenizer.json")
+    find_checkpoints(args.checkpoint)  # a missing run directory fails before JAX starts restoring
+    if args.tokenizer is not None:
+        tok = load_tokenizer(args.tokenizer)
+    model, cfg = restore_model(args.checkpoint, args.step)
+    if args.tokenizer is None:
+        tok = load_tokenizer(Path(cfg.data.path) / "tokenizer.json")
+    elif (Path(cfg.data.path) / "metadata.json").is_file():
+        check_tokenizer(tok, cfg.data.path, what=f"--tokenizer {args.tokenizer}")
+    if tok.get_vocab_size() > cfg.model.vocab_size:
+        from ngram_jax.errors import DataError
+
+        raise DataError(f"--tokenizer {args.tokenizer}: {tok.get_vocab_size()} tokens, more than the model's "
+                        f"vocabulary (model.vocab_size={cfg.model.vocab_size}); use the run's tokenizer")
     ids = tok.encode(args.prompt, add_special_tokens=False).ids
     (new,) = generate(model, [ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                       top_p=args.top_p, seed=args.seed)
@@ -175,4 +200,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from ngram_jax import cli
+
+    sys.exit(cli.run(main))

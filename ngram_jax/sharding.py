@@ -95,7 +95,11 @@ def parse_mesh_spec(spec: str) -> dict[str, int]:
         name, _, value = part.partition("=")
         if name.strip() not in sizes:
             raise ConfigError(f"mesh spec {spec!r}: unknown axis {name!r}; axes are {', '.join(MESH_AXES)}")
-        sizes[name.strip()] = int(value)
+        try:
+            sizes[name.strip()] = int(value)
+        except ValueError:
+            raise ConfigError(f"mesh spec {spec!r}: axis {name.strip()!r} needs an integer size, got {value!r} "
+                              "(e.g. data=2,expert=4)") from None
     return sizes
 
 

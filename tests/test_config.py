@@ -166,3 +166,14 @@ def test_longcat_flash_lite_budget():
     assert b["ngram"] - 31_406_985_216 == 12 * 256 * 3072 + padding
     assert 2.85e9 < b["activated_min"] < 2.95e9  # "2.9B" when zero experts take all slots
     assert 4.45e9 < b["activated_max"] < 4.55e9  # "4.5B" when all 12 slots are real experts
+
+
+def test_default_eos_is_not_the_zero_fill():
+    """The tiny configs' EOS is the trained BPE's <|endoftext|> (1), not 0, the value histories and padding
+    are filled with, so that a bug confusing the two shows."""
+    from ngram_jax.data.tokenizer import EOS_TOKEN, PAD_TOKEN, TRAINED_EOS_ID, eos_id, train_bpe
+
+    tok = train_bpe(["to be or not to be"] * 10, 300)
+    assert eos_id(tok) == tok.token_to_id(EOS_TOKEN) == TRAINED_EOS_ID == 1 and tok.token_to_id(PAD_TOKEN) == 0
+    for name in ("tiny_ne", "tiny_moe", "tiny_plne", "tiny_gqa", "tiny_dense", "tiny_plain"):
+        assert load_config(CONFIGS / "models" / f"{name}.yaml").model.eos_id == TRAINED_EOS_ID

@@ -22,11 +22,15 @@ def models():
         return {n: build_model(load_config(f"configs/models/{n}.yaml"), nnx.Rngs(0)) for n in VARIANTS}
 
 
+EOS = load_config("configs/models/tiny_ne.yaml").model.eos_id  # 1: not the zero fill of padding and histories
+
+
 def prompts_with_eos():
+    assert EOS not in (None, 0)
     rng = np.random.default_rng(0)
-    p = [list(rng.integers(1, 4096, 7)), list(rng.integers(1, 4096, 3)), list(rng.integers(1, 4096, 5))]
-    p[0][3] = 0  # an EOS (id 0 in the tiny configs) inside a prompt
-    p[2][-1] = 0  # a prompt ending with EOS: the first new token starts with zero history
+    p = [list(rng.integers(2, 4096, 7)), list(rng.integers(2, 4096, 3)), list(rng.integers(2, 4096, 5))]
+    p[0][3] = EOS  # an EOS inside a prompt
+    p[2][-1] = EOS  # a prompt ending with EOS: the first new token starts with zero history
     return p
 
 
@@ -46,7 +50,7 @@ def decode_all(model, prompts, fed):
 def test_incremental_logits_equal_full_forward(models, name):
     model = models[name]
     prompts = prompts_with_eos()
-    fed = [[5, 17, 9], [6, 0, 11], [7, 18, 0], [8, 19, 12]]  # EOS fed in the middle of decoding too
+    fed = [[5, 17, 9], [6, EOS, 11], [7, 18, EOS], [8, 19, 12]]  # EOS fed in the middle of decoding too
     inc, _ = decode_all(model, prompts, fed)
     for i, p in enumerate(prompts):
         seq = list(p) + [f[i] for f in fed]
@@ -55,21 +59,24 @@ def test_incremental_logits_equal_full_forward(models, name):
 
 
 def test_ngram_cache_history_matches_the_formula():
-    tokens = jnp.asarray([[4, 0, 7, 8, 9]])
+    eos = 6  # not 0, the value a reset history is filled with
+    tokens = jnp.asarray([[4, eos, 7, 8, 9]])
     seg = jnp.ones_like(tokens)
-    hist = G.prefill_history(tokens, seg, eos_id=0, length=3)
+    hist = G.prefill_history(tokens, seg, eos_id=eos, length=3)
     np.testing.assert_array_equal(np.asarray(hist), [[9, 8, 7]])  # stops at the EOS before 7
-    hist = G.advance_history(hist, jnp.asarray([0]), eos_id=0)
+    hist = G.prefill_history(tokens[:, :3], seg[:, :3], eos_id=eos, length=3)
+    np.testing.assert_array_equal(np.asarray(hist), [[7, 0, 0]])  # zero-filled, the EOS itself not kept
+    hist = G.advance_history(hist, jnp.asarray([eos]), eos_id=eos)
     np.testing.assert_array_equal(np.asarray(hist), [[0, 0, 0]])  # after an EOS: zero history
-    hist = G.advance_history(hist, jnp.asarray([3]), eos_id=0)
+    hist = G.advance_history(hist, jnp.asarray([3]), eos_id=eos)
     np.testing.assert_array_equal(np.asarray(hist), [[3, 0, 0]])
     # O(N) ids from the cache equal the full-sequence ids at that position
     lay = hashing.make_layout(4096, 4, 2, 2.37)
-    seq = np.array([[4, 0, 7, 8, 9, 5]])
-    h = G.prefill_history(jnp.asarray(seq[:, :-1]), jnp.ones((1, 5), jnp.int32), 0, 3)
+    seq = np.array([[4, eos, 7, 8, 9, 5]])
+    h = G.prefill_history(jnp.asarray(seq[:, :-1]), jnp.ones((1, 5), jnp.int32), eos, 3)
     ids = hashing.ids_from_history(jnp.asarray(seq[:, -1:]), h[:, None], vocab_size=4096, table_sizes=lay.table_sizes,
                                    max_n=4)
-    want = ngram_ids_reference(seq, vocab_size=4096, table_sizes=lay.table_sizes, max_n=4, splits=2, eos_id=0)
+    want = ngram_ids_reference(seq, vocab_size=4096, table_sizes=lay.table_sizes, max_n=4, splits=2, eos_id=eos)
     np.testing.assert_array_equal(np.asarray(ids)[0, 0], want[0, -1])
 
 

@@ -136,6 +136,25 @@ def test_longcat_flash_lite_parameter_budget():
     assert 2.85e9 < b["activated_min"] < 2.95e9 and 4.45e9 < b["activated_max"] < 4.55e9
 
 
+def activated_from_shapes(c) -> int:
+    """Activated parameters per token of a model without N-gram or per-layer tables, counted from the shapes
+    of its parameters: every weight, one row of the token table, top_k of the E stacked experts."""
+    m = c.model
+    with nnx.use_eager_sharding(False):
+        abstract = nnx.eval_shape(lambda: build_model(m, nnx.Rngs(0)))
+    total = 0
+    for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+        names, size = tuple(map(str, path)), int(np.prod(var.shape))
+        assert "ngram" not in "/".join(names) and names[0] != "ple"
+        if names == ("embed", "embedding"):
+            size = var.shape[1]  # the row of the token read
+        elif "moe" in names and names[-1] != "router":
+            assert var.shape[0] == m.moe.num_experts
+            size = size // m.moe.num_experts * m.moe.top_k
+        total += size
+    return total
+
+
 @pytest.mark.parametrize("name", ["tiny_ne", "tiny_plne", "longcat_flash_lite"])
 def test_moe_baseline_matches_total_and_activated(name):
     c = cfg(name)
@@ -147,8 +166,16 @@ def test_moe_baseline_matches_total_and_activated(name):
     assert abs(b_ne["total"] - b_moe["total"]) <= one_expert
     assert not base.model.ngram.enabled and base.model.moe.top_k == c.model.moe.top_k
     assert base.model.moe.num_experts > c.model.moe.num_experts
-    # same activated expert parameters ...
-    assert b_ne["activated_max"] - b_ne["activated_min"] == b_moe["activated_max"] - b_moe["activated_min"]
+    # same activated expert parameters, in closed form: per block top_k experts (max) or only the top_k - Z
+    # that zero experts cannot take (min), each 3 * D * F_e
+    e, nb, d = c.model.moe, c.model.num_blocks, c.model.d_model
+    expert_span = nb * (e.top_k - max(0, e.top_k - e.num_zero_experts)) * 3 * d * e.expert_dim
+    assert expert_span > 0
+    for b in (b_ne, b_moe):
+        assert b["activated_max"] - b["activated_min"] == expert_span
+    # the baseline's activated count from its real parameter shapes (no N-gram or per-layer tables there)
+    if base.model.ple.kind == "none" and not base.model.tie_embeddings:
+        assert b_moe["activated_max"] == activated_from_shapes(base)
     # ... and the activated counts differ exactly by the NE projections and rows read, less the new router columns
     m, t = c.model, None
     ne_only = 0

@@ -1,5 +1,6 @@
 """NgramEmbedding against a straightforward numpy implementation of SPEC.md section 1."""
 
+import dataclasses
 import math
 
 import jax
@@ -161,8 +162,23 @@ def test_logical_axis_names_and_mesh_sharding():
 
 
 def test_from_config():
-    cfg = load_config("configs/models/tiny_ne.yaml")
-    layer = NgramEmbedding.from_config(cfg.model, rngs=nnx.Rngs(0))
-    assert layer.layout.max_n == cfg.model.ngram.max_n and layer.amplification == "sqrt_d"
-    out = layer(np.zeros((1, 4), np.int32))
-    assert out.shape == (1, 4, cfg.model.d_model)
+    """from_config uses every model.ngram key and model.eos_id: its values equal the numpy formula, and a
+    config that changes a key changes the layer the same way as the direct constructor."""
+    cfg = load_config("configs/models/tiny_ne.yaml", ["model.ngram.ratio=1.37", "model.ngram.init_std=0.5"])
+    m, n = cfg.model, cfg.model.ngram
+    layer = NgramEmbedding.from_config(m, rngs=nnx.Rngs(0))
+    assert layer.eos_id == m.eos_id == 1 and layer.amplification == "sqrt_d"
+    assert layer.layout == hashing.make_layout(m.vocab_size, n.max_n, n.splits, n.ratio, n.row_multiple)
+    tokens = np.random.default_rng(0).integers(2, m.vocab_size, (2, 12))
+    tokens[0, 3] = tokens[1, [1, 7]] = m.eos_id  # history resets at the config's (non-zero) EOS
+    out = np.asarray(layer(jnp.asarray(tokens, jnp.int32)))
+    want = numpy_ne(layer, tokens)
+    np.testing.assert_allclose(out, want, rtol=2e-5, atol=2e-5)
+    assert np.abs(want).max() > 1e-2  # init_std 0.5: values far from zero
+    direct = NgramEmbedding(m.vocab_size, m.d_model, max_n=n.max_n, splits=n.splits, ratio=n.ratio, eos_id=m.eos_id,
+                            amplification=n.amplification, init_std=n.init_std, row_multiple=n.row_multiple,
+                            rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(out, np.asarray(direct(jnp.asarray(tokens, jnp.int32))))
+    # an EOS at 0 (the zero fill) instead would give other n-gram ids after the resets
+    zero_eos = NgramEmbedding.from_config(dataclasses.replace(m, eos_id=0), rngs=nnx.Rngs(0))
+    assert not np.allclose(np.asarray(zero_eos(jnp.asarray(tokens, jnp.int32))), out)

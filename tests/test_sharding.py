@@ -39,8 +39,9 @@ def loss_fn(model, tokens):
 
 @pytest.fixture(scope="module")
 def tokens():
-    t = np.random.default_rng(0).integers(1, 512, (8, 17)).astype(np.int32)
-    t[1, 5] = 0  # an EOS
+    t = np.random.default_rng(0).integers(2, 512, (8, 17)).astype(np.int32)
+    t[1, 5] = small_cfg().model.eos_id  # an EOS (1: not the zero fill of histories)
+    assert t[1, 5] != 0
     return t
 
 

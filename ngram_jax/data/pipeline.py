@@ -25,6 +25,7 @@ import numpy as np
 from array_record.python.array_record_module import ArrayRecordReader
 
 from ngram_jax.data.prepare import read_metadata
+from ngram_jax.errors import DataError
 
 
 class TokenSource(grain.sources.RandomAccessDataSource):
@@ -33,7 +34,7 @@ class TokenSource(grain.sources.RandomAccessDataSource):
     def __init__(self, data_dir: str | Path, split: str, vocab_size: int):
         meta = read_metadata(data_dir)
         if split not in meta["splits"]:
-            raise ValueError(f"{data_dir}: no split {split!r} (have {', '.join(meta['splits'])})")
+            raise DataError(f"{data_dir}: no split {split!r} (have {', '.join(meta['splits'])})")
         self.files = [str(Path(data_dir) / f) for f in meta["splits"][split]["files"]]
         counts = [ArrayRecordReader(f).num_records() for f in self.files]
         self.starts = list(np.cumsum([0] + counts))
@@ -48,8 +49,9 @@ class TokenSource(grain.sources.RandomAccessDataSource):
         bad = np.flatnonzero((ids < 0) | (ids >= self.vocab_size))
         if bad.size:
             f = bisect.bisect_right(self.starts, index) - 1
-            raise ValueError(f"{self.files[f]}: record {index - self.starts[f]}, position {int(bad[0])}: token id "
-                             f"{int(ids[bad[0]])} is outside the model vocabulary [0, {self.vocab_size})")
+            raise DataError(f"{self.files[f]}: record {index - self.starts[f]}, position {int(bad[0])}: token id "
+                            f"{int(ids[bad[0]])} is outside the model vocabulary [0, {self.vocab_size}); prepare "
+                            "the data again with the model's tokenizer")
         return ids
 
 

@@ -9,8 +9,9 @@ bytes, ending with the EOS token. Consecutive pieces of a document share one tok
 piece is the first of the next), so every next-token target of the document is in exactly one record;
 the n-gram history and positions restart at such a record boundary (rare: raise ``--max-doc-tokens``;
 the pipeline itself splits long records into rows without a reset). ``metadata.json`` records the
-tokenizer hash, vocabulary size, EOS id, and record and token counts per split; ``tokenizer.json`` is
-copied beside it. The output directory appears atomically, complete or not at all.
+tokenizer hash, vocabulary size, EOS id (1 for a BPE trained here; 0 is its padding token), and record
+and token counts per split; ``tokenizer.json`` is copied beside it. The output directory appears
+atomically, complete or not at all.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ from pathlib import Path
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
+from ngram_jax import cli
 from ngram_jax.data import corpus
-from ngram_jax.data.tokenizer import eos_id, load_tokenizer, tokenizer_hash, train_bpe
+from ngram_jax.data.tokenizer import TRAINED_EOS_ID, eos_id, load_tokenizer, tokenizer_hash, train_bpe
+from ngram_jax.errors import DataError, MissingInputError, UsageError
 
 
 def prepare(inputs: Sequence[str | Path], out: str | Path, *, tokenizer: str | Path | None = None,
@@ -35,15 +38,15 @@ def prepare(inputs: Sequence[str | Path], out: str | Path, *, tokenizer: str | P
     """Write ``out/{train,heldout}-NNNNN.array_record``, ``out/tokenizer.json``, ``out/metadata.json``."""
     out = Path(out)
     if (tokenizer is None) == (train_bpe_vocab is None):
-        raise ValueError("give exactly one of tokenizer (a tokenizer.json) or train_bpe_vocab")
+        raise UsageError("give exactly one of --tokenizer (a tokenizer.json) or --train-bpe VOCAB")
     docs: list[tuple[str, int, str]] = []  # (file, index in file, text)
     for path in inputs:
         if not Path(path).is_file():
-            raise FileNotFoundError(f"input not found: {path}")
+            raise MissingInputError(f"input file not found: {path} (give existing .txt or .jsonl files to --input)")
         docs += [(str(path), i, text) for i, text in enumerate(corpus.documents(path, doc_chars))]
     eval_only = heldout_fraction >= 1.0  # everything held out (evaluation data)
     if len(docs) < (1 if eval_only else 2):
-        raise ValueError(f"need at least 2 documents to split train/held-out, got {len(docs)}")
+        raise DataError(f"need at least 2 documents to split train/held-out, got {len(docs)}")
     tok = load_tokenizer(tokenizer) if tokenizer is not None else train_bpe((d[2] for d in docs), train_bpe_vocab)
     vocab, eos = tok.get_vocab_size(), eos_id(tok)
 
@@ -65,7 +68,7 @@ def prepare(inputs: Sequence[str | Path], out: str | Path, *, tokenizer: str | P
             ids = np.asarray(enc.ids + [eos], np.int64)
             bad = np.flatnonzero((ids < 0) | (ids >= vocab))
             if bad.size:
-                raise ValueError(f"{src}: document {index}, token position {int(bad[0])}: id {int(ids[bad[0]])} "
+                raise DataError(f"{src}: document {index}, token position {int(bad[0])}: id {int(ids[bad[0]])} "
                                  f"is outside the vocabulary [0, {vocab})")
             for start in range(0, max(len(ids) - 1, 1), max_doc_tokens):  # pieces overlap by one token
                 if writer is None or n_records % records_per_shard == 0:
@@ -88,26 +91,48 @@ def prepare(inputs: Sequence[str | Path], out: str | Path, *, tokenizer: str | P
 
 
 def read_metadata(data_dir: str | Path) -> dict:
+    """``metadata.json`` of a prepared data directory; a missing or malformed one is a :class:`DataError`
+    (a missing one also a ``FileNotFoundError``) naming the directory and how to prepare it."""
+    how = f"prepare it with python -m ngram_jax.data.prepare --input FILES --train-bpe VOCAB --out {data_dir}"
     path = Path(data_dir) / "metadata.json"
+    if not Path(data_dir).is_dir():
+        raise MissingInputError(f"data directory not found: {data_dir} ({how}, or set data.path to a prepared "
+                                "directory, or data.bundled=true for the bundled corpus)")
     if not path.is_file():
-        raise FileNotFoundError(f"{data_dir}: no metadata.json; prepare the data with python -m ngram_jax.data.prepare")
-    return json.loads(path.read_text())
+        raise MissingInputError(f"{data_dir}: no metadata.json, not a prepared data directory ({how})")
+    try:
+        meta = json.loads(path.read_text())
+        for key in ("vocab_size", "eos_id", "splits"):
+            meta[key]  # noqa: B018 - presence check
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise DataError(f"{path} is malformed ({type(err).__name__}: {err}); {how}") from None
+    return meta
+
+
+def check_tokenizer(tok, data_dir: str | Path, what: str = "--tokenizer") -> None:
+    """Refuse a tokenizer that is not the one the prepared data at ``data_dir`` was tokenized with."""
+    meta = read_metadata(data_dir)
+    want, got = meta.get("tokenizer_hash"), tokenizer_hash(tok)
+    if want is not None and want != got:
+        raise DataError(f"{what} (hash {got}) is not the tokenizer {data_dir} was prepared with (hash {want}, "
+                        f"saved as {Path(data_dir) / 'tokenizer.json'}); use that one, or prepare the data again "
+                        "with this tokenizer")
 
 
 def ensure_bundled(out: str | Path, vocab_size: int) -> dict:
     """Prepare the bundled Shakespeare corpus into ``out`` unless it is already there."""
     try:
         meta = read_metadata(out)
-        if meta["vocab_size"] == vocab_size:
+        if meta["vocab_size"] == vocab_size and meta["eos_id"] == TRAINED_EOS_ID:
             return meta
-    except FileNotFoundError:
+    except (FileNotFoundError, DataError):
         pass
     return prepare(corpus.bundled_corpus_files(), out, train_bpe_vocab=vocab_size)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ngram_jax.data.prepare", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.ArgumentParser(prog="python -m ngram_jax.data.prepare", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--input", nargs="+", default=[], help=".txt or .jsonl ({'text': ...} per line) files")
     ap.add_argument("--bundled", action="store_true", help="use the bundled Shakespeare corpus")
     tk = ap.add_mutually_exclusive_group(required=True)
@@ -121,12 +146,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     inputs = list(args.input) + ([str(p) for p in corpus.bundled_corpus_files()] if args.bundled else [])
     if not inputs:
         ap.error("give --input files or --bundled")
-    try:
-        meta = prepare(inputs, args.out, tokenizer=args.tokenizer, train_bpe_vocab=args.train_bpe,
-                       heldout_fraction=args.heldout_fraction, seed=args.seed, max_doc_tokens=args.max_doc_tokens)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    if args.train_bpe is not None and args.train_bpe < 258:
+        ap.error(f"--train-bpe {args.train_bpe}: a byte-level BPE needs at least 258 tokens (256 bytes + 2 special)")
+    if not 0 < args.heldout_fraction <= 1:
+        ap.error(f"--heldout-fraction {args.heldout_fraction} must be in (0, 1]")
+    if args.max_doc_tokens < 1:
+        ap.error(f"--max-doc-tokens {args.max_doc_tokens} must be >= 1")
+    meta = prepare(inputs, args.out, tokenizer=args.tokenizer, train_bpe_vocab=args.train_bpe,
+                   heldout_fraction=args.heldout_fraction, seed=args.seed, max_doc_tokens=args.max_doc_tokens)
     s = meta["splits"]
     print(f"{args.out}: vocab {meta['vocab_size']}, eos {meta['eos_id']}, train {s['train']['tokens']:,} tokens "
           f"in {s['train']['records']:,} records, held-out {s['heldout']['tokens']:,} tokens")
@@ -134,4 +161,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ngram_jax.config import ConfigError
 from ngram_jax.kernels.ngram_gather.api import IMPLEMENTATIONS, unavailable_reason
 from ngram_jax.kernels.ngram_gather.reference import masked_rows
 from ngram_jax.kernels.ngram_gather.xla import gather_rows
@@ -64,17 +65,17 @@ def _forced_interpret():
 
 def resolve_kernel(name: str, key: str = "model.ngram.kernel", backend: str | None = None) -> str:
     """The implementation ``name`` stands for on ``backend``: ``auto`` -> pallas_tpu on TPU, xla elsewhere
-    (on GPU no Mosaic GPU kernel has been shown to beat XLA's gather). Raises a ValueError naming ``key``
-    for an unknown name or one that cannot run here (pallas_tpu off TPU runs only under
+    (on GPU no Mosaic GPU kernel has been shown to beat XLA's gather). Raises a ConfigError (a ValueError)
+    naming ``key`` for an unknown name or one that cannot run here (pallas_tpu off TPU runs only under
     ``pltpu.force_tpu_interpret_mode()``)."""
     backend = backend or jax.default_backend()
     if name not in KERNELS:
-        raise ValueError(f"{key}={name!r} is not a kernel; choose one of {', '.join(KERNELS)}")
+        raise ConfigError(f"{key}={name!r} is not a kernel; choose one of {', '.join(KERNELS)}")
     if name == "auto":
         return "pallas_tpu" if backend == "tpu" else "xla"
     reason = unavailable_reason(name, backend, bool(_forced_interpret()))
     if reason:
-        raise ValueError(f"{key}={name!r}: {reason.split(';')[0]}; set {key}=auto or xla")
+        raise ConfigError(f"{key}={name!r}: {reason.split(';')[0]}; set {key}=auto or xla")
     return name
 
 

@@ -108,8 +108,10 @@ def _parse_zipf(text: str) -> tuple[int, float, int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ngram_jax.tools.collisions", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    from ngram_jax import cli
+
+    ap = cli.ArgumentParser(prog="python -m ngram_jax.tools.collisions", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--tokens", help="a .npy file of integer token ids, shape [S] or [B, S]")
     src.add_argument("--zipf", type=_parse_zipf, help="synthetic i.i.d. Zipf tokens: V,EXPONENT,COUNT")
@@ -131,16 +133,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         vocab, exponent, count = args.zipf
         tokens = zipf_tokens(vocab, exponent, count, args.seed)
     else:
-        tokens = np.load(args.tokens)
+        try:
+            tokens = np.load(args.tokens)
+        except (ValueError, OSError, EOFError) as err:
+            if isinstance(err, FileNotFoundError):
+                raise
+            from ngram_jax.errors import DataError
+
+            raise DataError(f"--tokens {args.tokens}: not a .npy array of token ids ({err})") from None
         if not np.issubdtype(tokens.dtype, np.integer):
             ap.error(f"{args.tokens}: expected integer token ids, got dtype {tokens.dtype}")
         vocab = args.vocab_size or int(tokens.max()) + 1
     try:
         rows = collision_report(tokens, vocab_size=vocab, ratios=ratios, max_n=args.max_n,
                                 splits=args.splits, eos_id=args.eos_id)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except ValueError as err:  # ids outside [0, V), or an impossible table layout
+        ap.error(str(err))
     if args.json:
         print(json.dumps([asdict(r) | {"vs_random": r.vs_random} for r in rows], indent=1))
     else:
@@ -150,4 +158,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from ngram_jax import cli
+
+    sys.exit(cli.run(main))

@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from ngram_jax.budget import check_config
-from ngram_jax.config import Config, ConfigError, load_config
+from ngram_jax.config import Config, load_config
 from ngram_jax.model import build_model
 from ngram_jax.sharding import parse_mesh_spec
 
@@ -89,8 +89,10 @@ def gib(n: float) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ngram_jax.tools.plan", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    from ngram_jax import cli
+
+    ap = cli.ArgumentParser(prog="python -m ngram_jax.tools.plan", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("config")
     ap.add_argument("overrides", nargs="*", help="key=value config overrides")
     ap.add_argument("--mesh", required=True, help="axis sizes, e.g. data=64,fsdp=4,expert=8")
@@ -98,12 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--top", type=int, default=8, help="largest parameters to list")
     args = ap.parse_args(argv)
-    try:
-        cfg = check_config(load_config(args.config, args.overrides))
-        mesh = parse_mesh_spec(args.mesh)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    cfg = check_config(load_config(args.config, args.overrides))
+    mesh = parse_mesh_spec(args.mesh)
     plans = plan_params(cfg, mesh)
     n_dev = math.prod(mesh.values())
     batch = args.batch or math.prod(mesh[a] for a in dict(cfg.mesh.rules).get("batch", ()))
@@ -131,4 +129,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     jax.config.update("jax_platforms", "cpu")
-    sys.exit(main())
+    from ngram_jax import cli
+
+    sys.exit(cli.run(main))

@@ -178,12 +178,8 @@ def train(cfg: Config) -> dict:
     rules = cfg.mesh.rules
     batch_axes = dict(rules_for_mesh(rules, mesh)).get("batch")
     sharding = NamedSharding(mesh, P(batch_axes))
-    model, opt = build_train_state(cfg, mesh)
-    train_iter = iter(make_dataset(d.path, "train", seq_len=d.seq_len, batch_size=d.batch_size // jax.process_count(),
-                                   vocab_size=cfg.model.vocab_size, seed=d.seed, process_index=jax.process_index(),
-                                   process_count=jax.process_count()))
-
     ckpt = Checkpointer(run_dir / "checkpoints", t.keep_checkpoints)
+
     def same_config(step: int, saved_meta: dict) -> None:
         diffs = config_differences(saved_meta["config"], cfg)
         if diffs:
@@ -196,6 +192,18 @@ def train(cfg: Config) -> dict:
             ckpt.close()
             raise
 
+    latest = ckpt.latest_step()
+    if latest is not None:  # refuse another config before the model is built (and compiled)
+        try:
+            meta = ckpt.read_meta(latest)
+        except Exception:  # noqa: BLE001 - an unreadable checkpoint is reported by restore_latest below
+            meta = None
+        if meta is not None:
+            same_config(latest, meta)
+    model, opt = build_train_state(cfg, mesh)
+    train_iter = iter(make_dataset(d.path, "train", seq_len=d.seq_len, batch_size=d.batch_size // jax.process_count(),
+                                   vocab_size=cfg.model.vocab_size, seed=d.seed, process_index=jax.process_index(),
+                                   process_count=jax.process_count()))
     # the newest checkpoint that reads back; unreadable newer ones are reported and moved aside
     found = ckpt.restore_latest(train_state_target(model, opt, mesh, rules), train_iter, check=same_config,
                                 log=(lambda msg: print(msg, file=sys.stderr, flush=True)) if lead else (lambda _: None))
