@@ -101,19 +101,22 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--only", help="comma-separated model labels to run (default: all), e.g. tiny_plain,tiny_ne")
+    ap.add_argument("--no-torch", action="store_true", help="skip the transformers/PyTorch row")
     args = ap.parse_args()
+    runs = [r for r in RUNS if args.only is None or r[0] in args.only.split(",")]
     tokens = np.random.default_rng(0).integers(1, 4096, (args.batch, args.seq + 1)).astype(np.int32)
     n_tok = args.batch * args.seq
     print(f"# {time.strftime('%Y-%m-%d')} {platform.node()} {jax.devices()[0].device_kind}, jax {jax.__version__}; "
           f"tokens/step={args.batch}x{args.seq}")
     rows = []
-    for label, name, overrides in RUNS:
+    for label, name, overrides in runs:
         cfg = load(name, overrides)
         b = parameter_budget(cfg)
         s = jax_step_time(cfg, tokens, args.repeats)
         rows.append(dict(model=label, total_params=b["total"], activated=b["activated_max"], step_ms=s * 1e3,
                          tokens_per_s=n_tok / s))
-    torch_s = torch_step_time(tokens, args.repeats)
+    torch_s = None if args.no_torch else torch_step_time(tokens, args.repeats)
     if torch_s is not None:
         rows.append(dict(model="tiny_plain (transformers, torch CPU)", total_params=rows[0]["total_params"],
                          activated=rows[0]["activated"], step_ms=torch_s * 1e3, tokens_per_s=n_tok / torch_s))
