@@ -89,4 +89,7 @@ def test_train_two_processes_killed_and_resumed_match_one_process(tmp_path):
     assert f"resumed {run_dir} from step" in outs[0]
     got, want = losses(run_dir), losses(tmp_path / "one")
     assert sorted(got) == sorted(want) == list(range(1, 9))
-    np.testing.assert_allclose([got[s] for s in range(1, 9)], [want[s] for s in range(1, 9)], rtol=2e-6)
+    # same batches, same program; gloo's all-reduce sums in another order than the in-process CPU
+    # collectives, so losses agree to float rounding that training amplifies (2e-5 by step 8 measured);
+    # another data order or a wrong resume would differ by ~1e-2
+    np.testing.assert_allclose([got[s] for s in range(1, 9)], [want[s] for s in range(1, 9)], rtol=1e-4)
