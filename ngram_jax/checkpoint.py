@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -109,6 +110,14 @@ def _brief(err: BaseException, limit: int = 400) -> str:
     return f"{type(err).__name__}: {text}"
 
 
+class _FailedReadNoise(logging.Filter):
+    """Drops asyncio's "Task/Future exception was never retrieved" reports: after a failed restore they
+    are orbax's abandoned concurrent reads of the same unreadable checkpoint, which is reported once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).endswith("exception was never retrieved")
+
+
 def _drain_failed_reads(quiet_for: float = 0.5, limit: float = 10.0) -> None:
     """After orbax's restore failed on one array, its concurrent reads of the other arrays end later, in
     tensorstore's threads, each printing "Exception ignored ..." (the same failure, already reported,
@@ -122,6 +131,9 @@ def _drain_failed_reads(quiet_for: float = 0.5, limit: float = 10.0) -> None:
         return (name == "_read_array_index_and_device_put"
                 or (isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed"))
 
+    noise = logging.getLogger("asyncio")
+    if not any(isinstance(f, _FailedReadNoise) for f in noise.filters):
+        noise.addFilter(_FailedReadNoise())  # stays: the abandoned futures may be collected at exit
     previous, last = sys.unraisablehook, [time.monotonic()]
 
     def hook(u):

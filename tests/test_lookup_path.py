@@ -117,6 +117,7 @@ def test_kernel_on_row_sharded_meshes(reference, spec):
     assert gathers and not any(forbidden & set(s) for s in gathers)
 
 
+@pytest.mark.slow
 def test_pallas_kernel_inside_shard_map_in_the_model(reference):
     """The Pallas TPU kernel (interpret mode) as the model runs it: one row shard per device."""
     batch, ref = reference
@@ -163,7 +164,7 @@ def dense_table_grads(model, batch):
 
 
 @pytest.mark.parametrize("kind, spec", [("rowwise_adagrad", None), ("lazy_adam", None),
-                                        ("rowwise_adagrad", "data=2,fsdp=4")])
+                                        pytest.param("rowwise_adagrad", "data=2,fsdp=4", marks=pytest.mark.slow)])
 def test_rowwise_update_touches_exactly_the_rows_read(kind, spec):
     t_over = [f"train.table_optimizer={kind}", "train.grad_clip=1e9", "train.warmup_steps=1", "train.steps=100",
               "train.ngram_lr_multiplier=3.0", "train.ngram_weight_decay=0.1", "model.ple.kind=plne",

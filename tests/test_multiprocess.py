@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from flax import nnx
 
 from ngram_jax.ngram.embedding import NgramEmbedding
@@ -39,6 +40,7 @@ def test_two_processes_match_one(tmp_path):
     np.testing.assert_allclose(got, want, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_train_two_processes_killed_and_resumed_match_one_process(tmp_path):
     """train.py under jax.distributed (2 processes x 2 CPU devices), killed after its step-4 checkpoint and
     started again, gives the losses of one process with 4 devices on the same global mesh (data=4)."""

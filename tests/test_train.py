@@ -272,6 +272,7 @@ def test_eval_cli_runs_a_local_lm_eval_task(straight, tmp_path):
     assert "ngram_jax_tiny_mc: " in res.stdout
 
 
+@pytest.mark.slow
 def test_throughput_window_excludes_eval_and_checkpoint_time(data_dir, tmp_path):
     """Evaluation and checkpoint saves made 2 s slower each: the logged step time stays the step's."""
     run_dir = tmp_path / "slow_eval"
@@ -297,6 +298,7 @@ loop.train(cfg)
                                                              / (4 * logged[step]["step_time_s"]))
 
 
+@pytest.mark.slow
 def test_resume_with_other_steps_needs_extend(straight, data_dir, tmp_path):
     """Defect 5: another train.steps would change the learning-rate curve; train.extend=true allows it."""
     from ngram_jax.train.optimizer import schedule
@@ -374,6 +376,7 @@ def test_no_readable_checkpoint_is_an_error_not_a_fresh_start(short, data_dir, t
     assert {p.name for p in (run_dir / "checkpoints").iterdir()} == {"4", "6", "8"}  # nothing moved or deleted
 
 
+@pytest.mark.slow
 def test_disk_full_during_an_async_save_is_a_clear_error(short, data_dir, tmp_path, monkeypatch, capsys):
     """ENOSPC in the background write of step 4: the next save (or the final wait) reports it, naming the
     directory and the last complete checkpoint, which restores; train.py exits 1 without a traceback."""
@@ -407,6 +410,7 @@ def test_disk_full_during_an_async_save_is_a_clear_error(short, data_dir, tmp_pa
     assert np.isfinite(np.asarray(model.final_norm.scale[...])).all()
 
 
+@pytest.mark.slow
 def test_sigkill_during_an_async_save_resumes_exactly(short, data_dir, tmp_path):
     """Killed while step 4's save is in flight (its temporary directory exists; the test hook holds its
     metadata write): the next start resumes from step 2, the last complete one, bit for bit."""
