@@ -115,7 +115,7 @@ class _FailedReadNoise(logging.Filter):
     are orbax's abandoned concurrent reads of the same unreadable checkpoint, which is reported once."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).endswith("exception was never retrieved")
+        return "exception was never retrieved" not in str(record.msg)
 
 
 def _drain_failed_reads(quiet_for: float = 0.5, limit: float = 10.0) -> None:
