@@ -24,7 +24,7 @@ import tensorstore as ts
 from flax import nnx
 
 from ngram_jax.budget import parameter_budget
-from ngram_jax.checkpoint import Checkpointer, find_checkpoints
+from ngram_jax.checkpoint import Checkpointer, find_checkpoints, is_blocked
 from ngram_jax.config import Config, from_dict
 from ngram_jax.model import build_model, default_positions
 from ngram_jax.ngram.lookup import RowUsage, table_paths
@@ -52,20 +52,28 @@ class LazyCheckpoint:
         spec = {"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": f"file://{self.base}", "path": key}}
         return ts.open(spec, read=True).result()
 
-    def read(self, path: Sequence[str]) -> np.ndarray:
+    def read(self, path: Sequence[str], shape: Sequence[int]) -> np.ndarray:
+        """The whole array, of logical ``shape`` (arrays stored in row blocks are unblocked)."""
         arr = self.open(path)
         self.bytes_read += arr.size * arr.dtype.numpy_dtype.itemsize
-        return arr.read().result()
+        out = arr.read().result()
+        return out.reshape(shape) if is_blocked(arr.shape, tuple(shape)) else out
 
-    def rows(self, path: Sequence[str], ids: np.ndarray) -> np.ndarray:
-        """``table[ids]`` reading only the row chunks that hold ``ids``; counts the bytes of those chunks."""
+    def rows(self, path: Sequence[str], ids: np.ndarray, ndim: int = 2) -> np.ndarray:
+        """``table[ids]`` of an ``ndim``-D table, reading only the chunks that hold ``ids``; counts the bytes
+        of those chunks."""
         arr = self.open(path)
-        chunk_rows = arr.chunk_layout.read_chunk.shape[0]
-        row_bytes = int(np.prod(arr.shape[1:])) * arr.dtype.numpy_dtype.itemsize
-        chunks = np.unique(np.asarray(ids) // chunk_rows)
-        rows_in_chunks = sum(min(chunk_rows, arr.shape[0] - c * chunk_rows) for c in chunks.tolist())
+        ids = np.asarray(ids)
+        blocked = arr.ndim == ndim + 1  # stored as [R/c, c, ...] blocks, one chunk each
+        chunk_rows = arr.shape[1] if blocked else arr.chunk_layout.read_chunk.shape[0]
+        rows_total = arr.shape[0] * (arr.shape[1] if blocked else 1)
+        row_bytes = int(np.prod(arr.shape[2 if blocked else 1 :])) * arr.dtype.numpy_dtype.itemsize
+        chunks = np.unique(ids // chunk_rows)
+        rows_in_chunks = sum(min(chunk_rows, rows_total - c * chunk_rows) for c in chunks.tolist())
         self.table_bytes_read += rows_in_chunks * row_bytes
-        return arr[np.asarray(ids)].read().result()
+        if blocked:
+            return arr[ids // chunk_rows, ids % chunk_rows].read().result()
+        return arr[ids].read().result()
 
 
 def sample_tokens(cfg: Config, text: str | None, max_tokens: int) -> np.ndarray:
@@ -107,7 +115,7 @@ def _restore_without_tables(lazy: LazyCheckpoint, cfg: Config):
         names = tuple(str(getattr(p, "key", p)) for p in path)
         if names in lazy_paths or (names[0] == "embed" and names[1:] in lazy_paths):
             return jnp.zeros((0, *leaf.shape[1:]), leaf.dtype)  # never read by the trunk
-        return jnp.asarray(lazy.read(names), leaf.dtype)
+        return jnp.asarray(lazy.read(names, leaf.shape), leaf.dtype)
 
     nnx.replace_by_pure_dict(state, jax.tree_util.tree_map_with_path(fill, pure))
     return nnx.merge(graphdef, state)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -71,6 +72,74 @@ def _tuplify(x):
 TABLE_CHUNK_ROWS = 32  # random row reads touch about one chunk per row: keep chunks a few rows long
 
 
+# Row-chunked arrays are stored in blocks of TABLE_CHUNK_ROWS rows, ``[R, ...] -> [R/32, 32, ...]``, each
+# block one tensorstore chunk (orbax's per-block chunking, ``shard_axes=(0,)``, with no byte target:
+# asking orbax for small chunks by byte size works too, but warns once per array and save). An array
+# whose row shards do not hold whole blocks is stored as it is (one chunk per shard). Restores and
+# :class:`ngram_jax.analyze.LazyCheckpoint` undo the blocking from the stored shape.
+
+
+def _row_spec(sharding) -> tuple:
+    """The PartitionSpec of a NamedSharding as a tuple (None for other shardings)."""
+    spec = getattr(sharding, "spec", None)
+    return None if spec is None else tuple(spec)
+
+
+def _row_shards(sharding, ndim: int) -> int:
+    spec = _row_spec(sharding)
+    if not spec or spec[0] is None:
+        return 1
+    axes = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
+    return int(np.prod([sharding.mesh.shape[a] for a in axes]))
+
+
+def _blocked_sharding(sharding, ndim: int, block_axis: int = 0):
+    """``sharding`` of ``[R, ...]`` carried to ``[R/c, c, ...]``: the row axes on the block axis (or, with
+    ``block_axis=1``, on the rows within a block)."""
+    spec = _row_spec(sharding)
+    if spec is None:
+        return sharding
+    spec = spec + (None,) * (ndim - len(spec))
+    rows, rest = spec[0], spec[1:]
+    new = (rows, None, *rest) if block_axis == 0 else (None, rows, *rest)
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*new))
+
+
+def blockable(shape: tuple[int, ...], sharding) -> bool:
+    """Whether ``[R, ...]`` splits into whole TABLE_CHUNK_ROWS-row blocks on every row shard."""
+    return (len(shape) >= 1 and shape[0] > 0
+            and shape[0] % (TABLE_CHUNK_ROWS * _row_shards(sharding, len(shape))) == 0)
+
+
+def _reshaped(x: jax.Array, shape: tuple[int, ...], sharding) -> jax.Array:
+    """``x`` reshaped (row-major, no data reordering) and laid out with ``sharding``."""
+    return jax.jit(lambda a: a.reshape(shape), out_shardings=sharding)(x)
+
+
+def to_blocks(x: jax.Array) -> jax.Array:
+    """``[R, ...] -> [R/TABLE_CHUNK_ROWS, TABLE_CHUNK_ROWS, ...]``, each row shard's blocks kept on it."""
+    shape = (x.shape[0] // TABLE_CHUNK_ROWS, TABLE_CHUNK_ROWS, *x.shape[1:])
+    return _reshaped(x, shape, _blocked_sharding(x.sharding, x.ndim))
+
+
+def blocked_target(target: jax.ShapeDtypeStruct, stored: tuple[int, ...]) -> jax.ShapeDtypeStruct:
+    """The restore target of an array stored as blocks ``stored`` for the logical ``target``: row shards
+    on the block axis when they divide it, else on the rows within a block, else replicated."""
+    n = _row_shards(target.sharding, len(target.shape))
+    axis = 0 if stored[0] % n == 0 else 1 if stored[1] % n == 0 else None
+    if axis is None:
+        sharding = jax.sharding.NamedSharding(target.sharding.mesh, jax.sharding.PartitionSpec())
+    else:
+        sharding = _blocked_sharding(target.sharding, len(target.shape), axis)
+    return jax.ShapeDtypeStruct(stored, target.dtype, sharding=sharding)
+
+
+def is_blocked(stored: tuple[int, ...], logical: tuple[int, ...]) -> bool:
+    """Whether an array of logical shape ``logical`` was stored as row blocks of shape ``stored``."""
+    return (len(stored) == len(logical) + 1 and stored[1] == TABLE_CHUNK_ROWS
+            and stored[0] * stored[1] == logical[0] and tuple(stored[2:]) == tuple(logical[1:]))
+
+
 def row_chunked_paths(model, opt=None) -> frozenset[tuple[str, ...]]:
     """Paths, in the saved ``{"model": ..., "opt": ...}`` tree, of the tables (found by type) and of the
     optimizer state shaped like them: these are stored in chunks of a few rows."""
@@ -86,6 +155,10 @@ def row_chunked_paths(model, opt=None) -> frozenset[tuple[str, ...]]:
             if inside or isinstance(var, RowState):
                 out.add(("opt", *names))
     return frozenset(out)
+
+
+def _key(path) -> tuple[str, ...]:
+    return tuple(str(getattr(p, "key", p)) for p in path)
 
 
 def _is_disk_full(err: BaseException) -> bool:
@@ -118,48 +191,59 @@ class _FailedReadNoise(logging.Filter):
         return "exception was never retrieved" not in str(record.msg)
 
 
+def _is_failed_read_consequence(u) -> bool:
+    """An unraisable exception left by orbax's abandoned concurrent reads of a checkpoint that failed to
+    restore: the same read failure (already reported) or "Event loop is closed" (their loop is gone)."""
+    name = getattr(getattr(u.object, "cr_code", None), "co_name", "")
+    return (name == "_read_array_index_and_device_put"
+            or (isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed"))
+
+
+class _FailedReadHook:
+    """``sys.unraisablehook`` that drops :func:`_is_failed_read_consequence` reports and passes every other
+    one on; installed once, at the first failed restore, for the rest of the process (the abandoned reads
+    can end, or be collected, any time later, up to interpreter exit)."""
+
+    def __init__(self, previous):
+        self.previous, self.last = previous, 0.0
+
+    def __call__(self, u) -> None:
+        import time
+
+        if _is_failed_read_consequence(u):
+            self.last = time.monotonic()
+        else:
+            self.previous(u)
+
+
 def _drain_failed_reads(quiet_for: float = 0.5, limit: float = 10.0) -> None:
     """After orbax's restore failed on one array, its concurrent reads of the other arrays end later, in
     tensorstore's threads, each printing "Exception ignored ..." (the same failure, already reported,
-    or "Event loop is closed"). Collect them here, until none arrives for ``quiet_for`` seconds; other
-    unraisable exceptions still reach the usual hook."""
+    or "Event loop is closed"). Silence exactly those from now on (other unraisable exceptions still
+    reach the usual hook) and wait until none arrives for ``quiet_for`` seconds, so that they do not
+    interleave with the next restore's messages."""
     import gc
     import time
-
-    def consequence(u) -> bool:
-        name = getattr(getattr(u.object, "cr_code", None), "co_name", "")
-        return (name == "_read_array_index_and_device_put"
-                or (isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed"))
 
     noise = logging.getLogger("asyncio")
     if not any(isinstance(f, _FailedReadNoise) for f in noise.filters):
         noise.addFilter(_FailedReadNoise())  # stays: the abandoned futures may be collected at exit
-    previous, last = sys.unraisablehook, [time.monotonic()]
-
-    def hook(u):
-        if consequence(u):
-            last[0] = time.monotonic()
-        else:
-            previous(u)
-
-    sys.unraisablehook = hook
-    t0 = time.monotonic()
-    try:
-        while True:
-            gc.collect()
-            time.sleep(0.1)
-            now = time.monotonic()
-            if now - last[0] >= quiet_for or now - t0 >= limit:
-                break
-    finally:
-        sys.unraisablehook = previous
+    hook = sys.unraisablehook
+    if not isinstance(hook, _FailedReadHook):
+        hook = sys.unraisablehook = _FailedReadHook(hook)
+    t0 = hook.last = time.monotonic()
+    while True:
+        gc.collect()
+        time.sleep(0.1)
+        now = time.monotonic()
+        if now - hook.last >= quiet_for or now - t0 >= limit:
+            break
 
 
 def _all_processes_ok(ok: bool) -> bool:
     """Whether every process succeeded (processes must agree on the checkpoint they resume from)."""
     if jax.process_count() == 1:
         return ok
-    import numpy as np
     from jax.experimental import multihost_utils
 
     return bool(np.all(multihost_utils.process_allgather(np.array(ok, np.int32))))
@@ -206,13 +290,13 @@ class Checkpointer:
         :func:`row_chunked_paths`) are stored in chunks of ``TABLE_CHUNK_ROWS`` rows so that analysis can
         read single rows lazily."""
 
-        def args(path, leaf):
-            if tuple(str(getattr(p, "key", p)) for p in path) not in row_chunked or leaf.ndim == 0:
-                return ocp.SaveArgs()
-            row_bytes = leaf.dtype.itemsize * (leaf.size // max(leaf.shape[0], 1))
-            return ocp.SaveArgs(chunk_byte_size=TABLE_CHUNK_ROWS * row_bytes)
+        def blocked(path, leaf) -> bool:
+            return _key(path) in row_chunked and isinstance(leaf, jax.Array) and blockable(leaf.shape, leaf.sharding)
 
-        save_args = jax.tree_util.tree_map_with_path(args, state)
+        save_args = jax.tree_util.tree_map_with_path(
+            lambda path, leaf: ocp.SaveArgs(shard_axes=(0,)) if blocked(path, leaf) else ocp.SaveArgs(), state)
+        state = jax.tree_util.tree_map_with_path(
+            lambda path, leaf: to_blocks(leaf) if blocked(path, leaf) else leaf, state)
         with self._disk_full_is_an_error(f"step {step}"):
             # raises here the error of an earlier asynchronous save too (orbax checks before saving)
             self.mgr.save(step, args=ocp.args.Composite(
@@ -246,10 +330,35 @@ class Checkpointer:
         return self.mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
     def restore(self, step: int, abstract_state: dict, data_iter=None) -> dict:
-        args = {"state": ocp.args.StandardRestore(abstract_state)}
+        """The state of ``step`` laid out as ``abstract_state`` (arrays stored in row blocks unblocked)."""
+        stored = self.stored_shapes(step)
+
+        def target(path, leaf):
+            shape = stored.get(_key(path))
+            if shape is not None and is_blocked(shape, leaf.shape):
+                return blocked_target(leaf, shape)
+            return leaf
+
+        read_as = jax.tree_util.tree_map_with_path(target, abstract_state)
+        args = {"state": ocp.args.StandardRestore(read_as)}
         if data_iter is not None:
             args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-        return self.mgr.restore(step, args=ocp.args.Composite(**args))["state"]
+        state = self.mgr.restore(step, args=ocp.args.Composite(**args))["state"]
+        return jax.tree.map(lambda x, want: x if x.shape == want.shape else _reshaped(x, want.shape, want.sharding),
+                            state, abstract_state)
+
+    def stored_shapes(self, step: int) -> dict[tuple[str, ...], tuple[int, ...]]:
+        """Path -> shape of every array as stored at ``step`` (from orbax's metadata; empty if unreadable,
+        the restore then reports the problem)."""
+        try:
+            meta = self.mgr.item_metadata(step)["state"]
+        except Exception:  # noqa: BLE001 - a damaged checkpoint: the restore itself raises the clear error
+            return {}
+        if meta is None:
+            return {}
+        tree = getattr(meta, "tree", meta)
+        flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+        return {_key(p): tuple(v.shape) for p, v in flat if hasattr(v, "shape")}
 
     def restore_latest(self, abstract_state: dict, data_iter=None,
                        check: Callable[[int, dict], None] | None = None,
