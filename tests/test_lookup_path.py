@@ -119,15 +119,25 @@ def test_kernel_on_row_sharded_meshes(reference, spec):
 
 @pytest.mark.slow
 def test_pallas_kernel_inside_shard_map_in_the_model(reference):
-    """The Pallas TPU kernel (interpret mode) as the model runs it: one row shard per device."""
+    """The Pallas TPU kernel (interpret mode) as the model runs it: one row shard per device, on 4 of the 8
+    CPU devices (see ``check_interpret_mesh``: over all of them the simulator can deadlock)."""
     batch, ref = reference
     cfg = cfg_for("tiny_ne", "model.ngram.kernel=pallas_tpu")
     small = {k: v[:8, :8] for k, v in batch.items()}  # 64 tokens: 2 grid steps
     want, _ = loss_and_grads(cfg_for("tiny_ne", "model.ngram.kernel=reference"), small)
     with pltpu.force_tpu_interpret_mode(pltpu.InterpretParams()):
-        got, grads = loss_and_grads(cfg, small, make_mesh_from_spec("data=8"))
+        got, grads = loss_and_grads(cfg, small, make_mesh_from_spec("data=4", devices=jax.devices()[:4]))
     assert abs(got - want) < 1e-5
     assert np.abs(grads["embed/ngram_table"]).sum() > 0
+
+
+def test_pallas_simulator_over_every_cpu_device_is_refused():
+    """The simulator's deadlock pattern (shard_map over all CPU devices) is a clear error, not a hang."""
+    cfg = cfg_for("tiny_ne", "model.ngram.kernel=pallas_tpu")
+    small = {k: v[:8, :8] for k, v in make_batch().items()}
+    with pltpu.force_tpu_interpret_mode(pltpu.InterpretParams()):
+        with pytest.raises(ValueError, match="deadlock.*fewer devices than the process has"):
+            loss_and_grads(cfg, small, make_mesh_from_spec("data=8"))
 
 
 def test_kernel_names_fail_before_compilation():

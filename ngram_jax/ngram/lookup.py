@@ -31,10 +31,11 @@ from flax import nnx
 
 from ngram_jax.config import ConfigError
 from ngram_jax.kernels.ngram_gather.api import IMPLEMENTATIONS, unavailable_reason
+from ngram_jax.kernels.ngram_gather.pallas_tpu import check_interpret_mesh
 from ngram_jax.kernels.ngram_gather.reference import masked_rows
 from ngram_jax.kernels.ngram_gather.xla import gather_rows
 from ngram_jax.ngram import hashing
-from ngram_jax.sharding import logical_axes, row_sharded_lookup, row_sharded_update
+from ngram_jax.sharding import logical_axes, row_sharded_lookup, row_sharded_update, row_sharding
 
 KERNELS = ("auto", "reference", "xla", "pallas_tpu")
 
@@ -169,6 +170,8 @@ class HashedTables(nnx.Module):
         if history is None:
             impl, lay, eos = IMPLEMENTATIONS[self.kernel], self.layout, self.eos_id
             kw = {"interpret": _forced_interpret() or False} if self.kernel == "pallas_tpu" else {}
+            if kw.get("interpret") and (rs := row_sharding("ngram_rows")) is not None:
+                check_interpret_mesh(rs.mesh)
             seg = jnp.ones_like(tokens) if segment_ids is None else segment_ids
 
             def local(tab, start, tok, sg):

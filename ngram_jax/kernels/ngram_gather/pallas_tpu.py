@@ -42,6 +42,30 @@ from ngram_jax.kernels.ngram_gather.xla import scatter_add_rows
 from ngram_jax.ngram import hashing
 
 TOKENS_PER_STEP = 32
+
+
+def check_interpret_mesh(mesh) -> None:
+    """Refuse to run the TPU simulator (interpret mode, CPU) inside ``shard_map`` over every CPU device.
+
+    Why (found 2026-11-25, JAX 0.10.2): the simulator interprets the kernel through host callbacks, and
+    each kernel starts with a barrier that waits for the callbacks of all the mesh's devices. A host
+    callback's operands are first copied to CPU device 0 and read back with ``np.asarray``; for a large
+    operand (the table shard) that copy runs asynchronously on the CPU client's worker threads, one per
+    device. When every CPU device is in the mesh, every worker can be inside a callback, blocked in the
+    barrier, and the devices still copying their operands wait for a worker that never frees: a deadlock
+    (reproduced without Pallas: 8 devices, 4 block in a barrier, 4 hand a 4 MB operand to a second
+    callback; one spare CPU device outside the mesh and it finishes). A mesh that leaves at least one CPU
+    device out runs; so does the kernel outside ``shard_map`` and on a real TPU.
+    """
+    cpu = len(jax.local_devices(backend="cpu"))
+    if 1 < cpu <= mesh.size:  # a concrete or abstract mesh (inside a trace): its size is known either way
+        raise ValueError(
+            f"the Pallas TPU simulator (interpret mode) inside shard_map over all {cpu} CPU devices can "
+            "deadlock (its cross-device barrier holds every CPU worker thread); build the mesh from fewer "
+            "devices than the process has, e.g. force one more CPU device "
+            "(XLA_FLAGS=--xla_force_host_platform_device_count=N+1), or use the xla kernel on CPU")
+
+
 TOKEN_BITS = (hashing.MAX_VOCAB_SIZE - 1).bit_length()  # token ids < 2^20
 
 
