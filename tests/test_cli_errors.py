@@ -228,6 +228,13 @@ def test_eval_tokenizer_that_does_not_match_the_data(run, data, other_tokenizer)
     assert_user_error(res, INPUT, "--tokenizer", str(data), "prepared with")
 
 
+def test_eval_text_too_short_for_one_batch(run, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("to be or not to be\n")
+    res = cli("eval.py", "--checkpoint", str(run), "--data", str(short))
+    assert_user_error(res, INPUT, str(short), "no full batch", "lower the batch size")
+
+
 def test_eval_bad_argument():
     assert_user_error(cli("eval.py", "--checkpoint", "x", "--batches", "0"), USAGE, "--batches 0", ">= 1")
 

@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from ngram_jax.config import ConfigError, load_config
+from ngram_jax.errors import CheckpointError
 from ngram_jax.convert.hf import config_from_hf, load_hf_checkpoint, save_hf_checkpoint
 from ngram_jax.model import build_model
 
@@ -130,5 +131,5 @@ def test_missing_tensor_is_a_clear_error(saved, tmp_path):
     del tensors["model.norm.weight"]
     (tmp_path / "config.json").write_text((path / "config.json").read_text())
     save_file(tensors, tmp_path / "model.safetensors")
-    with pytest.raises(KeyError, match="model.norm.weight missing"):
+    with pytest.raises(CheckpointError, match="model.norm.weight missing"):
         load_hf_checkpoint(tmp_path)

@@ -24,6 +24,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from ngram_jax.config import Config, ConfigError, ModelConfig, from_dict, to_dict
+from ngram_jax.errors import CheckpointError
 from ngram_jax.model import Model, build_model
 from ngram_jax.ngram.lookup import hashed_tables
 
@@ -145,8 +146,8 @@ def _set(tree: dict, path: tuple, value) -> None:
     for p in path[:-1]:
         node = node[p]
     if tuple(node[path[-1]].shape) != tuple(value.shape):
-        raise ValueError(f"shape mismatch at {'/'.join(map(str, path))}: checkpoint {tuple(value.shape)}, "
-                         f"model {tuple(node[path[-1]].shape)}")
+        raise CheckpointError(f"shape mismatch at {'/'.join(map(str, path))}: checkpoint {tuple(value.shape)}, "
+                              f"model {tuple(node[path[-1]].shape)}: its config.json does not describe its tensors")
     node[path[-1]] = value
 
 
@@ -182,7 +183,7 @@ def load_hf_checkpoint(path: str | Path, dtype=jnp.float32, row_multiple: int = 
 
     def take(name: str) -> np.ndarray:
         if name not in tensors:
-            raise KeyError(f"{path}: tensor {name} missing from the checkpoint")
+            raise CheckpointError(f"{path}: tensor {name} missing from the checkpoint (a partial download?)")
         used.add(name)
         return tensors[name]
 
@@ -214,7 +215,7 @@ def load_hf_checkpoint(path: str | Path, dtype=jnp.float32, row_multiple: int = 
             blk["aux_loss"] = np.zeros((), np.float32)
     leftover = sorted(k for k in set(tensors) - used if not _ignorable(k, m.moe.num_experts))
     if leftover:
-        raise ValueError(f"{path}: {len(leftover)} tensor(s) the model has no place for, e.g. {leftover[:3]}")
+        raise CheckpointError(f"{path}: {len(leftover)} tensor(s) the model has no place for, e.g. {leftover[:3]}")
     pdt = jnp.dtype(m.param_dtype)
 
     def to_array(abstract_leaf, value):

@@ -12,6 +12,7 @@ from flax import nnx
 from ngram_jax.data.pipeline import make_dataset
 from ngram_jax.data.prepare import prepare, read_metadata
 from ngram_jax.data.tokenizer import load_tokenizer
+from ngram_jax.errors import DataError
 from ngram_jax.sharding import param_context
 from ngram_jax.train.loss import eval_step
 
@@ -49,13 +50,14 @@ def evaluate(model, data: str | Path, *, seq_len: int, batch_size: int, tokenize
     with tempfile.TemporaryDirectory() as tmp:
         if data.is_file():
             if tokenizer is None:
-                raise ValueError(f"{data} is raw text: give the tokenizer to encode it with")
+                raise DataError(f"{data} is raw text: give the tokenizer to encode it with (eval.py --tokenizer FILE)")
             prepare([data], Path(tmp) / "eval", tokenizer=tokenizer, heldout_fraction=1.0)
             data, split = Path(tmp) / "eval", "heldout"
         meta = read_metadata(data)
         vocab = model.config.vocab_size
         if meta["vocab_size"] != vocab:
-            raise ValueError(f"{data} was tokenized with vocab_size {meta['vocab_size']}, the model has {vocab}")
+            raise DataError(f"{data} was tokenized with vocab_size {meta['vocab_size']}, the model has {vocab}: "
+                            "evaluate on data prepared with the model's tokenizer")
         tok = load_tokenizer(data / "tokenizer.json")
         ds = make_dataset(data, split, seq_len=seq_len, batch_size=batch_size, vocab_size=vocab, seed=0, repeat=False)
         step = nnx.jit(eval_step)
@@ -68,7 +70,8 @@ def evaluate(model, data: str | Path, *, seq_len: int, batch_size: int, tokenize
                 total, count = total + float(s), count + float(c)
                 byte_count += target_bytes(tok, batch["inputs"], batch["targets"], batch["loss_mask"])
     if count == 0:
-        raise ValueError(f"{data}: split {split!r} yields no full batch of {batch_size}x{seq_len}")
+        raise DataError(f"{data}: split {split!r} yields no full batch of {batch_size}x{seq_len}: lower the batch "
+                        "size or the sequence length, or give more text")
     loss = total / count
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": int(count), "bytes": int(byte_count),
             "bits_per_byte": total / math.log(2) / byte_count if byte_count else math.nan}

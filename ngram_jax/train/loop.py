@@ -47,7 +47,7 @@ def train_step(model, opt: Optimizer, batch):
     rows = {k: m.row_ids(batch["inputs"], segment_ids=batch["segment_ids"]) for k, m in lookups.items()}
     if not opt.sparse:
         (_, loss), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, batch)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         opt.dense.update(model, grads)
     else:
         deltas = {k: jnp.zeros(m.gathered_shape(batch["inputs"].shape), jnp.float32) for k, m in lookups.items()}
@@ -58,7 +58,7 @@ def train_step(model, opt: Optimizer, batch):
 
         (_, loss), (grads, row_grads) = nnx.value_and_grad(
             perturbed_loss, argnums=(nnx.DiffState(0, opt.wrt), 1), has_aux=True)(model, deltas)
-        sq = jnp.square(optax.global_norm(grads))
+        sq = jnp.square(optax.tree.norm(grads))
         for k, m in lookups.items():
             sq = sq + opt.tables[k].sq_norm(m, rows[k], row_grads[k])
         grad_norm = jnp.sqrt(sq)
