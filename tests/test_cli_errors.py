@@ -228,11 +228,11 @@ def test_eval_tokenizer_that_does_not_match_the_data(run, data, other_tokenizer)
     assert_user_error(res, INPUT, "--tokenizer", str(data), "prepared with")
 
 
-def test_eval_text_too_short_for_one_batch(run, tmp_path):
-    short = tmp_path / "short.txt"
-    short.write_text("to be or not to be\n")
-    res = cli("eval.py", "--checkpoint", str(run), "--data", str(short))
-    assert_user_error(res, INPUT, str(short), "no full batch", "lower the batch size")
+def test_eval_text_without_any_document(run, tmp_path):
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n\n")
+    res = cli("eval.py", "--checkpoint", str(run), "--data", str(blank))
+    assert_user_error(res, INPUT, str(blank), "0 document(s)", "give a file with some text")
 
 
 def test_eval_bad_argument():

@@ -46,7 +46,10 @@ def prepare(inputs: Sequence[str | Path], out: str | Path, *, tokenizer: str | P
         docs += [(str(path), i, text) for i, text in enumerate(corpus.documents(path, doc_chars))]
     eval_only = heldout_fraction >= 1.0  # everything held out (evaluation data)
     if len(docs) < (1 if eval_only else 2):
-        raise DataError(f"need at least 2 documents to split train/held-out, got {len(docs)}")
+        names = ", ".join(map(str, inputs))
+        raise DataError(f"{names}: {len(docs)} document(s) of text; " + (
+            "give a file with some text to evaluate" if eval_only
+            else "need at least 2 to split train/held-out: give more text"))
     tok = load_tokenizer(tokenizer) if tokenizer is not None else train_bpe((d[2] for d in docs), train_bpe_vocab)
     vocab, eos = tok.get_vocab_size(), eos_id(tok)
 
