@@ -185,16 +185,17 @@ def build_study_corpus(cache: str | Path = "data/study_cache", out: str | Path =
     key = {"study_packages": sc.packages_hash(packages), "study_english": english}
     try:
         meta = read_metadata(out)
-        if all(meta.get(k) == v for k, v in key.items()) and meta["vocab_size"] == vocab_size:
-            if progress:
-                print(f"{out}: already built from the same packages", file=sys.stderr, flush=True)
-            return meta
+        if not (all(meta.get(k) == v for k, v in key.items()) and meta["vocab_size"] == vocab_size):
+            meta = None
+        elif progress:
+            print(f"{out}: already built from the same packages", file=sys.stderr, flush=True)
     except (FileNotFoundError, DataError):
-        pass
-    files = sc.build_documents(cache, packages, downloader=downloader or sc.pip_download, progress=progress)
-    inputs = [*files, *(corpus.bundled_corpus_files() if english else [])]
-    meta = prepare(inputs, out, train_bpe_vocab=vocab_size, heldout_fraction=heldout_fraction, split="hash",
-                   progress=progress, extra_meta={**key, "packages": [f"{n}=={v}" for n, v in packages]})
+        meta = None
+    if meta is None:
+        files = sc.build_documents(cache, packages, downloader=downloader or sc.pip_download, progress=progress)
+        inputs = [*files, *(corpus.bundled_corpus_files() if english else [])]
+        meta = prepare(inputs, out, train_bpe_vocab=vocab_size, heldout_fraction=heldout_fraction, split="hash",
+                       progress=progress, extra_meta={**key, "packages": [f"{n}=={v}" for n, v in packages]})
     got = meta["splits"]["train"]["tokens"]
     if got < min_train_tokens:
         raise DataError(f"{out}: the study corpus has {got:,} training tokens, fewer than the {min_train_tokens:,} "

@@ -17,7 +17,7 @@ named, validated runs before anything trains.
       cpu: {set: {...}}
       gpu: {set: {...}, fixed_total: {...}}
 
-Overrides apply in this order: scale ``set``, ``set``, the variant's ``set``, the grid values, the
+Overrides apply in this order: ``set``, the scale's ``set``, the variant's ``set``, the grid values, the
 seed, then the command line's ``--set``; then ``fixed_total``, then the MoE baseline is derived
 (``ngram_jax.budget.moe_baseline``). A run is named ``VARIANT-KEY=VALUE-...-sSEED`` (keys by their last
 component); its ``group`` is the name without the seed (the runs a seed spread is taken over).
@@ -104,8 +104,8 @@ def read_sweep_file(path: str | Path, scale: str) -> dict:
         raise ConfigError(f"{path}: no scale {scale!r}; this sweep has: {', '.join(scales) or 'none'}")
     section = _check_keys(f"{path}: scales.{scale}", scales[scale] or {}, SCALE_KEYS)
     out = dict(data)
-    out["set"] = {**_dotted(f"{path}: scales.{scale}.set", section.pop("set", None)),
-                  **_dotted(f"{path}: set", data.get("set"))}
+    out["set"] = {**_dotted(f"{path}: set", data.get("set")),
+                  **_dotted(f"{path}: scales.{scale}.set", section.pop("set", None))}
     out["grid"] = {**_dotted(f"{path}: grid", data.get("grid")),
                    **_dotted(f"{path}: scales.{scale}.grid", section.pop("grid", None))}
     out.update(section)
@@ -147,8 +147,12 @@ def _solve_total(cfg: Config, key: str, total: int, where: str) -> tuple[Config,
     v = round(v0 + (total - t0) / slope)
     if v < 1:
         raise ConfigError(f"{where}: fixed_total: reaching {total:,} parameters needs {key}={v} (< 1): the other "
-                          f"parameters already hold {total_at(1) - slope:,}; raise fixed_total.total")
-    return replace(cfg, **{key: v}), v
+                          f"parameters already hold {t0 - slope * v0:,}; raise fixed_total.total")
+    try:
+        return replace(cfg, **{key: v}), v
+    except ConfigError as err:
+        raise ConfigError(f"fixed_total: reaching {total:,} parameters needs {key}={v}, which is invalid ({err}); "
+                          "change fixed_total.total") from None
 
 
 def expand(path: str | Path, *, scale: str = "cpu", sets: Sequence[str] = (), out: str | Path = "runs/study",
