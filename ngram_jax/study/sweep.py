@@ -6,16 +6,16 @@ named, validated runs before anything trains.
     base: ../models/tiny_ne.yaml       # relative to the sweep file
     seeds: [0, 1]                      # every run once per seed (sets `seed` and `data.seed`)
     set: {train.steps: 600}            # dotted overrides applied to every run
-    runs:                              # optional variants, each with a name and its own overrides
-      - {name: ne, set: {model.ngram.enabled: true}}
-      - {name: dense, set: {model.ngram.enabled: false}}
-    grid: {model.ngram.ratio: [1.37, 4.37]}   # the Cartesian product of the values, for every variant
+    runs:                              # optional variants, each with a name, its own overrides and
+      - {name: ne, set: {model.ngram.enabled: true}}             # optionally its own grid ({}: one run)
+      - {name: dense, set: {model.ngram.enabled: false}, grid: {}}
+    grid: {model.ngram.ratio: [1.37, 4.37]}   # the Cartesian product of the values, for each variant
     fixed_total: {adjust: model.moe.num_experts, total: 3000000}  # hold total parameters by solving for
                                                                    # an integer key the total is linear in
     moe_baseline: true                 # add the parameter-equivalent MoE baseline of every NE run
     scales:                            # --scale NAME: merged over the above (set, grid: by key; others replace)
       cpu: {set: {...}}
-      gpu: {set: {...}, fixed_total: {...}}
+      gpu: {base: ../models/study_gpu.yaml, fixed_total: {...}}
 
 Overrides apply in this order: ``set``, the scale's ``set``, the variant's ``set``, the grid values, the
 seed, then the command line's ``--set``; then ``fixed_total``, then the MoE baseline is derived
@@ -37,9 +37,9 @@ import yaml
 from ngram_jax.config import Config, ConfigError, ConfigWarning, load_config, parse_override, replace
 
 SWEEP_KEYS = ("name", "description", "findings", "base", "seeds", "set", "runs", "grid", "fixed_total",
-              "moe_baseline", "scales", "report")
-SCALE_KEYS = ("set", "grid", "runs", "seeds", "fixed_total", "moe_baseline")
-RUN_KEYS = ("name", "set")
+              "moe_baseline", "scales")
+SCALE_KEYS = ("base", "set", "grid", "runs", "seeds", "fixed_total", "moe_baseline")
+RUN_KEYS = ("name", "set", "grid")
 FIXED_TOTAL_KEYS = ("adjust", "total")
 
 
@@ -64,7 +64,6 @@ class Sweep:
     description: str
     findings: tuple
     runs: tuple[Run, ...]
-    report: dict
 
 
 def _check_keys(where: str, data: Any, valid: Sequence[str]) -> dict:
@@ -170,24 +169,30 @@ def expand(path: str | Path, *, scale: str = "cpu", sets: Sequence[str] = (), ou
     if not isinstance(variants, list):
         raise ConfigError(f"{path}: runs must be a list of {{name, set}} mappings")
     variants = [_check_keys(f"{path}: runs[{i}]", v, RUN_KEYS) for i, v in enumerate(variants)]
-    grid = spec["grid"]
-    for key, values in grid.items():
-        if not isinstance(values, list) or not values:
-            raise ConfigError(f"{path}: grid.{key} must be a non-empty list of values, got {values!r}")
+    grids = []  # the grid of each variant: its own, or the sweep's
+    for v in variants:
+        where = f"{path}: runs {v.get('name')}: grid" if "grid" in v else f"{path}: grid"
+        grid = _dotted(where, v["grid"]) if "grid" in v else spec["grid"]
+        for key, values in grid.items():
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"{where}.{key} must be a non-empty list of values, got {values!r}")
+        grids.append(grid)
     fixed = spec.get("fixed_total")
     if fixed is not None:
         fixed = _check_keys(f"{path}: fixed_total", fixed, FIXED_TOTAL_KEYS)
         if not isinstance(fixed.get("adjust"), str) or not isinstance(fixed.get("total"), int):
             raise ConfigError(f"{path}: fixed_total needs adjust (a dotted integer key) and total (an integer)")
-    short = _short_names(list(grid))
+    short = _short_names(list(dict.fromkeys(k for g in grids for k in g)))
     try:
         base_cfg = load_config(base)
     except ConfigError as err:
         raise ConfigError(f"{path}: base {spec['base']}: {err}") from None
 
     runs: list[Run] = []
-    for variant, values in itertools.product(variants, itertools.product(*grid.values())):
-        point = dict(zip(grid, values, strict=True))
+    points = [(variant, dict(zip(grid, values, strict=True)))
+              for variant, grid in zip(variants, grids, strict=True)
+              for values in itertools.product(*grid.values())]
+    for variant, point in points:
         vname = str(variant.get("name") or "")
         group = "-".join([p for p in [vname] if p] + [f"{short[k]}={_value_text(v)}" for k, v in point.items()])
         group = group or name
@@ -226,7 +231,7 @@ def expand(path: str | Path, *, scale: str = "cpu", sets: Sequence[str] = (), ou
     if dup:
         raise ConfigError(f"{path}: runs share the name {dup[0]!r}: give each variant in 'runs' its own name")
     return Sweep(path, name, scale, str(spec.get("description", "")), tuple(spec.get("findings") or ()),
-                 tuple(runs), dict(spec.get("report") or {}))
+                 tuple(runs))
 
 
 def _finish(cfg: Config, run_name: str, out: str | Path) -> Config:
