@@ -139,6 +139,14 @@ def test_run_records_skips_finished_and_refuses_changed_config(tmp_path, data_di
     with pytest.raises(Stop):  # the finished run is skipped: the next one is the baseline
         runner.run_sweep(sw, tmp_path / "o", train_fn=spy, log=lambda m: None)
     assert seen == ["ratio=1.37-moe-s0"]
+    results = tmp_path / "o" / runner.RESULTS
+    good = results.read_text()
+    results.write_text(good + good[:50])  # a record cut short by a kill is dropped: that run reruns
+    assert list(runner.read_results(tmp_path / "o", sw)) == ["ratio=1.37-s0"] and results.read_text() == good
+    results.write_text(good + "{oops}\n" + good)
+    with pytest.raises(DataError, match=r"results.jsonl:2: not a results record"):
+        runner.read_results(tmp_path / "o", sw)
+    results.write_text(good)
     changed = expand(path, out=tmp_path / "o", sets=["train.lr=0.5"])
     with pytest.raises(DataError, match=r"run ratio=1.37-s0 was recorded with another configuration \(train.lr"):
         runner.run_sweep(changed, tmp_path / "o", train_fn=spy, log=lambda m: None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -64,13 +65,18 @@ def read_results(out: Path, sweep: Sweep) -> dict[str, dict]:
         return {}
     by_name = {r.name: r for r in sweep.runs}
     done: dict[str, dict] = {}
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+    text = path.read_text()
+    lines = text.splitlines()
+    for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
             rec["name"], rec["sweep"]  # noqa: B018 - presence check
         except (json.JSONDecodeError, KeyError, TypeError):
+            if lineno == len(lines) and not text.endswith("\n"):  # a write cut short by a kill: that run reruns
+                path.write_text("".join(x + "\n" for x in lines[:-1]))
+                break
             raise DataError(f"{path}:{lineno}: not a results record (a JSON object with name and sweep)") from None
         if (rec["sweep"], rec.get("scale")) != (sweep.name, sweep.scale):
             raise DataError(f"{path} holds results of sweep {rec['sweep']!r} at scale {rec.get('scale')!r} "
@@ -168,6 +174,8 @@ def run_sweep(sweep: Sweep, out: str | Path, *, max_runs: int | None = None,
         rec = record_for(sweep, run, ev, time.perf_counter() - t0)
         with open(out / RESULTS, "a") as f:
             f.write(json.dumps(rec) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
         written.append(rec)
         log(f"{run.name}: held-out loss {ev['eval_loss']:.4f}, {ev['eval_bits_per_byte']:.4f} bits/byte, "
             f"{rec['total_params']:,} params ({rec['ngram_share']:.0%} NE)")
