@@ -179,6 +179,13 @@ def test_report_calls_ties_within_the_seed_spread(tmp_path):
     assert {p.name for p in figures} >= {"loss_vs_total_params.png", "loss_vs_ngram_share.png",
                                          "loss_vs_model_ngram_ratio.png", "activation_norms.png"}
     assert all(p.stat().st_size > 1000 for p in figures)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / runner.RESULTS).write_text(json.dumps({**recs[0], "sweep": "second"}) + "\n")
+    (tmp_path / "c.md").write_text("NE wins at this scale (made-up text for the test).\n")
+    doc = report.write_document([tmp_path, tmp_path / "b"], tmp_path / "docs/STUDY.md", tmp_path / "c.md")
+    body = doc.read_text()
+    assert "## Sweep `s`" in body and "## Sweep `second`" in body and body.endswith("(made-up text for the test).\n")
+    assert "](../loss_vs_total_params.png)" in body and "](../b/loss_vs_total_params.png)" in body
     mixed = recs + [{**recs[0], "sweep": "other"}]
     (tmp_path / runner.RESULTS).write_text("".join(json.dumps(r) + "\n" for r in mixed))
     with pytest.raises(DataError, match="mixes sweeps"):

@@ -2,7 +2,7 @@
 
     python -m ngram_jax.study configs/paper/ne_vs_moe.yaml [--out DIR] [--scale cpu|gpu]
                               [--set key=value ...] [--max-runs N] [--list]
-    python -m ngram_jax.study report DIR
+    python -m ngram_jax.study report DIR [DIR ...] [--doc docs/STUDY.md --conclusions FILE]
 
 A sweep file (``configs/paper/*.yaml``, see ``ngram_jax/study/sweep.py``) names a base config and a grid
 (or list) of overrides. Every run is expanded and validated, and the data checked, before anything
@@ -10,7 +10,8 @@ trains. Finished runs are appended to DIR/results.jsonl (default DIR: runs/study
 skipped on a rerun; an interrupted run resumes from its last checkpoint. ``--set`` applies an override
 to every run (e.g. train.steps=10 for a smoke run); ``--max-runs`` stops after N runs; ``--list``
 prints the runs with their parameter counts and trains nothing. ``report`` writes DIR/report.md and
-PNG plots from DIR/results.jsonl.
+PNG plots from DIR/results.jsonl; ``--doc`` also joins every DIR's tables and plots and a file of written
+conclusions into one document (docs/STUDY.md).
 """
 
 from __future__ import annotations
@@ -27,12 +28,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] == "report":
         ap = cli.ArgumentParser(prog="python -m ngram_jax.study report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-        ap.add_argument("dir", help="a sweep's output directory (holding results.jsonl)")
+        ap.add_argument("dirs", nargs="+", metavar="DIR", help="sweep output directories (holding results.jsonl)")
+        ap.add_argument("--doc", help="also write one document over all DIRs (e.g. docs/STUDY.md)")
+        ap.add_argument("--conclusions", help="--doc: a markdown file of written conclusions appended to it")
         args = ap.parse_args(argv[1:])
-        from ngram_jax.study.report import write_report
+        if args.conclusions and not args.doc:
+            ap.error("--conclusions needs --doc")
+        from ngram_jax.study.report import write_document, write_report
 
-        path, figures = write_report(args.dir)
-        print(f"wrote {path} and {len(figures)} plots")
+        for d in args.dirs:
+            path, figures = write_report(d)
+            print(f"wrote {path} and {len(figures)} plots")
+        if args.doc:
+            print(f"wrote {write_document(args.dirs, args.doc, args.conclusions)}")
         return 0
     ap = cli.ArgumentParser(prog="python -m ngram_jax.study", description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
