@@ -15,8 +15,8 @@ import yaml
 from ngram_jax.budget import closed_form_budget, moe_baseline
 from ngram_jax.config import ConfigError
 from ngram_jax.data.corpus import bundled_corpus_files
-from ngram_jax.data.study_corpus import MIN_TRAIN_TOKENS
 from ngram_jax.data.prepare import prepare
+from ngram_jax.data.study_corpus import MIN_TRAIN_TOKENS
 from ngram_jax.errors import DataError
 from ngram_jax.study import report, runner
 from ngram_jax.study.sweep import expand
@@ -51,7 +51,8 @@ def test_expand_names_overrides_baselines_and_fixed_total(tmp_path):
                       runs=[{"name": "ne", "set": {"model.ngram.enabled": True}},
                             {"name": "plain", "set": {"model.ngram.enabled": False}}],
                       grid={"model.moe.top_k": [1, 2]},
-                      scales={"cpu": {"set": {"train.steps": 7, "train.lr": 0.5}}, "gpu": {"grid": {"model.moe.top_k": [3]}}})
+                      scales={"cpu": {"set": {"train.steps": 7, "train.lr": 0.5}},
+                              "gpu": {"grid": {"model.moe.top_k": [3]}}})
     sw = expand(path, sets=["train.lr=0.25"], out=tmp_path / "o")
     names = [r.name for r in sw.runs]
     assert names[:3] == ["ne-top_k=1-s0", "ne-top_k=1-moe-s0", "ne-top_k=1-s1"]
@@ -81,7 +82,8 @@ def test_expand_names_overrides_baselines_and_fixed_total(tmp_path):
     ({"grid": {"model.ngram.splits": 2}}, r"grid.model.ngram.splits must be a non-empty list"),
     ({"scales": {"gpu": {}}}, r"no scale 'cpu'; this sweep has: gpu"),
     ({"runs": [{"name": "a", "set": {}, "extra": 1}]}, r"runs\[0\]: unknown key 'extra'"),
-    ({"fixed_total": {"adjust": "model.moe.num_experts", "total": 1000}}, r"run tiny-s0: fixed_total: reaching 1,000 parameters needs model.moe.num_experts="),
+    ({"fixed_total": {"adjust": "model.moe.num_experts", "total": 1000}},
+     r"run tiny-s0: fixed_total: reaching 1,000 parameters needs model.moe.num_experts="),
 ])
 def test_bad_sweep_files_name_the_run_and_key(tmp_path, spec, match):
     with pytest.raises(ConfigError, match=match):
