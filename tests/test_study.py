@@ -126,7 +126,7 @@ def test_run_records_skips_finished_and_refuses_changed_config(tmp_path, data_di
     assert p.returncode == 0 and "--max-runs 1: stopping with 1 runs left" in p.stderr, p.stdout + p.stderr
     (rec,) = [json.loads(x) for x in (tmp_path / "o" / runner.RESULTS).read_text().splitlines()]
     for key in ("name", "overrides", "eval_loss", "total_params", "activated_params", "ngram_params", "tokens", "seed",
-                "eval_bits_per_byte", "embedding_norm", "attention_out_norm"):
+                "eval_bits_per_byte", "embedding_norm", "attention_out_norm", "total_over_activated"):
         assert key in rec
     b = closed_form_budget(sw.runs[0].config.model)
     assert (rec["total_params"], rec["ngram_params"], rec["tokens"]) == (b["total"], b["ngram"], 2 * 4 * 16)
@@ -160,7 +160,7 @@ def _records(groups):
         for seed, loss in enumerate(losses):
             recs.append({"sweep": "s", "scale": "cpu", "name": f"{group}-s{seed}", "group": group, "seed": seed,
                          "eval_loss": loss, "eval_bits_per_byte": loss / 3, "total_params": 1000, "tokens": 10,
-                         "activated_params": 500, "ngram_share": 0.3, "grid": {"model.ngram.ratio": 1.0},
+                         "activated_params": 500, "ngram_share": 0.3, "total_over_activated": 2.0, "grid": {"model.ngram.ratio": 1.0},
                          "embedding_norm": 1.0, "attention_out_norm": 10.0, "baseline_of": None, **extra})
     return recs
 
@@ -179,6 +179,7 @@ def test_report_calls_ties_within_the_seed_spread(tmp_path):
     assert "| b | 3.0050 | 3.1050 | -0.1000 | 1,000 / 1,000 | 500 / 500 | NE better |" in text
     assert "| c | 1 |" in text and "| best |" in text
     assert {p.name for p in figures} >= {"loss_vs_total_params.png", "loss_vs_ngram_share.png",
+                                         "loss_vs_total_over_activated.png",
                                          "loss_vs_model_ngram_ratio.png", "activation_norms.png"}
     assert all(p.stat().st_size > 1000 for p in figures)
     (tmp_path / "b").mkdir()

@@ -156,6 +156,8 @@ def plots(records: list[dict], out: Path) -> list[Path]:
         written.append(path)
 
     scatter("total_params", "total parameters", "loss_vs_total_params.png", True)
+    if all(g.first("total_over_activated") for g in groups):  # the paper's sparsity axis (finding 1)
+        scatter("total_over_activated", "total / activated parameters", "loss_vs_total_over_activated.png", True)
     if any((g.first("ngram_share") or 0) > 0 for g in groups):
         scatter("ngram_share", "N-gram Embedding share of total parameters", "loss_vs_ngram_share.png", False)
     # one plot per grid key with several numeric values: loss against it, a line per other setting

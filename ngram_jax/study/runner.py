@@ -139,7 +139,8 @@ def record_for(sweep: Sweep, run: Run, ev: dict, wall_s: float) -> dict:
         "variant": run.variant, "grid": run.grid, "overrides": run.overrides, "derived": run.derived,
         "baseline_of": run.baseline_of, **ev, "tokens": run_tokens(run.config), "steps": run.config.train.steps,
         "total_params": b["total"], "activated_params": b["activated_max"], "activated_params_min": b["activated_min"],
-        "ngram_params": b["ngram"], "ngram_share": b["ngram"] / b["total"], "budget": b, "wall_s": round(wall_s, 1),
+        "ngram_params": b["ngram"], "ngram_share": b["ngram"] / b["total"],
+        "total_over_activated": b["total"] / b["activated_max"], "budget": b, "wall_s": round(wall_s, 1),
         "config": to_dict(run.config),
     }
 
