@@ -67,12 +67,16 @@ def test_expand_names_overrides_baselines_and_fixed_total(tmp_path):
     assert [r.config.model.moe.top_k for r in expand(path, scale="gpu").runs] == [3] * 6
     # fixed_total: the integer key is solved so that every run has (about) the target total
     path = sweep_file(tmp_path, name="fixed", grid={"model.ngram.ratio": [0.37, 2.37]},
+                      runs=[{"name": "plain", "set": {"model.ngram.enabled": False}, "grid": {}},  # its own grid
+                            {"name": "ne", "set": {"model.ngram.enabled": True}}],
                       fixed_total={"adjust": "model.moe.num_experts", "total": 1_000_000})
     runs = expand(path).runs
+    assert [r.name for r in runs] == ["plain-s0", "ne-ratio=0.37-s0", "ne-ratio=2.37-s0"]
     per_expert = 3 * 32 * 16 + 32
     for r in runs:
         assert abs(closed_form_budget(r.config.model)["total"] - 1_000_000) <= per_expert / 2
-    assert runs[0].derived["model.moe.num_experts"] > runs[1].derived["model.moe.num_experts"]
+    e = [r.derived["model.moe.num_experts"] for r in runs]
+    assert e[0] > e[1] > e[2]  # the more N-gram parameters, the fewer experts
 
 
 @pytest.mark.parametrize("spec, match", [
