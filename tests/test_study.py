@@ -164,7 +164,8 @@ def _records(groups):
         for seed, loss in enumerate(losses):
             recs.append({"sweep": "s", "scale": "cpu", "name": f"{group}-s{seed}", "group": group, "seed": seed,
                          "eval_loss": loss, "eval_bits_per_byte": loss / 3, "total_params": 1000, "tokens": 10,
-                         "activated_params": 500, "ngram_share": 0.3, "total_over_activated": 2.0, "grid": {"model.ngram.ratio": 1.0},
+                         "activated_params": 500, "ngram_share": 0.3, "total_over_activated": 2.0,
+                         "grid": {"model.ngram.ratio": 1.0},
                          "embedding_norm": 1.0, "attention_out_norm": 10.0, "baseline_of": None, **extra})
     return recs
 
