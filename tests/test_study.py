@@ -90,8 +90,9 @@ def test_expand_names_overrides_baselines_and_fixed_total(tmp_path):
      r"run tiny-s0: fixed_total: reaching 1,000 parameters needs model.moe.num_experts="),
 ])
 def test_bad_sweep_files_name_the_run_and_key(tmp_path, spec, match):
-    with pytest.raises(ConfigError, match=match):
+    with pytest.raises(ConfigError, match=match) as err:
         expand(sweep_file(tmp_path, **spec))
+    assert str(err.value).count("tiny.yaml") == 1  # said once
 
 
 def test_data_checks_and_foreign_results_before_training(tmp_path, data_dir):

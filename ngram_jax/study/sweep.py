@@ -124,7 +124,7 @@ def _short_names(keys: Sequence[str]) -> dict[str, str]:
     return {k: (s if last.count(s) == 1 else k) for k, s in zip(keys, last, strict=True)}
 
 
-def _solve_total(cfg: Config, key: str, total: int, where: str) -> tuple[Config, int]:
+def _solve_total(cfg: Config, key: str, total: int) -> tuple[Config, int]:
     """The config with the integer ``key`` set so that the total parameter count is closest to ``total``
     (the total is linear in such a key: experts, expert or FFN width, blocks)."""
     from ngram_jax.budget import closed_form_budget
@@ -135,17 +135,17 @@ def _solve_total(cfg: Config, key: str, total: int, where: str) -> tuple[Config,
     node: Any = cfg
     for part in key.split("."):
         if not hasattr(node, part):
-            raise ConfigError(f"{where}: fixed_total.adjust: unknown key {key}")
+            raise ConfigError(f"fixed_total.adjust: unknown key {key}")
         node = getattr(node, part)
     if isinstance(node, bool) or not isinstance(node, int):
-        raise ConfigError(f"{where}: fixed_total.adjust: {key} must be an integer key, it is {node!r}")
+        raise ConfigError(f"fixed_total.adjust: {key} must be an integer key, it is {node!r}")
     v0 = max(node, 1)
     t0, slope = total_at(v0), total_at(v0 + 1) - total_at(v0)
     if slope <= 0:
-        raise ConfigError(f"{where}: fixed_total: the total does not grow with {key}")
+        raise ConfigError(f"fixed_total: the total does not grow with {key}")
     v = round(v0 + (total - t0) / slope)
     if v < 1:
-        raise ConfigError(f"{where}: fixed_total: reaching {total:,} parameters needs {key}={v} (< 1): the other "
+        raise ConfigError(f"fixed_total: reaching {total:,} parameters needs {key}={v} (< 1): the other "
                           f"parameters already hold {t0 - slope * v0:,}; raise fixed_total.total")
     try:
         return replace(cfg, **{key: v}), v
@@ -154,16 +154,15 @@ def _solve_total(cfg: Config, key: str, total: int, where: str) -> tuple[Config,
                           "change fixed_total.total") from None
 
 
-def expand(path: str | Path, *, scale: str = "cpu", sets: Sequence[str] = (), out: str | Path = "runs/study",
-           seeds: Sequence[int] | None = None) -> Sweep:
+def expand(path: str | Path, *, scale: str = "cpu", sets: Sequence[str] = (), out: str | Path = "runs/study") -> Sweep:
     """Expand a sweep file into validated runs; any invalid run is a :class:`ConfigError` naming it."""
     path = Path(path)
     spec = read_sweep_file(path, scale)
     name = spec["name"]
     base = (path.parent / spec["base"]).resolve()
     cli_sets = dict(parse_override(s) for s in sets)
-    seeds = list(spec.get("seeds", [0]) if seeds is None else seeds)
-    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+    seeds = spec.get("seeds", [0])
+    if not (isinstance(seeds, list) and seeds and all(type(s) is int for s in seeds)):
         raise ConfigError(f"{path}: seeds must be a non-empty list of integers, got {seeds!r}")
     variants = spec.get("runs") or [{"name": "", "set": {}}]
     if not isinstance(variants, list):
@@ -208,7 +207,7 @@ def expand(path: str | Path, *, scale: str = "cpu", sets: Sequence[str] = (), ou
                     cfg = replace(base_cfg, **overrides)
                     derived: dict[str, Any] = {}
                     if fixed is not None:
-                        cfg, v = _solve_total(cfg, fixed["adjust"], fixed["total"], where)
+                        cfg, v = _solve_total(cfg, fixed["adjust"], fixed["total"])
                         derived[fixed["adjust"]] = v
                     cfg = _finish(cfg, run_name, out)
                     runs.append(Run(run_name, group, seed, overrides, derived, cfg, variant=vname, grid=point))
