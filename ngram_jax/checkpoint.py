@@ -48,12 +48,13 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def config_differences(saved: dict, requested: Config) -> list[str]:
-    """``key: saved -> requested`` for every key that differs, run-control keys excepted."""
+def config_differences(saved: dict, requested: Config, ignore: tuple[str, ...] = RUN_CONTROL_KEYS) -> list[str]:
+    """``key: saved -> requested`` for every key that differs, the keys (and sections) in ``ignore``
+    (by default the run-control keys) excepted."""
     a, b = _flatten(saved), _flatten(to_dict(requested))
     diffs = []
     for key in sorted(set(a) | set(b)):
-        if any(key == k or key.startswith(k + ".") for k in RUN_CONTROL_KEYS):
+        if any(key == k or key.startswith(k + ".") for k in ignore):
             continue
         va, vb = a.get(key), b.get(key)
         if isinstance(va, list):

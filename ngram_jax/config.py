@@ -227,11 +227,16 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     """Load a YAML config (following ``base:`` links), apply ``a.b.c=value`` overrides, validate."""
     data = _read_yaml_tree(Path(path), seen=())
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like key.path=value, e.g. model.ngram.max_n=4")
-        key, raw = item.split("=", 1)
-        _set_dotted(data, key.strip(), yaml.safe_load(raw))
+        _set_dotted(data, *parse_override(item))
     return from_dict(data)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"a.b.c=value"`` -> ``("a.b.c", value)`` with the value read as YAML (``4``, ``true``, ``[1, 2]``)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.path=value, e.g. model.ngram.max_n=4")
+    key, raw = item.split("=", 1)
+    return key.strip(), yaml.safe_load(raw)
 
 
 def from_dict(data: Mapping[str, Any]) -> Config:

@@ -50,3 +50,26 @@ def test_cli_module_entry_point():
     res = subprocess.run([sys.executable, "-m", "ngram_jax.tools.collisions", "--zipf", "1024,1.05,3000",
                           "--ratios", "4,4.37", "--json"], capture_output=True, text=True, check=True)
     assert '"vs_random"' in res.stdout
+
+
+def test_cli_on_a_prepared_corpus(tmp_path, capsys):
+    """--data reads a prepared directory's documents (EOS-terminated, in file order) with its V and EOS."""
+    import json
+
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    from ngram_jax.data.corpus import bundled_corpus_files
+    from ngram_jax.data.prepare import prepare
+    from ngram_jax.tools.collisions import corpus_tokens
+
+    meta = prepare(bundled_corpus_files()[:1], tmp_path / "d", train_bpe_vocab=300, max_doc_tokens=100_000)
+    tokens, got = corpus_tokens(tmp_path / "d", "train")
+    first = np.frombuffer(ArrayRecordReader(str(tmp_path / "d" / meta["splits"]["train"]["files"][0])).read([0])[0],
+                          np.int32)
+    assert got == meta and len(tokens) == meta["splits"]["train"]["tokens"] and tokens[len(first) - 1] == meta["eos_id"]
+    assert np.array_equal(tokens[: len(first)], first)
+    assert len(corpus_tokens(tmp_path / "d", "train", max_tokens=500)[0]) == 500
+    assert main(["--data", str(tmp_path / "d"), "--max-tokens", "3000", "--ratios", "2,2.37", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    want = collision_report(tokens[:3000], vocab_size=300, ratios=[2, 2.37], max_n=3, eos_id=meta["eos_id"])
+    assert [r["collisions"] for r in rows] == [r.collisions for r in want] and len(rows) == 4

@@ -2,6 +2,7 @@
 
     python -m ngram_jax.tools.collisions --zipf 32768,1.05,200000 --ratios 8,8.37,8.5
     python -m ngram_jax.tools.collisions --tokens tokens.npy --vocab-size 32768 --ratios 8,8.37
+    python -m ngram_jax.tools.collisions --data data/study --max-tokens 5000000 --ratios 2,2.02,2.37,3
 
 For every table ratio r, n-gram order n and hash k it hashes every position of the token stream
 exactly as the model does (:func:`ngram_jax.ngram.hashing.ngram_ids`) and reports the distinct
@@ -49,6 +50,35 @@ def zipf_tokens(vocab_size: int, exponent: float, count: int, seed: int = 0) -> 
     """i.i.d. tokens with P(id = k) proportional to (k + 1)^-exponent (id 0 most frequent)."""
     p = np.arange(1, vocab_size + 1, dtype=np.float64) ** -exponent
     return np.random.default_rng(seed).choice(vocab_size, size=count, p=p / p.sum()).astype(np.int32)
+
+
+def corpus_tokens(data_dir, split: str = "train", max_tokens: int | None = None) -> tuple[np.ndarray, dict]:
+    """The documents of a prepared data directory's split, concatenated in file order (each ends with
+    its EOS, which resets the n-gram history), up to ``max_tokens``; and the directory's metadata."""
+    from pathlib import Path
+
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    from ngram_jax.data.prepare import read_metadata
+    from ngram_jax.errors import DataError
+
+    meta = read_metadata(data_dir)
+    if split not in meta["splits"]:
+        raise DataError(f"{data_dir}: no split {split!r} (have {', '.join(meta['splits'])})")
+    parts, total = [], 0
+    for name in meta["splits"][split]["files"]:
+        reader = ArrayRecordReader(str(Path(data_dir) / name))
+        for rec in reader.read_all():
+            ids = np.frombuffer(rec, np.int32)
+            parts.append(ids)
+            total += len(ids)
+            if max_tokens is not None and total >= max_tokens:
+                break
+        reader.close()
+        if max_tokens is not None and total >= max_tokens:
+            break
+    tokens = np.concatenate(parts) if parts else np.zeros(0, np.int32)
+    return (tokens[:max_tokens] if max_tokens is not None else tokens), meta
 
 
 def collision_report(tokens: np.ndarray, *, vocab_size: int, ratios: Sequence[float], max_n: int = 3,
@@ -115,6 +145,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--tokens", help="a .npy file of integer token ids, shape [S] or [B, S]")
     src.add_argument("--zipf", type=_parse_zipf, help="synthetic i.i.d. Zipf tokens: V,EXPONENT,COUNT")
+    src.add_argument("--data", help="a prepared data directory (python -m ngram_jax.data.prepare): its documents, "
+                                    "with its vocabulary size and EOS")
+    ap.add_argument("--split", default="train", help="--data: the split to read (default train)")
+    ap.add_argument("--max-tokens", type=int, help="--data: read at most this many tokens")
     ap.add_argument("--ratios", required=True,
                     help="comma-separated table ratios r (sub-table size ~ r*V), e.g. 8,8.37,8.5")
     ap.add_argument("--vocab-size", type=int, help="V (required with --tokens; default: max id + 1)")
@@ -132,6 +166,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.zipf:
         vocab, exponent, count = args.zipf
         tokens = zipf_tokens(vocab, exponent, count, args.seed)
+    elif args.data:
+        tokens, meta = corpus_tokens(args.data, args.split, args.max_tokens)
+        vocab = args.vocab_size or meta["vocab_size"]
+        if args.eos_id is None:
+            args.eos_id = meta["eos_id"]
     else:
         try:
             tokens = np.load(args.tokens)

@@ -1,0 +1,238 @@
+"""``python -m ngram_jax.study report DIR``: DIR/report.md (a markdown table per run group with the seed
+spread, and NE vs MoE-baseline calls) and PNG plots from DIR/results.jsonl.
+
+A run group is one configuration over its seeds. Its spread is the range (max - min) of the held-out
+loss over the seeds. Two groups differ only when their mean losses differ by more than the larger of
+their spreads; otherwise the comparison is a tie. With one seed there is no spread and no call.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ngram_jax.errors import DataError, MissingInputError
+from ngram_jax.study.runner import RESULTS
+
+
+@dataclass
+class Group:
+    name: str
+    records: list[dict] = field(default_factory=list)
+
+    def values(self, key: str) -> np.ndarray:
+        return np.array([r[key] for r in self.records if r.get(key) is not None], np.float64)
+
+    def mean(self, key: str = "eval_loss") -> float:
+        v = self.values(key)
+        return float(v.mean()) if v.size else float("nan")
+
+    @property
+    def spread(self) -> float | None:
+        v = self.values("eval_loss")
+        return float(v.max() - v.min()) if v.size >= 2 else None
+
+    def first(self, key: str):
+        return self.records[0].get(key)
+
+
+def load_records(out: str | Path) -> list[dict]:
+    path = Path(out) / RESULTS
+    if not path.is_file():
+        raise MissingInputError(f"no {RESULTS} in {out} (run python -m ngram_jax.study SWEEP.yaml --out {out})")
+    records = []
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rec = json.loads(line)
+                rec["name"], rec["sweep"], rec["eval_loss"], rec["group"]  # noqa: B018 - presence check
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise DataError(f"{path}:{lineno}: not a results record of python -m ngram_jax.study") from None
+            records.append(rec)
+    if not records:
+        raise DataError(f"{path} holds no finished runs")
+    sweeps = sorted({(r["sweep"], r.get("scale")) for r in records}, key=str)
+    if len(sweeps) > 1:
+        raise DataError(f"{path} mixes sweeps {sweeps}: one sweep per results file")
+    return records
+
+
+def groups_of(records: list[dict]) -> list[Group]:
+    by: dict[str, Group] = {}
+    for r in records:
+        by.setdefault(r["group"], Group(r["group"])).records.append(r)
+    return sorted(by.values(), key=lambda g: (g.first("total_params"), g.name))
+
+
+def compare(a: Group, b: Group) -> tuple[str, float]:
+    """(verdict, a - b in mean loss): 'a better', 'b better', 'tie', or 'no call (1 seed)'."""
+    delta = a.mean() - b.mean()
+    spreads = [s for s in (a.spread, b.spread) if s is not None]
+    if len(spreads) < 2:
+        return "no call (1 seed)", delta
+    noise = max(spreads)
+    if abs(delta) <= noise:
+        return "tie", delta
+    return ("a better" if delta < 0 else "b better"), delta
+
+
+def _fmt_spread(g: Group) -> str:
+    return "-" if g.spread is None else f"{g.spread:.4f}"
+
+
+def markdown(records: list[dict]) -> str:
+    groups = groups_of(records)
+    sweep, scale = records[0]["sweep"], records[0].get("scale")
+    best = min(groups, key=lambda g: g.mean())
+    lines = [f"# Sweep `{sweep}` (scale {scale})", "",
+             f"{len(records)} finished runs in {len(groups)} groups. Spread: max - min held-out loss over seeds; "
+             "a difference within the larger spread is a tie.", "",
+             "| group | seeds | total params | activated | NE share | tokens | held-out loss | spread | bits/byte "
+             "| emb. norm | attn-out norm | vs best |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for g in groups:
+        verdict, delta = compare(g, best)
+        vs = "best" if g is best else {"tie": f"tie ({delta:+.4f})", "b better": f"worse ({delta:+.4f})",
+                                       "a better": f"better ({delta:+.4f})"}.get(verdict, f"{delta:+.4f}, no call")
+        lines.append(
+            f"| {g.name} | {len(g.records)} | {g.first('total_params'):,} | {g.first('activated_params'):,} | "
+            f"{g.first('ngram_share'):.1%} | {g.first('tokens'):,} | {g.mean():.4f} | {_fmt_spread(g)} | "
+            f"{g.mean('eval_bits_per_byte'):.4f} | {g.mean('embedding_norm'):.3g} | "
+            f"{g.mean('attention_out_norm'):.3g} | {vs} |")
+    by_name = {g.name: g for g in groups}
+    pairs = [(by_name[g.first("baseline_of")], g) for g in groups
+             if g.first("baseline_of") and g.first("baseline_of") in by_name]
+    if pairs:
+        lines += ["", "## NE vs its parameter-equivalent MoE baseline", "",
+                  "| NE group | NE loss | MoE loss | NE - MoE | total NE / MoE | activated NE / MoE | call |",
+                  "|---|---|---|---|---|---|---|"]
+        for ne, moe in pairs:
+            verdict, delta = compare(ne, moe)
+            call = {"a better": "NE better", "b better": "MoE better"}.get(verdict, verdict)
+            lines.append(f"| {ne.name} | {ne.mean():.4f} | {moe.mean():.4f} | {delta:+.4f} | "
+                         f"{ne.first('total_params'):,} / {moe.first('total_params'):,} | "
+                         f"{ne.first('activated_params'):,} / {moe.first('activated_params'):,} | {call} |")
+    return "\n".join(lines) + "\n"
+
+
+def _kind(g: Group) -> str:
+    if g.first("baseline_of"):
+        return "MoE baseline"
+    return "NE" if (g.first("ngram_share") or 0) > 0 else "no NE"
+
+
+def plots(records: list[dict], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = groups_of(records)
+    written = []
+
+    def scatter(xkey: str, xlabel: str, fname: str, logx: bool):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for kind in dict.fromkeys(_kind(g) for g in groups):
+            sel = [g for g in groups if _kind(g) == kind]
+            x = [g.first(xkey) for g in sel]
+            y = [g.mean() for g in sel]
+            lo = [g.mean() - g.values("eval_loss").min() for g in sel]
+            hi = [g.values("eval_loss").max() - g.mean() for g in sel]
+            ax.errorbar(x, y, yerr=[lo, hi], fmt="o", capsize=3, label=kind)
+        if logx:
+            ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("held-out loss (nats/token), bars: seed range")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = out / fname
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+    scatter("total_params", "total parameters", "loss_vs_total_params.png", True)
+    if all(g.first("total_over_activated") for g in groups):  # the paper's sparsity axis (finding 1)
+        scatter("total_over_activated", "total / activated parameters", "loss_vs_total_over_activated.png", True)
+    if any((g.first("ngram_share") or 0) > 0 for g in groups):
+        scatter("ngram_share", "N-gram Embedding share of total parameters", "loss_vs_ngram_share.png", False)
+    # one plot per grid key with several numeric values: loss against it, a line per other setting
+    grid_keys = list(dict.fromkeys(k for r in records for k in (r.get("grid") or {})))
+    for key in grid_keys:
+        vals = {r["grid"].get(key) for r in records if key in (r.get("grid") or {})}
+        if len(vals) < 2 or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in vals):
+            continue
+        fig, ax = plt.subplots(figsize=(6, 4))
+        lines: dict[str, list[Group]] = {}
+        for g in groups:
+            rest = {k: v for k, v in (g.first("grid") or {}).items() if k != key}
+            label = ", ".join([x for x in [g.first("variant"), "MoE baseline" if g.first("baseline_of") else ""] if x]
+                              + [f"{k.rsplit('.', 1)[-1]}={v}" for k, v in rest.items()]) or "runs"
+            lines.setdefault(label, []).append(g)
+        for label, sel in lines.items():
+            sel = sorted(sel, key=lambda g: g.first("grid")[key])
+            x = [g.first("grid")[key] for g in sel]
+            y = [g.mean() for g in sel]
+            err = [[g.mean() - g.values("eval_loss").min() for g in sel],
+                   [g.values("eval_loss").max() - g.mean() for g in sel]]
+            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=label)
+        ax.set_xlabel(key)
+        ax.set_ylabel("held-out loss (nats/token)")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = out / f"loss_vs_{key.replace('.', '_')}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    if all(g.first("embedding_norm") is not None for g in groups):
+        fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(groups)), 4))
+        x = np.arange(len(groups))
+        ax.bar(x - 0.2, [g.mean("embedding_norm") for g in groups], 0.4, label="input embedding")
+        ax.bar(x + 0.2, [g.mean("attention_out_norm") for g in groups], 0.4, label="first attention output")
+        ax.set_xticks(x, [g.name for g in groups], rotation=60, ha="right", fontsize=7)
+        ax.set_yscale("log")
+        ax.set_ylabel("mean L2 norm per token")
+        ax.legend()
+        fig.tight_layout()
+        path = out / "activation_norms.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def write_report(out: str | Path) -> tuple[Path, list[Path]]:
+    out = Path(out)
+    records = load_records(out)
+    figures = plots(records, out)
+    text = markdown(records) + "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in figures) + "\n"
+    path = out / "report.md"
+    path.write_text(text)
+    return path, figures
+
+
+def write_document(dirs: list[str | Path], doc: str | Path, conclusions: str | Path | None = None) -> Path:
+    """One markdown document (e.g. docs/STUDY.md) from several sweeps' results: each sweep's tables and
+    plots (linked relative to the document), then the written conclusions file, if any."""
+    doc = Path(doc)
+    parts = ["# Study results", "",
+             "Generated by `python -m ngram_jax.study report " + " ".join(map(str, dirs)) + f" --doc {doc}`"
+             + (f" from the results and {conclusions}" if conclusions else "") + ".", ""]
+    for d in dirs:
+        _, figures = write_report(d)
+        text = markdown(load_records(d)).replace("# Sweep", "## Sweep", 1)
+        links = [f"![{f.stem}]({os.path.relpath(f.resolve(), doc.resolve().parent)})" for f in figures]
+        parts += [text, *links, ""]
+    if conclusions is not None:
+        path = Path(conclusions)
+        if not path.is_file():
+            raise MissingInputError(f"conclusions file not found: {path}")
+        parts += ["## Conclusions", "", path.read_text()]
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text("\n".join(parts))
+    return doc

@@ -1,0 +1,196 @@
+"""Run a sweep: validate every run first, then train, evaluate and record each unfinished one.
+
+Each run trains in ``OUT/runs/NAME`` (``ngram_jax.train.loop.train``: it resumes from the latest
+checkpoint, so a killed runner loses at most ``train.checkpoint_every`` steps of the run it was in),
+is evaluated from its final checkpoint on the held-out split, and gets one JSON line in
+``OUT/results.jsonl``. A rerun skips the runs recorded there.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from ngram_jax.config import Config, ConfigError, to_dict
+from ngram_jax.errors import DataError
+from ngram_jax.study.sweep import Run, Sweep
+
+RESULTS = "results.jsonl"
+# keys that may differ between a recorded run and the same run now (where it ran, how it printed)
+IGNORED_DIFFERENCES = ("train.run_dir", "train.progress", "name")
+
+
+def run_tokens(cfg: Config) -> int:
+    """Tokens a run trains on: train.steps x data.batch_size x data.seq_len (row slots; padding included)."""
+    return cfg.train.steps * cfg.data.batch_size * cfg.data.seq_len
+
+
+def check_data(sweep: Sweep) -> None:
+    """Before any training: every run's data directory exists (the bundled corpus is prepared), matches the
+    model's vocabulary and EOS, and holds at least the tokens the run trains on (no repeated epochs)."""
+    from ngram_jax.data.prepare import ensure_bundled, read_metadata
+
+    metas: dict[str, dict] = {}
+    for run in sweep.runs:
+        m, d = run.config.model, run.config.data
+        if d.path not in metas:
+            metas[d.path] = ensure_bundled(d.path, m.vocab_size) if d.bundled else read_metadata(d.path)
+        meta = metas[d.path]
+        if meta["vocab_size"] != m.vocab_size:
+            raise ConfigError(f"run {run.name}: {d.path} was tokenized with vocab_size {meta['vocab_size']}, the "
+                              f"model has model.vocab_size={m.vocab_size}")
+        if m.eos_id is not None and meta["eos_id"] != m.eos_id:
+            raise ConfigError(f"run {run.name}: {d.path} ends documents with token {meta['eos_id']}, the model "
+                              f"resets n-grams at model.eos_id={m.eos_id}")
+        need, have = run_tokens(run.config), int(meta["splits"]["train"]["tokens"])
+        if need > have:
+            raise DataError(f"run {run.name}: trains on {need:,} tokens (train.steps x data.batch_size x "
+                            f"data.seq_len = {run.config.train.steps} x {d.batch_size} x {d.seq_len}) but {d.path} "
+                            f"has {have:,} training tokens; use a larger corpus (python -m ngram_jax.data.prepare "
+                            "--study) or fewer steps")
+
+
+def read_results(out: Path, sweep: Sweep) -> dict[str, dict]:
+    """Finished runs by name. A record of another sweep or scale, or of a run whose configuration has
+    changed since, is a :class:`DataError` (use another --out)."""
+    from ngram_jax.checkpoint import config_differences
+
+    path = out / RESULTS
+    if not path.is_file():
+        return {}
+    by_name = {r.name: r for r in sweep.runs}
+    done: dict[str, dict] = {}
+    text = path.read_text()
+    lines = text.splitlines()
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            rec["name"], rec["sweep"]  # noqa: B018 - presence check
+        except (json.JSONDecodeError, KeyError, TypeError):
+            if lineno == len(lines) and not text.endswith("\n"):  # a write cut short by a kill: that run reruns
+                path.write_text("".join(x + "\n" for x in lines[:-1]))
+                break
+            raise DataError(f"{path}:{lineno}: not a results record (a JSON object with name and sweep)") from None
+        if (rec["sweep"], rec.get("scale")) != (sweep.name, sweep.scale):
+            raise DataError(f"{path} holds results of sweep {rec['sweep']!r} at scale {rec.get('scale')!r} "
+                            f"(line {lineno}), not {sweep.name!r} at {sweep.scale!r}; use another --out")
+        run = by_name.get(rec["name"])
+        if run is not None and "config" in rec:
+            diffs = config_differences(rec["config"], run.config, IGNORED_DIFFERENCES)
+            if diffs:
+                raise DataError(f"{path}: run {run.name} was recorded with another configuration ("
+                                + "; ".join(diffs[:3]) + "); use another --out, or the same --set/--scale")
+        done[rec["name"]] = rec
+    return done
+
+
+def activation_norms(model, batch: dict) -> dict[str, float]:
+    """Mean L2 norm per (non-padding) token of the input embedding (after amplification) and of the first
+    attention sublayer's output: the paper's explanation of amplification (section 3)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from ngram_jax.model import default_positions
+
+    x, seg = jnp.asarray(batch["inputs"]), jnp.asarray(batch["segment_ids"])
+    pos = jnp.asarray(batch["positions"]) if "positions" in batch else default_positions(x.shape, seg)
+    h = model.embed(x, segment_ids=seg)
+    blk = model.blocks[0]
+    a = blk.attn[0](blk.attn_norm[0](h), pos, seg)
+    mask = np.asarray(seg) != 0
+
+    def mean_norm(t):
+        return float(np.linalg.norm(np.asarray(t, np.float64), axis=-1)[mask].mean())
+
+    return {"embedding_norm": mean_norm(h), "attention_out_norm": mean_norm(a)}
+
+
+def evaluate_run(run: Run) -> dict:
+    """Held-out loss, bits per byte and activation norms of a finished run, from its last checkpoint
+    (the same ``train.eval_batches`` held-out batches for every run of every seed)."""
+    from ngram_jax.checkpoint import restore_model
+    from ngram_jax.data.pipeline import make_dataset
+    from ngram_jax.eval.perplexity import evaluate
+
+    cfg = run.config
+    model, _ = restore_model(cfg.train.run_dir)
+    ev = evaluate(model, cfg.data.path, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size,
+                  max_batches=cfg.train.eval_batches)
+    batch = next(iter(make_dataset(cfg.data.path, "heldout", seq_len=cfg.data.seq_len,
+                                   batch_size=cfg.data.batch_size, vocab_size=cfg.model.vocab_size, seed=0,
+                                   repeat=False)))
+    return {"eval_loss": ev["loss"], "eval_bits_per_byte": ev["bits_per_byte"], "eval_tokens": ev["tokens"],
+            **activation_norms(model, batch)}
+
+
+def record_for(sweep: Sweep, run: Run, ev: dict, wall_s: float) -> dict:
+    from ngram_jax.budget import closed_form_budget
+
+    b = closed_form_budget(run.config.model)
+    return {
+        "sweep": sweep.name, "scale": sweep.scale, "name": run.name, "group": run.group, "seed": run.seed,
+        "variant": run.variant, "grid": run.grid, "overrides": run.overrides, "derived": run.derived,
+        "baseline_of": run.baseline_of, **ev, "tokens": run_tokens(run.config), "steps": run.config.train.steps,
+        "total_params": b["total"], "activated_params": b["activated_max"], "activated_params_min": b["activated_min"],
+        "ngram_params": b["ngram"], "ngram_share": b["ngram"] / b["total"],
+        "total_over_activated": b["total"] / b["activated_max"], "budget": b, "wall_s": round(wall_s, 1),
+        "config": to_dict(run.config),
+    }
+
+
+def run_sweep(sweep: Sweep, out: str | Path, *, max_runs: int | None = None,
+              train_fn: Callable[[Config], dict] | None = None, log: Callable[[str], None] | None = None) -> list[dict]:
+    """Train, evaluate and record the sweep's unfinished runs (at most ``max_runs`` of them, counting
+    only runs this call finishes). Returns the records written by this call."""
+    out = Path(out)
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    check_data(sweep)
+    done = read_results(out, sweep)  # refuses a results file of another sweep before any training
+    todo = [r for r in sweep.runs if r.name not in done]
+    log(f"{sweep.name} ({sweep.scale}): {len(sweep.runs)} runs, {len(done)} finished, {len(todo)} to go")
+    if train_fn is None:
+        from ngram_jax.train.loop import train as train_fn
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i, run in enumerate(todo):
+        if max_runs is not None and i >= max_runs:
+            log(f"--max-runs {max_runs}: stopping with {len(todo) - i} runs left")
+            break
+        log(f"[{i + 1}/{len(todo)}] {run.name}")
+        t0 = time.perf_counter()
+        result = train_fn(run.config)
+        if result.get("stopped_by"):  # SIGTERM/SIGINT: the run saved a checkpoint; a rerun resumes it
+            log(f"{run.name}: stopped by {result['stopped_by']} at step {result.get('step')}; run again to resume")
+            break
+        ev = evaluate_run(run)
+        if not math.isfinite(ev["eval_loss"]):
+            raise DataError(f"run {run.name}: held-out loss is {ev['eval_loss']}")
+        rec = record_for(sweep, run, ev, time.perf_counter() - t0)
+        with open(out / RESULTS, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        written.append(rec)
+        log(f"{run.name}: held-out loss {ev['eval_loss']:.4f}, {ev['eval_bits_per_byte']:.4f} bits/byte, "
+            f"{rec['total_params']:,} params ({rec['ngram_share']:.0%} NE)")
+    return written
+
+
+def list_runs(sweep: Sweep) -> list[str]:
+    from ngram_jax.budget import closed_form_budget
+
+    lines = []
+    for r in sweep.runs:
+        b = closed_form_budget(r.config.model)
+        extra = " ".join(f"{k}={v}" for k, v in r.derived.items())
+        lines.append(f"{r.name:<48} total {b['total']:>12,}  activated {b['activated_max']:>11,}  "
+                     f"NE {b['ngram'] / b['total']:>4.0%}  tokens {run_tokens(r.config):>12,}  {extra}")
+    return lines
+

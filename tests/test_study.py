@@ -1,0 +1,252 @@
+"""The study runner (python -m ngram_jax.study): sweep expansion and validation before training, bad
+input, results skip/resume, the report's seed-spread calls, and every configs/paper sweep."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ngram_jax.budget import closed_form_budget, moe_baseline
+from ngram_jax.config import ConfigError
+from ngram_jax.data.corpus import bundled_corpus_files
+from ngram_jax.data.prepare import prepare
+from ngram_jax.data.study_corpus import MIN_TRAIN_TOKENS
+from ngram_jax.errors import DataError
+from ngram_jax.study import report, runner
+from ngram_jax.study.sweep import expand
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = {"model.vocab_size": 512, "model.d_model": 32, "model.num_blocks": 1, "model.ffn_dim": 64,
+        "model.moe.num_experts": 4, "model.moe.num_zero_experts": 0, "model.moe.expert_dim": 16,
+        "model.attention.num_heads": 2, "model.attention.q_lora_rank": 16, "model.attention.kv_lora_rank": 8,
+        "model.attention.qk_nope_head_dim": 8, "model.attention.v_head_dim": 8,
+        "model.attention.qk_rope_head_dim": 4, "model.ngram.row_multiple": 1, "data.seq_len": 16,
+        "data.batch_size": 4, "data.bundled": False, "train.steps": 2, "train.warmup_steps": 1,
+        "train.eval_batches": 1, "train.progress": False, "train.checkpoint_every": 2}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "plays"
+    prepare(bundled_corpus_files()[:2], out, train_bpe_vocab=512, heldout_fraction=0.1)
+    return out
+
+
+def sweep_file(tmp_path, data_dir=None, name="tiny", **spec) -> Path:
+    body = {"name": name, "base": str(ROOT / "configs/models/tiny_ne.yaml"), "seeds": [0],
+            "set": {**TINY, "data.path": str(data_dir or tmp_path / "none")}, "scales": {"cpu": {}}, **spec}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(body))
+    return path
+
+
+def test_expand_names_overrides_baselines_and_fixed_total(tmp_path):
+    path = sweep_file(tmp_path, seeds=[0, 1], moe_baseline=True,
+                      runs=[{"name": "ne", "set": {"model.ngram.enabled": True}},
+                            {"name": "plain", "set": {"model.ngram.enabled": False}}],
+                      grid={"model.moe.top_k": [1, 2]},
+                      scales={"cpu": {"set": {"train.steps": 7, "train.lr": 0.5}},
+                              "gpu": {"grid": {"model.moe.top_k": [3]}}})
+    sw = expand(path, sets=["train.lr=0.25"], out=tmp_path / "o")
+    names = [r.name for r in sw.runs]
+    assert names[:3] == ["ne-top_k=1-s0", "ne-top_k=1-moe-s0", "ne-top_k=1-s1"]
+    assert len(names) == 2 * 2 * 2 + 2 * 2  # NE runs get a baseline each, plain runs do not
+    by = {r.name: r for r in sw.runs}
+    ne, moe = by["ne-top_k=2-s1"], by["ne-top_k=2-moe-s1"]
+    assert ne.config.train.steps == 7 and ne.config.train.lr == 0.25  # scale set, then --set wins
+    assert ne.config.seed == 1 == ne.config.data.seed and ne.group == "ne-top_k=2"
+    assert ne.config.train.run_dir == str(tmp_path / "o/runs/ne-top_k=2-s1")
+    assert moe.baseline_of == "ne-top_k=2" and not moe.config.model.ngram.enabled
+    assert moe.config.model == moe_baseline(ne.config).model
+    assert [r.config.model.moe.top_k for r in expand(path, scale="gpu").runs] == [3] * 6
+    # fixed_total: the integer key is solved so that every run has (about) the target total
+    path = sweep_file(tmp_path, name="fixed", grid={"model.ngram.ratio": [0.37, 2.37]},
+                      runs=[{"name": "plain", "set": {"model.ngram.enabled": False}, "grid": {}},  # its own grid
+                            {"name": "ne", "set": {"model.ngram.enabled": True}}],
+                      fixed_total={"adjust": "model.moe.num_experts", "total": 1_000_000})
+    runs = expand(path).runs
+    assert [r.name for r in runs] == ["plain-s0", "ne-ratio=0.37-s0", "ne-ratio=2.37-s0"]
+    per_expert = 3 * 32 * 16 + 32
+    for r in runs:
+        assert abs(closed_form_budget(r.config.model)["total"] - 1_000_000) <= per_expert / 2
+    e = [r.derived["model.moe.num_experts"] for r in runs]
+    assert e[0] > e[1] > e[2]  # the more N-gram parameters, the fewer experts
+
+
+@pytest.mark.parametrize("spec, match", [
+    ({"grdi": {"seed": [1]}}, r"unknown key 'grdi'; valid keys: name, description"),
+    ({"grid": {"model.ngram.max_nn": [3]}}, r"run max_nn=3-s0: unknown key model.ngram.max_nn"),
+    ({"grid": {"model.ngram.splits": [2, 3]}}, r"run splits=3-s0: model.ngram: model.d_model=32 must be divisible"),
+    ({"grid": {"model.ngram.splits": 2}}, r"grid.model.ngram.splits must be a non-empty list"),
+    ({"scales": {"gpu": {}}}, r"no scale 'cpu'; this sweep has: gpu"),
+    ({"runs": [{"name": "a", "set": {}, "extra": 1}]}, r"runs\[0\]: unknown key 'extra'"),
+    ({"fixed_total": {"adjust": "model.moe.num_experts", "total": 1000}},
+     r"run tiny-s0: fixed_total: reaching 1,000 parameters needs model.moe.num_experts="),
+])
+def test_bad_sweep_files_name_the_run_and_key(tmp_path, spec, match):
+    with pytest.raises(ConfigError, match=match) as err:
+        expand(sweep_file(tmp_path, **spec))
+    assert str(err.value).count("tiny.yaml") == 1  # said once
+
+
+def test_data_checks_and_foreign_results_before_training(tmp_path, data_dir):
+    sw = expand(sweep_file(tmp_path, data_dir, set={**TINY, "data.path": str(data_dir), "train.steps": 100_000}))
+    with pytest.raises(DataError, match=r"run tiny-s0: trains on 6,400,000 tokens .* has [\d,]+ training tokens"):
+        runner.check_data(sw)
+    sw = expand(sweep_file(tmp_path, data_dir, set={**TINY, "data.path": str(data_dir), "model.vocab_size": 1024}))
+    with pytest.raises(ConfigError, match="run tiny-s0: .* vocab_size 512, the model has model.vocab_size=1024"):
+        runner.check_data(sw)
+    sw = expand(sweep_file(tmp_path, data_dir))
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / runner.RESULTS).write_text(json.dumps({"sweep": "other", "scale": "cpu", "name": "x"}) + "\n")
+    with pytest.raises(DataError, match="holds results of sweep 'other'"):
+        runner.run_sweep(sw, tmp_path / "o", train_fn=lambda cfg: pytest.fail("trained"))
+
+
+def cli(*args):
+    return [sys.executable, "-m", "ngram_jax.study", *map(str, args)]
+
+
+def one_device_env():
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    return env | {"PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+
+
+class Stop(Exception):
+    pass
+
+
+def test_run_records_skips_finished_and_refuses_changed_config(tmp_path, data_dir):
+    path = sweep_file(tmp_path, data_dir, moe_baseline=True, grid={"model.ngram.ratio": [1.37]})
+    sw = expand(path, out=tmp_path / "o")
+    assert [r.name for r in sw.runs] == ["ratio=1.37-s0", "ratio=1.37-moe-s0"]
+    p = subprocess.run(cli(path, "--out", tmp_path / "o", "--max-runs", "1"), env=one_device_env(), cwd=tmp_path,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0 and "--max-runs 1: stopping with 1 runs left" in p.stderr, p.stdout + p.stderr
+    (rec,) = [json.loads(x) for x in (tmp_path / "o" / runner.RESULTS).read_text().splitlines()]
+    for key in ("name", "overrides", "eval_loss", "total_params", "activated_params", "ngram_params", "tokens", "seed",
+                "eval_bits_per_byte", "embedding_norm", "attention_out_norm", "total_over_activated"):
+        assert key in rec
+    b = closed_form_budget(sw.runs[0].config.model)
+    assert (rec["total_params"], rec["ngram_params"], rec["tokens"]) == (b["total"], b["ngram"], 2 * 4 * 16)
+    assert 0 < rec["eval_loss"] < 10 and rec["embedding_norm"] > 0
+    assert rec["name"] == "ratio=1.37-s0" and rec["sweep"] == "tiny" and rec["overrides"]["model.ngram.ratio"] == 1.37
+    seen = []
+
+    def spy(cfg):
+        seen.append(cfg.name)
+        raise Stop
+
+    with pytest.raises(Stop):  # the finished run is skipped: the next one is the baseline
+        runner.run_sweep(sw, tmp_path / "o", train_fn=spy, log=lambda m: None)
+    assert seen == ["ratio=1.37-moe-s0"]
+    results = tmp_path / "o" / runner.RESULTS
+    good = results.read_text()
+    results.write_text(good + good[:50])  # a record cut short by a kill is dropped: that run reruns
+    assert list(runner.read_results(tmp_path / "o", sw)) == ["ratio=1.37-s0"] and results.read_text() == good
+    results.write_text(good + "{oops}\n" + good)
+    with pytest.raises(DataError, match=r"results.jsonl:2: not a results record"):
+        runner.read_results(tmp_path / "o", sw)
+    results.write_text(good)
+    changed = expand(path, out=tmp_path / "o", sets=["train.lr=0.5"])
+    with pytest.raises(DataError, match=r"run ratio=1.37-s0 was recorded with another configuration \(train.lr"):
+        runner.run_sweep(changed, tmp_path / "o", train_fn=spy, log=lambda m: None)
+
+
+def _records(groups):
+    recs = []
+    for group, losses, extra in groups:
+        for seed, loss in enumerate(losses):
+            recs.append({"sweep": "s", "scale": "cpu", "name": f"{group}-s{seed}", "group": group, "seed": seed,
+                         "eval_loss": loss, "eval_bits_per_byte": loss / 3, "total_params": 1000, "tokens": 10,
+                         "activated_params": 500, "ngram_share": 0.3, "total_over_activated": 2.0,
+                         "grid": {"model.ngram.ratio": 1.0},
+                         "embedding_norm": 1.0, "attention_out_norm": 10.0, "baseline_of": None, **extra})
+    return recs
+
+
+def test_report_calls_ties_within_the_seed_spread(tmp_path):
+    recs = _records([
+        ("a", [3.00, 3.04], {}), ("a-moe", [3.02, 3.04], {"baseline_of": "a", "ngram_share": 0.0}),
+        ("b", [3.00, 3.01], {"grid": {"model.ngram.ratio": 2.0}}),
+        ("b-moe", [3.10, 3.11], {"baseline_of": "b", "ngram_share": 0.0, "grid": {"model.ngram.ratio": 2.0}}),
+        ("c", [2.90], {"grid": {"model.ngram.ratio": 3.0}}),
+    ])
+    (tmp_path / runner.RESULTS).write_text("".join(json.dumps(r) + "\n" for r in recs))
+    path, figures = report.write_report(tmp_path)
+    text = path.read_text()
+    assert "| a | 3.0200 | 3.0300 | -0.0100 | 1,000 / 1,000 | 500 / 500 | tie |" in text  # 0.01 within spread 0.04
+    assert "| b | 3.0050 | 3.1050 | -0.1000 | 1,000 / 1,000 | 500 / 500 | NE better |" in text
+    assert "| c | 1 |" in text and "| best |" in text
+    assert {p.name for p in figures} >= {"loss_vs_total_params.png", "loss_vs_ngram_share.png",
+                                         "loss_vs_total_over_activated.png",
+                                         "loss_vs_model_ngram_ratio.png", "activation_norms.png"}
+    assert all(p.stat().st_size > 1000 for p in figures)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / runner.RESULTS).write_text(json.dumps({**recs[0], "sweep": "second"}) + "\n")
+    (tmp_path / "c.md").write_text("NE wins at this scale (made-up text for the test).\n")
+    doc = report.write_document([tmp_path, tmp_path / "b"], tmp_path / "docs/STUDY.md", tmp_path / "c.md")
+    body = doc.read_text()
+    assert "## Sweep `s`" in body and "## Sweep `second`" in body and body.endswith("(made-up text for the test).\n")
+    assert "](../loss_vs_total_params.png)" in body and "](../b/loss_vs_total_params.png)" in body
+    mixed = recs + [{**recs[0], "sweep": "other"}]
+    (tmp_path / runner.RESULTS).write_text("".join(json.dumps(r) + "\n" for r in mixed))
+    with pytest.raises(DataError, match="mixes sweeps"):
+        report.load_records(tmp_path)
+
+
+PAPER = sorted((ROOT / "configs/paper").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", PAPER, ids=[p.stem for p in PAPER])
+def test_paper_sweeps_expand_and_validate(path):
+    cpu, gpu = expand(path, scale="cpu"), expand(path, scale="gpu")
+    for sw, lo, hi in ((cpu, 0.2e6, 30e6), (gpu, 40e6, 350e6)):
+        assert sw.runs and len({r.seed for r in sw.runs}) >= 2  # every comparison over >= 2 seeds
+        for r in sw.runs:
+            total = closed_form_budget(r.config.model)["total"]
+            assert lo <= total <= hi, (sw.scale, r.name, total)
+            assert runner.run_tokens(r.config) <= MIN_TRAIN_TOKENS  # fits the study corpus (no repeated epoch)
+        for r in sw.runs:
+            if r.baseline_of:
+                ne = next(x for x in sw.runs if x.group == r.baseline_of and x.seed == r.seed)
+                a, b = closed_form_budget(ne.config.model)["total"], closed_form_budget(r.config.model)["total"]
+                assert abs(a - b) / a < 0.02, (r.name, a, b)
+
+
+def test_cli_bad_input_is_one_line(tmp_path):
+    bad = sweep_file(tmp_path, grid={"model.ngram.max_nn": [3]})
+    p = subprocess.run(cli(bad, "--list"), capture_output=True, text=True, env=one_device_env(), cwd=tmp_path)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
+    assert p.stderr.startswith("error: ") and "run max_nn=3-s0: unknown key model.ngram.max_nn" in p.stderr
+
+
+@pytest.mark.slow
+def test_killed_runner_resumes_from_the_last_checkpoint(tmp_path, data_dir):
+    """SIGKILL during the first run after its step-2 checkpoint; the rerun resumes it and finishes both."""
+    path = sweep_file(tmp_path, data_dir, moe_baseline=True, grid={"model.ngram.ratio": [1.37]},
+                      set={**TINY, "data.path": str(data_dir), "train.steps": 40, "train.checkpoint_every": 2})
+    env = one_device_env()
+    cmd = cli(path, "--out", tmp_path / "o")
+    p = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ckpts = tmp_path / "o/runs/ratio=1.37-s0/checkpoints"
+    deadline = time.time() + 400
+    while not (ckpts.is_dir() and any(c.name.isdigit() and int(c.name) >= 2 for c in ckpts.iterdir())):
+        assert p.poll() is None and time.time() < deadline, p.communicate()[0]
+        time.sleep(0.2)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not (tmp_path / "o" / runner.RESULTS).exists()
+    out = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "resumed" in out.stdout + out.stderr
+    recs = [json.loads(x) for x in (tmp_path / "o" / runner.RESULTS).read_text().splitlines()]
+    assert [r["name"] for r in recs] == ["ratio=1.37-s0", "ratio=1.37-moe-s0"]
+    again = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert "2 finished, 0 to go" in again.stderr and "0 runs recorded" in again.stdout
