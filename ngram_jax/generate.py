@@ -155,7 +155,7 @@ def generate(model: Model, prompts: Sequence[Sequence[int]], max_new_tokens: int
     return out
 
 
-DRAFT_CHOICES = ("prompt_lookup", "model")
+DRAFT_CHOICES = ("prompt_lookup", "model", "ngram")
 
 
 def check_draft_config(target_cfg, draft_cfg, where: str) -> None:
@@ -196,17 +196,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--top-p", type=float, default=0.95)
     ap.add_argument("--seed", type=int, default=0)
     spec = ap.add_argument_group("speculative decoding (greedy output equals plain greedy decoding)")
-    spec.add_argument("--draft", choices=DRAFT_CHOICES, help="drafter: prompt_lookup (training-free) or model "
-                      "(a smaller checkpoint with the same tokenizer, --draft-checkpoint)")
+    spec.add_argument("--draft", choices=DRAFT_CHOICES, help="drafter: prompt_lookup (training-free), model "
+                      "(a smaller checkpoint with the same tokenizer, --draft-checkpoint) or ngram (the target's "
+                      "N-gram Embedding through its draft head, model.draft_head=ngram)")
     spec.add_argument("--draft-checkpoint", help="run directory of the draft model (--draft model)")
     spec.add_argument("--num-draft", type=int, default=4, help="K, draft tokens per verification pass")
+    spec.add_argument("--early-reject", type=float, default=None, metavar="THRESHOLD",
+                      help="drop draft tokens whose probability under the target's N-gram draft head is below "
+                      "THRESHOLD (truncating the draft) before verification")
     spec.add_argument("--max-len", type=int, default=None,
                       help="positions of the decoding state (KV cache, token table); default: what the request needs")
     spec.add_argument("--stats", action="store_true", help="print acceptance rate, accepted tokens per verification "
                       "and tokens/s (with the drafter's calls and proposed / accepted tokens)")
     args = ap.parse_args(argv)
-    if args.draft is None and (args.draft_checkpoint or args.stats or args.max_len is not None):
-        ap.error("--draft-checkpoint, --max-len and --stats need --draft")
+    if args.draft is None and (args.draft_checkpoint or args.stats or args.max_len is not None
+                               or args.early_reject is not None):
+        ap.error("--draft-checkpoint, --early-reject, --max-len and --stats need --draft")
+    if args.early_reject is not None and not 0 < args.early_reject < 1:
+        ap.error(f"--early-reject {args.early_reject} must be in (0, 1) (a probability threshold)")
     if args.draft == "model" and not args.draft_checkpoint:
         ap.error("--draft model needs --draft-checkpoint RUN (a smaller run trained with the same tokenizer)")
     if args.draft_checkpoint and args.draft != "model":
@@ -238,6 +245,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ngram_jax.checkpoint import read_config
 
         cfg = read_config(args.checkpoint, args.step)
+        if (args.draft == "ngram" or args.early_reject is not None) and cfg.model.draft_head != "ngram":
+            from ngram_jax.errors import UsageError
+
+            what = "--draft ngram" if args.draft == "ngram" else "--early-reject"
+            raise UsageError(f"{what} needs the target's N-gram draft head, and {args.checkpoint} was trained "
+                             f"with model.draft_head={cfg.model.draft_head}; train it with model.draft_head=ngram")
         if args.draft_checkpoint:
             check_draft_config(cfg, read_config(args.draft_checkpoint), args.draft_checkpoint)
         if args.tokenizer is None:
@@ -265,7 +278,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         draft_model = restore_model(args.draft_checkpoint)[0] if args.draft_checkpoint else None
         drafter = spec_mod.make_drafter(args.draft, model, draft_model)
         kw = dict(drafter=drafter, num_draft=args.num_draft, temperature=args.temperature, top_k=args.top_k,
-                  top_p=args.top_p, seed=args.seed, max_len=args.max_len, compiled={})
+                  top_p=args.top_p, seed=args.seed, max_len=args.max_len, early_reject=args.early_reject,
+                  compiled={})
         spec_mod.speculative_generate(model, [ids], max_new, **kw)  # compiles (not timed)
         t0 = time.perf_counter()
         (new,), st = spec_mod.speculative_generate(model, [ids], max_new, **kw)

@@ -108,8 +108,16 @@ def per_row_index(kv: list, index: jax.Array) -> list:
 
 # ----------------------------------------------------------------------------------------------
 # Drafters. ``propose(models, ...)`` (models[0]: the target, then the drafter's own models) proposes
-# K tokens from the table; ``q`` is the draft distribution's logits [B, K, V] (already filtered like p)
-# or None for a deterministic proposal (q = one-hot).
+# K tokens from the table and returns a :class:`Proposal`.
+
+
+class Proposal(NamedTuple):
+    drafts: jax.Array  # int32 [B, K]
+    q: jax.Array | None  # draft logits [B, K, V] (filtered like p), None: deterministic (q = one-hot)
+    state: Any  # the drafter's state for the next round
+    calls: int  # drafter forward passes (a prompt lookup counts one)
+    embeddings: jax.Array | None = None  # target NE output [B, K, D] of positions length-1 .. length+K-2
+    head_logits: jax.Array | None = None  # N-gram draft head logits [B, K, V] at those positions
 
 
 def _pick(logits: jax.Array, key: jax.Array, sampling):
@@ -154,7 +162,7 @@ class PromptLookup:
         offs = best[:, None] + 1 + jnp.arange(k, dtype=jnp.int32)[None, :] % period  # [B, K]
         drafts = jnp.where(best[:, None] >= 0, jnp.take_along_axis(table, jnp.maximum(offs, 0), axis=1),
                            jnp.take_along_axis(table, last[:, None], axis=1))
-        return drafts.astype(jnp.int32), None, dstate, 1
+        return Proposal(drafts.astype(jnp.int32), None, dstate, 1)
 
 
 class ModelDrafter:
@@ -191,7 +199,14 @@ class ModelDrafter:
             drafts.append(tok)
             qs.append(q)
         q = None if sampling is None else jnp.stack(qs, axis=1)
-        return jnp.stack(drafts, axis=1), q, kv, k
+        return Proposal(jnp.stack(drafts, axis=1), q, kv, k)
+
+
+def ngram_embeddings(target: Model, table, start, first, t) -> jax.Array:
+    """The target's input embedding (NE output) of positions ``first + 0..t-1``, the history read from
+    the table. [B, t, D]"""
+    hist = table_history(table, start, first, t, history_size(target), target.config.eos_id)
+    return target.embed(window(table, first, t), history=hist)
 
 
 def ngram_head_logits(target: Model, table, start, first, t) -> jax.Array:
@@ -201,12 +216,37 @@ def ngram_head_logits(target: Model, table, start, first, t) -> jax.Array:
     return target.draft_logits(window(table, first, t), history=hist)
 
 
+def verify(target: Model, table, start, length, t: int, kv, embeddings: jax.Array | None = None):
+    """The target over positions ``length-1 .. length+t-2`` (the last committed token and t-1 drafts):
+    logits [B, t, V] and the KV cache written from slot ``length - 1``.
+
+    ``embeddings`` [B, >= t-1, D]: input embeddings of the first positions computed while drafting (the
+    NE cache); only the positions past them are looked up, then the trunk runs on the lot."""
+    if embeddings is None or target.ple is not None:
+        return run_model(target, table, start, length - 1, t, kv)
+    first = length - 1
+    have = min(embeddings.shape[1], t)
+    h = embeddings[:, :have]
+    if have < t:
+        h = jnp.concatenate([h, ngram_embeddings(target, table, start, first + have, t - have)], axis=1)
+    positions = first[:, None] - start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+    return target.trunk(h, positions, jnp.ones(h.shape[:2], jnp.int32), None, set_index(kv, first))
+
+
 class NgramDrafter:
     """N-gram Embedding based drafting (the paper's open direction): the target's NE output alone,
     through its trained draft head (``model.draft_head: ngram``), proposes each next token; one NE
-    lookup and one small head per draft token, no transformer block and no KV cache."""
+    lookup and one small head per draft token, no transformer block and no KV cache.
+
+    ``cache_embeddings`` (the paper's second optimization): the NE outputs computed while drafting (the
+    last committed token and the first K-1 drafts) are handed to verification, which then looks up only
+    the last draft: one lookup per token instead of two."""
 
     name = "ngram"
+
+    def __init__(self, cache_embeddings: bool = True):
+        self.cache_embeddings = cache_embeddings
+        self.name = "ngram" if cache_embeddings else "ngram_nocache"
 
     def models(self) -> tuple:
         return ()
@@ -217,25 +257,33 @@ class NgramDrafter:
     def propose(self, models, dstate, table, length, start, k, key, sampling):
         target = models[0]
         keys = jax.random.split(key, k)
-        drafts, qs = [], []
+        drafts, qs, embs, heads = [], [], [], []
         for i in range(k):
-            logits = ngram_head_logits(target, table, start, length - 1 + i, 1)[:, 0]
+            e = ngram_embeddings(target, table, start, length - 1 + i, 1)  # [B, 1, D]
+            logits = target.draft_head(e)[:, 0]
             tok, q = _pick(logits, keys[i], sampling)
             table = write(table, length + i, tok[:, None])
             drafts.append(tok)
             qs.append(q)
+            embs.append(e)
+            heads.append(logits)
         q = None if sampling is None else jnp.stack(qs, axis=1)
-        return jnp.stack(drafts, axis=1), q, dstate, k
+        emb = jnp.concatenate(embs, axis=1) if self.cache_embeddings else None
+        return Proposal(jnp.stack(drafts, axis=1), q, dstate, k, emb, jnp.stack(heads, axis=1))
 
 
-def early_reject_limit(target: Model, table, start, length, drafts, q_logits, threshold: float):
+def early_reject_limit(target: Model, table, start, length, drafts, q_logits, threshold: float,
+                       head_logits: jax.Array | None = None):
     """Early rejection with the N-gram Embedding: score each draft token under the target's N-gram
     draft head (softmax probability given the committed tokens and the drafts before it) and truncate
     the draft before the first one scoring below ``threshold``. Returns the usable draft count [B]
     and, for sampling, the draft logits restricted to the tokens that pass ([B, K, V]; None stays
-    None): drawing from that restricted q keeps rejection sampling exact."""
+    None): drawing from that restricted q keeps rejection sampling exact. ``head_logits``: the head's
+    logits when the drafter computed them already (the N-gram drafter)."""
     k = drafts.shape[1]
-    probs = jax.nn.softmax(ngram_head_logits(target, table, start, length - 1, k), axis=-1)  # [B, K, V]
+    if head_logits is None:
+        head_logits = ngram_head_logits(target, table, start, length - 1, k)
+    probs = jax.nn.softmax(head_logits, axis=-1)  # [B, K, V]
     keep = probs >= threshold
     ok = jnp.take_along_axis(keep, drafts[..., None], axis=-1)[..., 0]  # [B, K]
     limit = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)
@@ -311,23 +359,24 @@ def _decode(load, tokens, seg, key, *, drafter, k: int, max_new: int, s_max: int
     def body(s: SpecState) -> SpecState:
         target, dmodels = load()
         key, k_draft, k_acc = jax.random.split(s.key, 3)
-        drafts, q, dstate, calls = drafter.propose((target, *dmodels), s.draft, s.table, s.length, s.start, k,
-                                                   k_draft, sampling)
+        prop = drafter.propose((target, *dmodels), s.draft, s.table, s.length, s.start, k, k_draft, sampling)
+        drafts, q, emb = prop.drafts, prop.q, prop.embeddings
         table = write(s.table, s.length, drafts)
         if reject_below is None:
             limit = jnp.full((b,), k, jnp.int32)
-            logits, kv = run_model(target, table, s.start, s.length - 1, k + 1, s.kv)  # [B, K+1, V]
+            logits, kv = verify(target, table, s.start, s.length, k + 1, s.kv, emb)  # [B, K+1, V]
         else:  # verify only as many positions as the longest surviving draft needs
-            limit, q = early_reject_limit(target, table, s.start, s.length, drafts, q, reject_below)
+            limit, q = early_reject_limit(target, table, s.start, s.length, drafts, q, reject_below,
+                                          prop.head_logits)
             width = jnp.max(jnp.where(s.done, 0, limit)) + 1
 
-            def verify(t):
+            def verify_width(t):
                 def run(table, kv):
-                    lg, kv = run_model(target, table, s.start, s.length - 1, t, kv)
+                    lg, kv = verify(target, table, s.start, s.length, t, kv, emb)
                     return jnp.pad(lg, ((0, 0), (0, k + 1 - t), (0, 0))), kv
                 return run
 
-            logits, kv = jax.lax.switch(width - 1, [verify(t) for t in range(1, k + 2)], table, s.kv)
+            logits, kv = jax.lax.switch(width - 1, [verify_width(t) for t in range(1, k + 2)], table, s.kv)
         if sampling is None:
             a, nxt = accept_greedy(logits, drafts, limit)
         else:
@@ -341,7 +390,7 @@ def _decode(load, tokens, seg, key, *, drafter, k: int, max_new: int, s_max: int
         hit = jnp.any(fresh & (table == eos_id), axis=1) if (stop_at_eos and eos_id is not None) else False
         done = s.done | hit | (new_len >= p + max_new)
         live = (~s.done).astype(jnp.int32)
-        stats = s.stats + jnp.stack([jnp.any(~s.done).astype(jnp.int32), calls * jnp.any(~s.done),
+        stats = s.stats + jnp.stack([jnp.any(~s.done).astype(jnp.int32), prop.calls * jnp.any(~s.done),
                                      jnp.sum(live * k), jnp.sum(live * limit), jnp.sum(a)])
         return SpecState(table, new_len, s.start, done, set_index(kv, new_len - 1), dstate, key, stats)
 

@@ -23,7 +23,8 @@ NEW = 10
 
 
 def target_model(eos_id=1, vocab=4096):
-    cfg = load_config("configs/models/tiny_gqa.yaml", [*TINY, f"model.eos_id={eos_id}", f"model.vocab_size={vocab}"])
+    cfg = load_config("configs/models/tiny_gqa.yaml", [*TINY, f"model.eos_id={eos_id}", f"model.vocab_size={vocab}",
+                                                        "model.draft_head=ngram"])
     return build_model(cfg, nnx.Rngs(0))
 
 
@@ -52,20 +53,27 @@ class Corrupted(S.ModelDrafter):
     name = "corrupted"
 
     def propose(self, models, dstate, table, length, start, k, key, sampling):
-        drafts, q, kv, calls = super().propose(models, dstate, table, length, start, k, key, sampling)
-        b = jnp.arange(drafts.shape[0])[:, None]
+        prop = super().propose(models, dstate, table, length, start, k, key, sampling)
+        b = jnp.arange(prop.drafts.shape[0])[:, None]
         i = jnp.arange(k)[None, :]
         bad = (b + i + length[:, None]) % 3 == 2
-        return jnp.where(bad, (drafts + 1) % self.draft.config.vocab_size, drafts), q, kv, calls
+        return prop._replace(drafts=jnp.where(bad, (prop.drafts + 1) % self.draft.config.vocab_size, prop.drafts))
 
 
-@pytest.mark.parametrize("which", ["prompt_lookup", "model", "corrupted", "self"])
+@pytest.mark.parametrize("which", ["prompt_lookup", "model", "ngram", "corrupted", "self", "self_early_reject"])
 def test_greedy_equals_plain_greedy(with_eos, which):
     model, draft, plain = with_eos
     drafter = {"prompt_lookup": S.PromptLookup(), "model": S.ModelDrafter(draft), "corrupted": Corrupted(model),
-               "self": S.ModelDrafter(model)}[which]
-    out, st = S.speculative_generate(model, PROMPTS, NEW, drafter=drafter, num_draft=3)
+               "self": S.ModelDrafter(model), "ngram": S.NgramDrafter(),
+               "self_early_reject": S.ModelDrafter(model)}[which]
+    # early rejection at 1/V: about half the tokens score above it under the untrained N-gram head
+    reject = 1 / model.config.vocab_size if which == "self_early_reject" else None
+    out, st = S.speculative_generate(model, PROMPTS, NEW, drafter=drafter, num_draft=3, early_reject=reject)
     assert out == plain
+    if which == "self_early_reject":  # perfect drafts, truncated: every verified draft accepted, not all verified
+        assert 0 < st["verified"] < st["proposed"] and st["accepted"] == st["verified"]
+    else:
+        assert st["verified"] == st["proposed"]
     assert st["verify_steps"] > 0 and st["draft_calls"] > 0 and st["proposed"] >= 3 * st["verify_steps"]
     if which == "self":  # a perfect drafter: every proposal of a live row accepted, ~K+1 tokens per pass
         assert st["accepted"] > 0 and st["verify_steps"] <= -(-NEW // 4) + 1
@@ -106,7 +114,7 @@ def exact_pair_probs(model, prompt, sampling):
     return np.asarray(first)[:, None] * np.asarray(second)
 
 
-@pytest.mark.parametrize("which", ["model", "prompt_lookup"])
+@pytest.mark.parametrize("which", ["model", "prompt_lookup", "model_early_reject"])
 def test_sampling_follows_the_target_distribution(which):
     """Chi-square of (first, second) new token pairs from speculative sampling against the exact
     target probabilities, on an 8-token vocabulary; fixed seeds make it deterministic."""
@@ -118,10 +126,13 @@ def test_sampling_follows_the_target_distribution(which):
     sampling = (1.3, 6, 0.97)  # temperature, top-k, top-p applied to p and q alike
     prompt = [2, 3, 2]
     n = 3000
-    drafter = S.ModelDrafter(draft) if which == "model" else S.PromptLookup()
+    drafter = S.PromptLookup() if which == "prompt_lookup" else S.ModelDrafter(draft)
+    reject = 1 / 8 if which == "model_early_reject" else None  # the restricted q keeps the output exact
     out, st = S.speculative_generate(model, [prompt] * n, 3, drafter=drafter, num_draft=2, temperature=sampling[0],
-                                     top_k=sampling[1], top_p=sampling[2], seed=1, stop_at_eos=False)
-    assert 0 < st["accepted"] < st["proposed"]  # both acceptances and rejections happened
+                                     top_k=sampling[1], top_p=sampling[2], seed=1, stop_at_eos=False,
+                                     early_reject=reject)
+    assert 0 < st["accepted"] < st["verified"]  # both acceptances and rejections happened
+    assert (st["verified"] < st["proposed"]) == (reject is not None)
     counts = np.zeros((8, 8))
     for row in out:
         counts[row[0], row[1]] += 1
@@ -137,3 +148,40 @@ def test_sampling_follows_the_target_distribution(which):
         obs_c, exp_c = np.append(obs_c, counts[keep][~big].sum()), np.append(exp_c, exp[~big].sum())
     pval = sps.chisquare(obs_c, exp_c * (obs_c.sum() / exp_c.sum())).pvalue
     assert pval > 1e-3, pval
+
+
+def test_cached_ne_embeddings_verify_like_a_recompute_with_one_lookup_per_token(with_eos, monkeypatch):
+    """The N-gram drafter hands the NE outputs it computed to verification: same logits and KV cache as
+    verification that recomputes them, and the lookup runs once per token (K + 1 positions per round,
+    not 2K + 1)."""
+    from ngram_jax.ngram.lookup import HashedTables
+
+    model, _, _ = with_eos
+    k = 3
+    toks, seg = G.left_pad(PROMPTS)
+    p = toks.shape[1]
+    logits0, st = G.prefill(model, jnp.asarray(toks), jnp.asarray(seg), p + 8)
+    table = jnp.zeros((len(PROMPTS), p + 8), jnp.int32).at[:, :p].set(toks).at[:, p].set(jnp.argmax(logits0, -1))
+    start = jnp.argmax(jnp.asarray(seg) != 0, axis=1).astype(jnp.int32)
+    length = jnp.full((len(PROMPTS),), p + 1, jnp.int32)
+    kv = S.per_row_index(st.kv, length - 1)
+    looked_up = []
+    real_gather = HashedTables.gather
+
+    def counting(self, tokens, **kw):
+        looked_up.append(tokens.shape[0] * tokens.shape[1])
+        return real_gather(self, tokens, **kw)
+
+    monkeypatch.setattr(HashedTables, "gather", counting)
+    results = {}
+    for cache in (True, False):
+        looked_up.clear()
+        prop = S.NgramDrafter(cache).propose((model,), (), table, length, start, k, jax.random.key(0), None)
+        assert (prop.embeddings is not None) == cache
+        filled = S.write(table, length, prop.drafts)
+        results[cache] = S.verify(model, filled, start, length, k + 1, kv, prop.embeddings)
+        assert sum(looked_up) == len(PROMPTS) * ((k + 1) if cache else (2 * k + 1))
+    (lc, kvc), (lr, kvr) = results[True], results[False]
+    np.testing.assert_allclose(np.asarray(lc), np.asarray(lr), atol=1e-5, rtol=0)
+    for a, b in zip(jax.tree.leaves(kvc), jax.tree.leaves(kvr), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0)

@@ -92,3 +92,13 @@ def test_speculative_generate_prints_text_and_stats(run):  # noqa: F811
     stats = dict(re.findall(r"(\w+)=([\d.]+)", lines[-1]))
     assert "drafter=prompt_lookup" in lines[-1] and "K=3" in lines[-1]
     assert int(stats["draft_calls"]) >= 1 and int(stats["proposed"]) == 3 * int(stats["verify_steps"])
+
+
+def test_ngram_drafter_needs_the_draft_head(run):  # noqa: F811
+    res = cli(*GEN, "--checkpoint", str(run), "--prompt", "the", "--draft", "ngram")
+    assert_user_error(res, USAGE, "--draft ngram", "model.draft_head=ngram")
+
+
+def test_early_reject_threshold_out_of_range():
+    res = cli(*GEN, "--checkpoint", "x", "--prompt", "the", "--draft", "prompt_lookup", "--early-reject", "1.5")
+    assert_user_error(res, USAGE, "--early-reject 1.5", "(0, 1)")

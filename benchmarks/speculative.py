@@ -1,0 +1,110 @@
+"""Speculative decoding vs plain decoding on models trained here (issue 12), greedy.
+
+    python benchmarks/speculative.py --target runs/spec_target --draft runs/draft_tiny \\
+        [--batches 1 8 --prompt 32 --new 64 --num-draft 4 --thresholds 0.02 0.1 --repeats 3]
+
+Prompts are held-out Shakespeare rows (the target's prepared data). For each batch size: plain
+decoding in the same jitted while_loop (one token per target pass, the baseline of every ratio) and
+in the host loop of ``ngram_jax.generate.generate``; then every drafter (prompt_lookup, model, ngram),
+without and with early rejection at each threshold. Every speculative output is checked token for
+token against plain greedy decoding. Per row: tokens/s (all rows' new tokens over the median wall time
+of ``--repeats`` runs after a compile run), acceptance (accepted / verified drafts), verified drafts
+per verification and accepted drafts per verification (per row-step: tokens per target pass = that + 1).
+Last line: ``speculative_speedup=<best drafter tokens/s / plain tokens/s at batch 1>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import jax
+import numpy as np
+
+from ngram_jax import speculative as S
+from ngram_jax.budget import closed_form_budget
+from ngram_jax.checkpoint import restore_model
+from ngram_jax.data.pipeline import make_dataset
+from ngram_jax.generate import generate
+
+
+def held_out_prompts(cfg, n: int, length: int) -> list[list[int]]:
+    it = iter(make_dataset(cfg.data.path, "heldout", seq_len=length, batch_size=n, vocab_size=cfg.model.vocab_size,
+                           seed=0, repeat=False))
+    batch = next(it)
+    return [list(map(int, row[seg != 0])) for row, seg in zip(batch["inputs"], batch["segment_ids"], strict=True)]
+
+
+def timed(fn, repeats: int):
+    result = fn()  # compile
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - t0)
+    return result, statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--target", default="runs/spec_target")
+    ap.add_argument("--draft", default="runs/draft_tiny")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--prompt", type=int, default=32)
+    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--num-draft", type=int, default=4)
+    ap.add_argument("--thresholds", type=float, nargs="*", default=[0.02, 0.1])
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    target, tcfg = restore_model(args.target)
+    draft, dcfg = restore_model(args.draft)
+    ta, da = closed_form_budget(tcfg.model), closed_form_budget(dcfg.model)
+    print(f"# {time.strftime('%Y-%m-%d %H:%M')} {platform.node()} {jax.devices()[0].device_kind} x{jax.device_count()}, "
+          f"jax {jax.__version__}; prompt {args.prompt}, {args.new} new tokens, K={args.num_draft}, greedy, "
+          f"median of {args.repeats}")
+    print(f"# target {args.target}: {ta['activated_max']:,} activated / {ta['total']:,} total params; "
+          f"draft {args.draft}: {da['activated_max']:,} activated ({ta['activated_min'] / da['activated_max']:.1f}x "
+          "fewer than the target)")
+    drafters = {"prompt_lookup": S.PromptLookup(), "model": S.ModelDrafter(draft)}
+    if target.draft_head is not None:
+        drafters["ngram"] = S.NgramDrafter()
+    best_b1 = 0.0
+    header = (f"{'batch':>5} {'decoder':<28} {'tokens/s':>9} {'vs plain':>8} {'accept':>7} {'verified/step':>13} "
+              f"{'accepted/step':>13}")
+    for b in args.batches:
+        prompts = held_out_prompts(tcfg, b, args.prompt)
+        compiled: dict = {}
+        (plain, _), t_plain = timed(lambda: S.speculative_generate(target, prompts, args.new, num_draft=0,
+                                                                   stop_at_eos=False, compiled=compiled),
+                                    args.repeats)
+        host, t_host = timed(lambda: generate(target, prompts, args.new, stop_at_eos=False), args.repeats)
+        assert host == plain, "plain decoding in the jitted loop differs from generate()"
+        total = sum(len(r) for r in plain)
+        rate_plain = total / t_plain
+        print(header)
+        print(f"{b:>5} {'plain (jitted loop)':<28} {rate_plain:>9.1f} {1.0:>8.2f}")
+        print(f"{b:>5} {'plain (generate host loop)':<28} {total / t_host:>9.1f} {t_plain / t_host:>8.2f}")
+        for name, drafter in drafters.items():
+            for thr in [None, *args.thresholds]:
+                if thr is not None and target.draft_head is None:
+                    continue
+                (out, st), t = timed(lambda: S.speculative_generate(
+                    target, prompts, args.new, drafter=drafter, num_draft=args.num_draft, stop_at_eos=False,
+                    early_reject=thr, compiled=compiled), args.repeats)
+                assert out == plain, f"{name} (early reject {thr}) differs from plain greedy decoding"
+                row_steps = st["proposed"] / args.num_draft
+                ratio = (total / t) / rate_plain
+                label = name if thr is None else f"{name} early_reject={thr:g}"
+                print(f"{b:>5} {label:<28} {total / t:>9.1f} {ratio:>8.2f} "
+                      f"{st['accepted'] / max(st['verified'], 1):>7.3f} {st['verified'] / row_steps:>13.2f} "
+                      f"{st['accepted'] / row_steps:>13.2f}", flush=True)
+                if b == 1:
+                    best_b1 = max(best_b1, ratio)
+    print("# NE-embedding cache (MTP drafter): not implemented, no numbers")
+    print(f"speculative_speedup={best_b1:.2f}")
+
+
+if __name__ == "__main__":
+    main()
