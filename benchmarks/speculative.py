@@ -1,15 +1,17 @@
 """Speculative decoding vs plain decoding on models trained here (issue 12), greedy.
 
     python benchmarks/speculative.py --target runs/spec_target --draft runs/draft_tiny \\
-        [--batches 1 8 --prompt 32 --new 64 --num-draft 4 --thresholds 0.02 0.1 --repeats 3]
+        [--batches 1 8 --prompt 32 --new 64 --num-draft 4 --thresholds 0.02 0.1 \\
+         --repeats 3]
 
 Prompts are held-out Shakespeare rows (the target's prepared data). For each batch size: plain
 decoding in the same jitted while_loop (one token per target pass, the baseline of every ratio) and
-in the host loop of ``ngram_jax.generate.generate``; then every drafter (prompt_lookup, model, ngram),
-without and with early rejection at each threshold. Every speculative output is checked token for
-token against plain greedy decoding. Per row: tokens/s (all rows' new tokens over the median wall time
-of ``--repeats`` runs after a compile run), acceptance (accepted / verified drafts), verified drafts
-per verification and accepted drafts per verification (per row-step: tokens per target pass = that + 1).
+in the host loop of ``ngram_jax.generate.generate``; then every drafter (prompt_lookup, model, ngram
+with and without the NE-embedding cache), without and with early rejection at each threshold. Every
+speculative output is checked token for token against plain greedy decoding. Per row: tokens/s (all
+rows' new tokens over the median wall time of ``--repeats`` runs after a compile run), acceptance
+(accepted / verified drafts), verified drafts per verification and accepted drafts per verification
+(per row-step: tokens per target pass = that + 1).
 Last line: ``speculative_speedup=<best drafter tokens/s / plain tokens/s at batch 1>``.
 """
 
@@ -19,9 +21,9 @@ import argparse
 import platform
 import statistics
 import time
+from functools import partial
 
 import jax
-import numpy as np
 
 from ngram_jax import speculative as S
 from ngram_jax.budget import closed_form_budget
@@ -61,25 +63,26 @@ def main() -> None:
     target, tcfg = restore_model(args.target)
     draft, dcfg = restore_model(args.draft)
     ta, da = closed_form_budget(tcfg.model), closed_form_budget(dcfg.model)
-    print(f"# {time.strftime('%Y-%m-%d %H:%M')} {platform.node()} {jax.devices()[0].device_kind} x{jax.device_count()}, "
-          f"jax {jax.__version__}; prompt {args.prompt}, {args.new} new tokens, K={args.num_draft}, greedy, "
-          f"median of {args.repeats}")
+    print(f"# {time.strftime('%Y-%m-%d %H:%M')} {platform.node()} {jax.devices()[0].device_kind} "
+          f"x{jax.device_count()}, jax {jax.__version__}; prompt {args.prompt}, {args.new} new tokens, "
+          f"K={args.num_draft}, greedy, median of {args.repeats}")
     print(f"# target {args.target}: {ta['activated_max']:,} activated / {ta['total']:,} total params; "
           f"draft {args.draft}: {da['activated_max']:,} activated ({ta['activated_min'] / da['activated_max']:.1f}x "
           "fewer than the target)")
     drafters = {"prompt_lookup": S.PromptLookup(), "model": S.ModelDrafter(draft)}
-    if target.draft_head is not None:
-        drafters["ngram"] = S.NgramDrafter()
+    if target.draft_head is not None:  # with and without the NE-embedding cache
+        drafters["ngram"] = S.NgramDrafter(cache_embeddings=True)
+        drafters["ngram_nocache"] = S.NgramDrafter(cache_embeddings=False)
     best_b1 = 0.0
     header = (f"{'batch':>5} {'decoder':<28} {'tokens/s':>9} {'vs plain':>8} {'accept':>7} {'verified/step':>13} "
               f"{'accepted/step':>13}")
     for b in args.batches:
         prompts = held_out_prompts(tcfg, b, args.prompt)
         compiled: dict = {}
-        (plain, _), t_plain = timed(lambda: S.speculative_generate(target, prompts, args.new, num_draft=0,
-                                                                   stop_at_eos=False, compiled=compiled),
+        common = dict(stop_at_eos=False, compiled=compiled)
+        (plain, _), t_plain = timed(partial(S.speculative_generate, target, prompts, args.new, num_draft=0, **common),
                                     args.repeats)
-        host, t_host = timed(lambda: generate(target, prompts, args.new, stop_at_eos=False), args.repeats)
+        host, t_host = timed(partial(generate, target, prompts, args.new, stop_at_eos=False), args.repeats)
         assert host == plain, "plain decoding in the jitted loop differs from generate()"
         total = sum(len(r) for r in plain)
         rate_plain = total / t_plain
@@ -90,9 +93,8 @@ def main() -> None:
             for thr in [None, *args.thresholds]:
                 if thr is not None and target.draft_head is None:
                     continue
-                (out, st), t = timed(lambda: S.speculative_generate(
-                    target, prompts, args.new, drafter=drafter, num_draft=args.num_draft, stop_at_eos=False,
-                    early_reject=thr, compiled=compiled), args.repeats)
+                (out, st), t = timed(partial(S.speculative_generate, target, prompts, args.new, drafter=drafter,
+                                             num_draft=args.num_draft, early_reject=thr, **common), args.repeats)
                 assert out == plain, f"{name} (early reject {thr}) differs from plain greedy decoding"
                 row_steps = st["proposed"] / args.num_draft
                 ratio = (total / t) / rate_plain
@@ -102,7 +104,7 @@ def main() -> None:
                       f"{st['accepted'] / row_steps:>13.2f}", flush=True)
                 if b == 1:
                     best_b1 = max(best_b1, ratio)
-    print("# NE-embedding cache (MTP drafter): not implemented, no numbers")
+    print("# mtp drafter: not implemented, no numbers")
     print(f"speculative_speedup={best_b1:.2f}")
 
 

@@ -106,9 +106,9 @@ def closed_form_budget(m: ModelConfig) -> dict[str, int]:
 def _with_activated(m: ModelConfig, counts: dict[str, int]) -> dict[str, int]:
     """Add ``total``, ``activated_min`` and ``activated_max`` to per-category counts.
 
-    Activated: every parameter but the experts, the speculative draft head and the table rows a token does not read; the N-gram
-    projections, the rows it reads (+ the amplification LayerNorm), the LM head (V*D even when tied),
-    and top_k experts (all real: max; as many zero experts as allowed: min).
+    Activated: every parameter but the experts, the speculative draft head and the table rows a token
+    does not read; the N-gram projections, the rows it reads (+ the amplification LayerNorm), the LM head
+    (V*D even when tied), and top_k experts (all real: max; as many zero experts as allowed: min).
     """
     d, f, e = m.d_model, m.ffn_dim, m.moe
     counts["total"] = sum(counts.values())
@@ -176,7 +176,8 @@ def parameter_budget(config) -> dict[str, int]:
     from ngram_jax.ngram.lookup import hashed_tables
 
     hashed = frozenset(tuple(k.split("/")) for k, _ in hashed_tables(abstract))
-    counts = dict.fromkeys(("embedding", "ngram", "ple", "dense", "lm_head", "experts", "router", "draft"), 0)
+    counts = dict.fromkeys(("embedding", "ngram", "ple", "dense", "lm_head", "experts", "router", "draft"),
+                           0)
     for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
         counts[_category(tuple(map(str, path)), var, hashed)] += int(np.prod(var.shape))
     return _with_activated(m, counts)

@@ -371,8 +371,8 @@ def _decode(load, tokens, seg, key, *, drafter, k: int, max_new: int, s_max: int
             width = jnp.max(jnp.where(s.done, 0, limit)) + 1
 
             def verify_width(t):
-                def run(table, kv):
-                    lg, kv = verify(target, table, s.start, s.length, t, kv, emb)
+                def run(table, kv):  # a branch is its own trace: merge the target afresh inside it
+                    lg, kv = verify(load()[0], table, s.start, s.length, t, kv, emb)
                     return jnp.pad(lg, ((0, 0), (0, k + 1 - t), (0, 0))), kv
                 return run
 
@@ -392,7 +392,7 @@ def _decode(load, tokens, seg, key, *, drafter, k: int, max_new: int, s_max: int
         live = (~s.done).astype(jnp.int32)
         stats = s.stats + jnp.stack([jnp.any(~s.done).astype(jnp.int32), prop.calls * jnp.any(~s.done),
                                      jnp.sum(live * k), jnp.sum(live * limit), jnp.sum(a)])
-        return SpecState(table, new_len, s.start, done, set_index(kv, new_len - 1), dstate, key, stats)
+        return SpecState(table, new_len, s.start, done, set_index(kv, new_len - 1), prop.state, key, stats)
 
     state = jax.lax.while_loop(lambda s: ~jnp.all(s.done), body, state)
     return state.table, state.length, state.stats

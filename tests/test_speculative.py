@@ -35,8 +35,8 @@ def with_eos():
     with nnx.use_eager_sharding(False):
         probe = G.generate(target_model(), PROMPTS, NEW, stop_at_eos=False)
         row = probe[1]
-        eos = next(t for i, t in enumerate(row[2:6], 2) if t not in row[:i] and all(t not in r for r in
-                                                                                         (probe[0], probe[2], probe[3])))
+        others = probe[0] + probe[2] + probe[3]
+        eos = next(t for i, t in enumerate(row[2:6], 2) if t not in row[:i] and t not in others)
         model = target_model(eos_id=eos)
         draft = build_model(load_config("configs/draft_tiny.yaml", ["model.d_model=16", "model.attention.head_dim=8",
                                                                     f"model.eos_id={eos}"]), nnx.Rngs(1))

@@ -5,8 +5,7 @@ import re
 
 import pytest
 from flax import nnx
-from test_cli_errors import (INPUT, USAGE, CONFIG, assert_user_error, cli, corpus, data, run, tiny,  # noqa: F401
-                             vocab)
+from test_cli_errors import CONFIG, INPUT, USAGE, assert_user_error, cli, corpus, data, run, tiny, vocab  # noqa: F401
 
 from ngram_jax.checkpoint import Checkpointer, row_chunked_paths
 from ngram_jax.config import load_config, to_dict
