@@ -398,6 +398,9 @@ def _decode(load, tokens, seg, key, *, drafter, k: int, max_new: int, s_max: int
     return state.table, state.length, state.stats
 
 
+_DEFAULT_DRAFTER = PromptLookup()  # one instance: the compiled-program cache keys on the drafter
+
+
 def check_request(prompt_lengths: Sequence[int], max_new_tokens: int, num_draft: int,
                   max_len: int | None = None) -> int:
     """Refuse a request that cannot run, before any compilation; returns the tokens to generate.
@@ -438,7 +441,7 @@ def speculative_generate(model: Model, prompts: Sequence[Sequence[int]], max_new
     target pass) in the same jitted loop: the baseline of benchmarks/speculative.py."""
     if num_draft > 0:
         max_new_tokens = check_request([len(p) for p in prompts], max_new_tokens, num_draft, max_len)
-    drafter = drafter if drafter is not None and num_draft > 0 else PromptLookup()
+    drafter = drafter if drafter is not None and num_draft > 0 else _DEFAULT_DRAFTER
     tokens, seg = left_pad(prompts)
     s_max = max_len if max_len is not None else tokens.shape[1] + max_new_tokens + num_draft + 2
     sampling = None if temperature <= 0 else (float(temperature), int(top_k), float(top_p))
