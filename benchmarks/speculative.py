@@ -94,7 +94,7 @@ def main() -> None:
         drafters["ngram"] = S.NgramDrafter(cache_embeddings=True)
         drafters["ngram_nocache"] = S.NgramDrafter(cache_embeddings=False)
     best_b1 = 0.0
-    header = (f"{'batch':>5} {'decoder':<28} {'tokens/s':>9} {'vs plain':>8} {'accept':>7} {'verified/step':>13} "
+    header = (f"{'batch':>5} {'decoder':<34} {'tokens/s':>9} {'vs plain':>8} {'accept':>7} {'verified/step':>13} "
               f"{'accepted/step':>13}")
     for b in args.batches:
         prompts = held_out_prompts(tcfg, b, args.prompt)
@@ -107,8 +107,8 @@ def main() -> None:
         total = sum(len(r) for r in plain)
         rate_plain = total / t_plain
         print(header)
-        print(f"{b:>5} {'plain (jitted loop)':<28} {rate_plain:>9.1f} {1.0:>8.2f}")
-        print(f"{b:>5} {'plain (host loop per token)':<28} {total / t_host:>9.1f} {t_plain / t_host:>8.2f}")
+        print(f"{b:>5} {'plain (jitted loop)':<34} {rate_plain:>9.1f} {1.0:>8.2f}")
+        print(f"{b:>5} {'plain (host loop per token)':<34} {total / t_host:>9.1f} {t_plain / t_host:>8.2f}")
         for name, drafter in drafters.items():
             for thr in [None, *args.thresholds]:
                 if thr is not None and target.draft_head is None:
@@ -119,7 +119,7 @@ def main() -> None:
                 row_steps = st["proposed"] / args.num_draft
                 ratio = (total / t) / rate_plain
                 label = name if thr is None else f"{name} early_reject={thr:g}"
-                print(f"{b:>5} {label:<28} {total / t:>9.1f} {ratio:>8.2f} "
+                print(f"{b:>5} {label:<34} {total / t:>9.1f} {ratio:>8.2f} "
                       f"{st['accepted'] / max(st['verified'], 1):>7.3f} {st['verified'] / row_steps:>13.2f} "
                       f"{st['accepted'] / row_steps:>13.2f}", flush=True)
                 if b == 1:

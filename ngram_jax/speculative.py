@@ -19,7 +19,11 @@ token (output identical to plain greedy decoding); sampling uses speculative rej
 are accepted), after temperature / top-k / top-p on both p and q, so the output follows the target.
 
 Drafters: ``prompt_lookup`` (the continuation of the latest earlier match of the last 1..3 tokens),
-``model`` (a smaller checkpoint with the same vocabulary, its own KV cache rolled back by length).
+``model`` (a smaller checkpoint with the same vocabulary, its own KV cache rolled back by length),
+``ngram`` (the target's N-gram Embedding output alone through its draft head, ``model.draft_head:
+ngram``; the NE outputs it computes are reused by verification). Early rejection (any drafter) truncates
+the draft at the first token the N-gram draft head scores below a threshold and verifies only the
+surviving positions. Not implemented: an MTP (NEXTN) draft head.
 
     outs, stats = speculative_generate(model, prompts, 64, drafter=ModelDrafter(draft), num_draft=4)
 """
@@ -436,9 +440,10 @@ def speculative_generate(model: Model, prompts: Sequence[Sequence[int]], max_new
     """Continue each prompt by up to ``max_new_tokens`` tokens with speculative decoding.
 
     Returns the new tokens of each prompt (cut after the first EOS when ``stop_at_eos``) and the stats
-    (``verify_steps``, ``draft_calls``, ``proposed``, ``accepted`` draft tokens). ``compiled``: a dict
-    reused across calls to keep the compiled program. ``num_draft=0`` is plain decoding (one token per
-    target pass) in the same jitted loop: the baseline of benchmarks/speculative.py."""
+    (:data:`STAT_NAMES`: ``verify_steps``, ``draft_calls``, ``proposed``, ``verified``, ``accepted``).
+    ``early_reject``: probability threshold under the N-gram draft head (needs ``model.draft_head``).
+    ``compiled``: a dict reused across calls to keep the compiled program. ``num_draft=0`` is plain
+    decoding (one token per target pass) in the same jitted loop: the baseline of benchmarks/speculative.py."""
     if num_draft > 0:
         max_new_tokens = check_request([len(p) for p in prompts], max_new_tokens, num_draft, max_len)
     drafter = drafter if drafter is not None and num_draft > 0 else _DEFAULT_DRAFTER
@@ -495,9 +500,11 @@ def make_drafter(name: str, target: Model, draft: Model | None = None):
 
 
 def format_stats(st: dict[str, int], new_tokens: int, seconds: float, drafter: str, k: int) -> str:
-    """One line: drafter, acceptance rate, mean accepted tokens per verification, tokens/s, raw counts."""
-    rate = st["accepted"] / max(st["proposed"], 1)
+    """One line: drafter, acceptance rate (accepted / verified drafts), mean accepted drafts per
+    verification, tokens/s, and the raw counts."""
+    rate = st["accepted"] / max(st["verified"], 1)
     per = st["accepted"] / max(st["verify_steps"], 1)
     return (f"drafter={drafter} K={k} acceptance={rate:.3f} accepted_per_verification={per:.2f} "
             f"tokens_per_s={new_tokens / seconds:.1f} verify_steps={st['verify_steps']} "
-            f"draft_calls={st['draft_calls']} proposed={st['proposed']} accepted={st['accepted']}")
+            f"draft_calls={st['draft_calls']} proposed={st['proposed']} verified={st['verified']} "
+            f"accepted={st['accepted']}")
