@@ -8,8 +8,10 @@ Prompts are held-out Shakespeare rows (the target's prepared data). For each bat
 decoding in the same jitted while_loop (one token per target pass, the baseline of every ratio) and
 in a host loop over the jitted decode step (one dispatch per token); then every drafter (prompt_lookup, model, ngram
 with and without the NE-embedding cache), without and with early rejection at each threshold. Every
-speculative output is checked token for token against plain greedy decoding. Per row: tokens/s (all
-rows' new tokens over the median wall time of ``--repeats`` runs after a compile run), acceptance
+speculative output is checked token for token against plain greedy decoding. All variants are compiled
+first, then timed in ``--repeats`` interleaved rounds (each round runs every variant once), so that the
+shared machine's load changes hit them alike. Per row: tokens/s (all rows' new tokens over the median
+wall time), vs plain (the median over rounds of the per-round ratio to plain decoding), acceptance
 (accepted / verified drafts), verified drafts per verification and accepted drafts per verification
 (per row-step: tokens per target pass = that + 1).
 Last line: ``speculative_speedup=<best drafter tokens/s / plain tokens/s at batch 1>``.
@@ -59,16 +61,6 @@ def host_loop(target, prompts, new: int):
     return run
 
 
-def timed(fn, repeats: int):
-    result = fn()  # compile
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - t0)
-    return result, statistics.median(times)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", default="runs/spec_target")
@@ -85,7 +77,7 @@ def main() -> None:
     ta, da = closed_form_budget(tcfg.model), closed_form_budget(dcfg.model)
     print(f"# {time.strftime('%Y-%m-%d %H:%M')} {platform.node()} {jax.devices()[0].device_kind} "
           f"x{jax.device_count()}, jax {jax.__version__}; prompt {args.prompt}, {args.new} new tokens, "
-          f"K={args.num_draft}, greedy, median of {args.repeats}")
+          f"K={args.num_draft}, greedy, {args.repeats} interleaved rounds")
     print(f"# target {args.target}: {ta['activated_max']:,} activated / {ta['total']:,} total params; "
           f"draft {args.draft}: {da['activated_max']:,} activated ({ta['activated_min'] / da['activated_max']:.1f}x "
           "fewer than the target)")
@@ -100,30 +92,43 @@ def main() -> None:
         prompts = held_out_prompts(tcfg, b, args.prompt)
         compiled: dict = {}
         common = dict(stop_at_eos=False, compiled=compiled)
-        (plain, _), t_plain = timed(partial(S.speculative_generate, target, prompts, args.new, num_draft=0, **common),
-                                    args.repeats)
-        host, t_host = timed(host_loop(target, prompts, args.new), args.repeats)
-        assert host == plain, "plain decoding in the jitted loop differs from the host loop"
-        total = sum(len(r) for r in plain)
-        rate_plain = total / t_plain
-        print(header)
-        print(f"{b:>5} {'plain (jitted loop)':<34} {rate_plain:>9.1f} {1.0:>8.2f}")
-        print(f"{b:>5} {'plain (host loop per token)':<34} {total / t_host:>9.1f} {t_plain / t_host:>8.2f}")
+        variants = {"plain (jitted loop)": (partial(S.speculative_generate, target, prompts, args.new, num_draft=0,
+                                                    **common), None)}
         for name, drafter in drafters.items():
             for thr in [None, *args.thresholds]:
                 if thr is not None and target.draft_head is None:
                     continue
-                (out, st), t = timed(partial(S.speculative_generate, target, prompts, args.new, drafter=drafter,
-                                             num_draft=args.num_draft, early_reject=thr, **common), args.repeats)
-                assert out == plain, f"{name} (early reject {thr}) differs from plain greedy decoding"
-                row_steps = st["proposed"] / args.num_draft
-                ratio = (total / t) / rate_plain
                 label = name if thr is None else f"{name} early_reject={thr:g}"
-                print(f"{b:>5} {label:<34} {total / t:>9.1f} {ratio:>8.2f} "
-                      f"{st['accepted'] / max(st['verified'], 1):>7.3f} {st['verified'] / row_steps:>13.2f} "
-                      f"{st['accepted'] / row_steps:>13.2f}", flush=True)
+                variants[label] = (partial(S.speculative_generate, target, prompts, args.new, drafter=drafter,
+                                           num_draft=args.num_draft, early_reject=thr, **common), None)
+        plain, _ = variants["plain (jitted loop)"][0]()  # compile every variant, check its output
+        host_fn = host_loop(target, prompts, args.new)
+        assert host_fn() == plain, "plain decoding in the jitted loop differs from the host loop"
+        for label, (fn, _) in list(variants.items()):
+            out, st = fn()
+            assert out == plain, f"{label} differs from plain greedy decoding"
+            variants[label] = (fn, st)
+        variants["plain (host loop per token)"] = (host_fn, None)
+        times: dict[str, list[float]] = {k: [] for k in variants}
+        for _ in range(args.repeats):  # interleaved rounds: load changes hit every variant alike
+            for label, (fn, _) in variants.items():
+                t0 = time.perf_counter()
+                fn()
+                times[label].append(time.perf_counter() - t0)
+        total = sum(len(r) for r in plain)
+        base = times["plain (jitted loop)"]
+        print(header)
+        for label, (_, st) in variants.items():
+            rate = total / statistics.median(times[label])
+            ratio = statistics.median(p / t for p, t in zip(base, times[label], strict=True))  # per round
+            line = f"{b:>5} {label:<34} {rate:>9.1f} {ratio:>8.2f}"
+            if st is not None and st["proposed"]:
+                row_steps = st["proposed"] / args.num_draft
+                line += (f" {st['accepted'] / max(st['verified'], 1):>7.3f} {st['verified'] / row_steps:>13.2f} "
+                         f"{st['accepted'] / row_steps:>13.2f}")
                 if b == 1:
                     best_b1 = max(best_b1, ratio)
+            print(line, flush=True)
     print("# mtp drafter: not implemented, no numbers")
     print(f"speculative_speedup={best_b1:.2f}")
 
