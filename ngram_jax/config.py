@@ -125,7 +125,8 @@ class ModelConfig:
     # Speculative-decoding draft head trained with the model (ngram_jax/speculative.py). ngram: the
     # N-gram Embedding output alone (no transformer blocks) through a small head (RMSNorm, residual
     # SwiGLU of width ffn_dim, RMSNorm, linear to the vocabulary) predicts the next token. Its input is
-    # the NE output under stop_gradient: the head never changes the target. Needs model.ngram.enabled.
+    # the NE output under stop_gradient: no gradient of the head reaches the target (only the global-norm
+    # gradient clipping is shared). Needs model.ngram.enabled.
     draft_head: Literal["none", "ngram"] = "none"
 
 

@@ -167,7 +167,7 @@ class Model(nnx.Module):
     def draft_logits(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
                      history: jax.Array | None = None) -> jax.Array:
         """The N-gram draft head's next-token logits [B, S, V] from the NE output alone (stop_gradient:
-        training the head leaves the target unchanged)."""
+        no gradient of the head reaches the target)."""
         e = self.embed(tokens, segment_ids=segment_ids, history=history)  # [B, S, D]
         return self.draft_head(jax.lax.stop_gradient(e))
 
