@@ -80,8 +80,10 @@ def check_config(cfg: Config | ModelConfig):
 def closed_form_budget(m: ModelConfig) -> dict[str, int]:
     d, v, f, nb = m.d_model, m.vocab_size, m.ffn_dim, m.num_blocks
     n_ffn = 2 * nb  # dense FFN layers, each with its own per-layer embedding
-    counts = dict.fromkeys(("embedding", "ngram", "ple", "dense", "lm_head", "experts", "router"), 0)
+    counts = dict.fromkeys(("embedding", "ngram", "ple", "dense", "lm_head", "experts", "router", "draft"), 0)
     counts["embedding"] = v * d
+    if m.draft_head == "ngram":  # RMSNorm, SwiGLU D x ffn_dim, RMSNorm, linear D x V
+        counts["draft"] = 2 * d + 3 * d * f + d * v
     if m.ngram.enabled:
         counts["ngram"] += sum(ngram_table_params(v, d, m.ngram.max_n, m.ngram.splits, m.ngram.ratio,
                                                   m.ngram.row_multiple))
@@ -104,9 +106,9 @@ def closed_form_budget(m: ModelConfig) -> dict[str, int]:
 def _with_activated(m: ModelConfig, counts: dict[str, int]) -> dict[str, int]:
     """Add ``total``, ``activated_min`` and ``activated_max`` to per-category counts.
 
-    Activated: every parameter but the experts and the table rows a token does not read; the N-gram
-    projections, the rows it reads (+ the amplification LayerNorm), the LM head (V*D even when tied),
-    and top_k experts (all real: max; as many zero experts as allowed: min).
+    Activated: every parameter but the experts, the speculative draft head and the table rows a token
+    does not read; the N-gram projections, the rows it reads (+ the amplification LayerNorm), the LM head
+    (V*D even when tied), and top_k experts (all real: max; as many zero experts as allowed: min).
     """
     d, f, e = m.d_model, m.ffn_dim, m.moe
     counts["total"] = sum(counts.values())
@@ -125,7 +127,8 @@ def _with_activated(m: ModelConfig, counts: dict[str, int]) -> dict[str, int]:
         rows_read += n_ffn * (f + t * (f // t))
         proj += n_ffn * t * (f // t) * f
     head = counts["lm_head"] or m.vocab_size * d
-    base = counts["total"] - counts["experts"] - tables + proj + rows_read - counts["lm_head"] + head
+    base = (counts["total"] - counts["experts"] - tables + proj + rows_read - counts["lm_head"] + head
+            - counts["draft"])  # the draft head is not part of the target's forward pass
     expert_one = 3 * d * e.expert_dim
     k_max = min(e.top_k, e.num_experts) if e.num_experts else 0
     k_min = max(0, e.top_k - e.num_zero_experts) if e.num_experts else 0
@@ -147,6 +150,8 @@ def _category(names: tuple[str, ...], var, hashed: frozenset[tuple[str, ...]]) -
         return "ngram"  # the hashed tables and their projections
     if names[0] in ("embed", "ple"):
         return "embedding" if names[0] == "embed" else "ple"
+    if names[0] == "draft_head":
+        return "draft"
     if names[0] == "lm_head":
         return "lm_head"
     if "moe" in names:
@@ -171,7 +176,8 @@ def parameter_budget(config) -> dict[str, int]:
     from ngram_jax.ngram.lookup import hashed_tables
 
     hashed = frozenset(tuple(k.split("/")) for k, _ in hashed_tables(abstract))
-    counts = dict.fromkeys(("embedding", "ngram", "ple", "dense", "lm_head", "experts", "router"), 0)
+    counts = dict.fromkeys(("embedding", "ngram", "ple", "dense", "lm_head", "experts", "router", "draft"),
+                           0)
     for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
         counts[_category(tuple(map(str, path)), var, hashed)] += int(np.prod(var.shape))
     return _with_activated(m, counts)

@@ -450,6 +450,18 @@ def find_checkpoints(path: str | Path) -> Path:
     raise FileNotFoundError(f"no checkpoints at {path}")
 
 
+def read_config(path: str | Path, step: int | None = None) -> Config:
+    """The config a checkpoint was trained with (no weights read): for checks before restoring."""
+    ckpt = Checkpointer(find_checkpoints(path))
+    try:
+        step = ckpt.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no complete checkpoint in {ckpt.directory}")
+        return from_dict(ckpt.read_meta(step)["config"])
+    finally:
+        ckpt.close()
+
+
 def restore_model(path: str | Path, step: int | None = None, mesh=None):
     """``(model, config)`` from a training checkpoint, onto ``mesh`` (resharded) or one device.
 

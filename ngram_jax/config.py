@@ -122,6 +122,12 @@ class ModelConfig:
     moe: MoEConfig = field(default_factory=MoEConfig)
     ngram: NgramConfig = field(default_factory=NgramConfig)
     ple: PLEConfig = field(default_factory=PLEConfig)
+    # Speculative-decoding draft head trained with the model (ngram_jax/speculative.py). ngram: the
+    # N-gram Embedding output alone (no transformer blocks) through a small head (RMSNorm, residual
+    # SwiGLU of width ffn_dim, RMSNorm, linear to the vocabulary) predicts the next token. Its input is
+    # the NE output under stop_gradient: no gradient of the head reaches the target (only the global-norm
+    # gradient clipping is shared). Needs model.ngram.enabled.
+    draft_head: Literal["none", "ngram"] = "none"
 
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
@@ -207,6 +213,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     peak_flops_per_device: float = 0.0  # for MFU; 0: looked up from the device kind when known
     progress: bool = True
+    draft_head_weight: float = 1.0  # weight of the draft head's next-token loss (model.draft_head)
 
 
 @dataclass(frozen=True)
@@ -478,7 +485,10 @@ def validate(cfg: Config) -> None:
         _check_ngram_shape("model.ple", "model.ffn_dim", m.ffn_dim, p.max_n, p.splits, p.ratio)
         _warn_simple_ratio("model.ple.ratio", p.ratio, m.vocab_size)
 
+    if m.draft_head == "ngram":
+        _require(n.enabled, "model.draft_head=ngram drafts from the N-gram Embedding: set model.ngram.enabled=true")
     d, t = cfg.data, cfg.train
+    _require(t.draft_head_weight >= 0, f"train.draft_head_weight must be >= 0, got {t.draft_head_weight}")
     _require(d.seq_len >= 2 and d.batch_size >= 1, "data.seq_len must be >= 2 and data.batch_size >= 1")
     _require(t.steps >= 1 and t.lr > 0 and 0 <= t.min_lr_ratio <= 1 and t.warmup_steps >= 0,
              "train.steps >= 1, train.lr > 0, 0 <= train.min_lr_ratio <= 1, train.warmup_steps >= 0")

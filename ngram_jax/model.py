@@ -112,6 +112,23 @@ class Block(nnx.Module):
         return h if caches is None else (h, tuple(new))
 
 
+class NgramDraftHead(nnx.Module):
+    """Speculative-decoding drafter on the N-gram Embedding alone (``model.draft_head: ngram``):
+    NE output e_t [B, S, D] -> next-token logits [B, S, V] through RMSNorm, a residual SwiGLU, RMSNorm
+    and a linear map; no transformer block, no KV cache."""
+
+    def __init__(self, m: ModelConfig, *, rngs: nnx.Rngs):
+        dt, pdt = jnp.dtype(m.dtype), jnp.dtype(m.param_dtype)
+        self.norm = RMSNorm(m.d_model, eps=m.norm_eps, name="norm", dtype=dt, param_dtype=pdt)
+        self.mlp = SwiGLU(m.d_model, m.ffn_dim, dtype=dt, param_dtype=pdt, rngs=rngs)
+        self.out_norm = RMSNorm(m.d_model, eps=m.norm_eps, name="norm", dtype=dt, param_dtype=pdt)
+        self.out = Linear(m.d_model, m.vocab_size, ("embed", "vocab"), dtype=dt, param_dtype=pdt, rngs=rngs)
+
+    def __call__(self, e: jax.Array) -> jax.Array:
+        h = e + self.mlp(self.norm(e))
+        return self.out(self.out_norm(h)).astype(jnp.float32)
+
+
 class Model(nnx.Module):
     def __init__(self, m: ModelConfig, *, rngs: nnx.Rngs):
         self.config = m
@@ -123,6 +140,7 @@ class Model(nnx.Module):
         self.final_norm = RMSNorm(m.d_model, eps=m.norm_eps, name="norm", dtype=dt, param_dtype=pdt)
         self.lm_head = None if m.tie_embeddings else Linear(m.d_model, m.vocab_size, ("embed", "vocab"),
                                                             dtype=dt, param_dtype=pdt, rngs=rngs)
+        self.draft_head = NgramDraftHead(m, rngs=rngs) if m.draft_head == "ngram" else None
 
     def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
                  positions: jax.Array | None = None, cache: list | None = None, history: jax.Array | None = None):
@@ -145,6 +163,13 @@ class Model(nnx.Module):
         if self.ple is not None:
             ple = self.ple(tokens, segment_ids=segment_ids, history=history)  # [B, S, L, F]
         return self.trunk(h, positions, segment_ids, ple, cache)
+
+    def draft_logits(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
+                     history: jax.Array | None = None) -> jax.Array:
+        """The N-gram draft head's next-token logits [B, S, V] from the NE output alone (stop_gradient:
+        no gradient of the head reaches the target)."""
+        e = self.embed(tokens, segment_ids=segment_ids, history=history)  # [B, S, D]
+        return self.draft_head(jax.lax.stop_gradient(e))
 
     def history_length(self) -> int:
         """Tokens of history the n-gram lookups need (max N - 1; 0 without N-gram tables)."""

@@ -84,6 +84,10 @@ def test_frozen_and_round_trip():
         (["model.moe.bias_update_rate=-1"], r"model\.moe\.bias_update_rate must be >= 0"),
         (["model.attention.kind=gqa", "model.attention.num_kv_heads=3"], r"num_kv_heads=3 must divide"),
         (["model"], r"must look like key\.path=value"),
+        (["model.ngram.enabled=false", "model.draft_head=ngram"],
+         r"model\.draft_head=ngram drafts from the N-gram Embedding: set model\.ngram\.enabled=true"),
+        (["model.draft_head=mtp"], r"model\.draft_head: 'mtp' is not one of 'none', 'ngram'"),
+        (["train.draft_head_weight=-1"], r"train\.draft_head_weight must be >= 0"),
     ],
 )
 def test_bad_values_name_the_key(overrides, pattern):

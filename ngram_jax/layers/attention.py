@@ -36,7 +36,7 @@ class KVCache(NamedTuple):
     k: jax.Array  # [B, S_max, Hk, Dq]
     v: jax.Array  # [B, S_max, Hk, Dv]
     valid: jax.Array  # bool [B, S_max]: slots holding a real (non-padding) token
-    index: jax.Array  # int32 []: slot of the next token written
+    index: jax.Array  # int32 [] (shared) or [B] (per row): slot of the next token written
 
 
 def empty_cache(batch: int, max_len: int, heads: int, qk_dim: int, v_dim: int, dtype) -> KVCache:
@@ -48,15 +48,24 @@ def _attend_cached(q, k, v, new_valid, cache: KVCache, scale: float) -> tuple[ja
     """Write the new keys/values at ``cache.index`` and attend over every valid earlier slot.
 
     q [B, t, H, Dq], k [B, t, Hk, Dq], v [B, t, Hk, Dv], new_valid bool [B, t] (False: padding).
+    A per-row index [B] (speculative decoding, where rows commit different numbers of tokens) writes
+    each row at its own slot; slots at or after a row's index are never read before being rewritten,
+    so moving the index back is the whole rollback.
     """
     i = cache.index
-    k_all = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (0, i, 0, 0))
-    v_all = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (0, i, 0, 0))
-    valid = jax.lax.dynamic_update_slice(cache.valid, new_valid, (0, i))
+    if i.ndim == 0:
+        k_all = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (0, i, 0, 0))
+        v_all = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (0, i, 0, 0))
+        valid = jax.lax.dynamic_update_slice(cache.valid, new_valid, (0, i))
+    else:
+        row = jax.vmap(lambda c, x, j: jax.lax.dynamic_update_slice(c, x, (j,) + (0,) * (c.ndim - 1)))
+        k_all = row(cache.k, k.astype(cache.k.dtype), i)
+        v_all = row(cache.v, v.astype(cache.v.dtype), i)
+        valid = row(cache.valid, new_valid, i)
     t, s_max = q.shape[1], cache.k.shape[1]
-    q_slot = i + jnp.arange(t)[:, None]  # [t, 1]
-    k_slot = jnp.arange(s_max)[None, :]  # [1, S]
-    mask = (valid[:, None, :] & (k_slot <= q_slot)[None]) | (k_slot == q_slot)[None]  # padding sees itself
+    q_slot = jnp.reshape(i, (-1, 1, 1)) + jnp.arange(t)[None, :, None]  # [1 or B, t, 1]
+    k_slot = jnp.arange(s_max)[None, None, :]  # [1, 1, S]
+    mask = (valid[:, None, :] & (k_slot <= q_slot)) | (k_slot == q_slot)  # [B, t, S]; padding sees itself
     dv = v_all.shape[-1]
     v_pad = jnp.pad(v_all, ((0, 0), (0, 0), (0, 0), (0, q.shape[-1] - dv))) if dv < q.shape[-1] else v_all
     out = jax.nn.dot_product_attention(q, k_all.astype(q.dtype), v_pad.astype(q.dtype), mask=mask[:, None],

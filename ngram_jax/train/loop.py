@@ -7,6 +7,7 @@ current step and exit cleanly; a non-finite loss stops with a clear message and 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import signal
 import sys
@@ -39,14 +40,14 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
 
-def train_step(model, opt: Optimizer, batch):
+def train_step(model, opt: Optimizer, batch, draft_head_weight: float = 1.0):
     """One update. With a row-wise table optimizer the N-gram tables are not differentiated: the step
     takes the gradient of zero perturbations of the gathered rows (row gradients [B, S, T, W]) and
     updates only the rows read, on the shards that own them."""
     lookups = dict(hashed_tables(model))
     rows = {k: m.row_ids(batch["inputs"], segment_ids=batch["segment_ids"]) for k, m in lookups.items()}
     if not opt.sparse:
-        (_, loss), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, batch)
+        (_, loss), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, batch, draft_head_weight)
         grad_norm = optax.tree.norm(grads)
         opt.dense.update(model, grads)
     else:
@@ -54,7 +55,7 @@ def train_step(model, opt: Optimizer, batch):
 
         def perturbed_loss(model, deltas):
             with row_perturbations(model, deltas):
-                return loss_fn(model, batch)
+                return loss_fn(model, batch, draft_head_weight)
 
         (_, loss), (grads, row_grads) = nnx.value_and_grad(
             perturbed_loss, argnums=(nnx.DiffState(0, opt.wrt), 1), has_aux=True)(model, deltas)
@@ -224,7 +225,8 @@ def train(cfg: Config) -> dict:
     result: dict = {"step": start}
 
     with param_context(mesh, rules), _StopFlag() as stop:
-        step_fn = nnx.jit(train_step, donate_argnums=(0, 1))
+        step_fn = nnx.jit(functools.partial(train_step, draft_head_weight=cfg.train.draft_head_weight),
+                          donate_argnums=(0, 1))
         eval_fn = nnx.jit(eval_step)
         progress = None
         if t.progress and lead:

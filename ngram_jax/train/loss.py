@@ -27,10 +27,15 @@ def forward(model, batch: dict) -> jax.Array:
     return model(batch["inputs"], segment_ids=batch["segment_ids"], positions=batch["positions"])
 
 
-def loss_fn(model, batch: dict) -> tuple[jax.Array, jax.Array]:
-    """The training objective ``(mean cross-entropy + MoE auxiliary losses, mean cross-entropy)``."""
+def loss_fn(model, batch: dict, draft_head_weight: float = 1.0) -> tuple[jax.Array, jax.Array]:
+    """The training objective ``(mean cross-entropy + MoE auxiliary losses [+ weighted draft-head
+    cross-entropy], mean cross-entropy)``."""
     loss = mean_cross_entropy(forward(model, batch), batch["targets"], batch["loss_mask"])
-    return loss + model.aux_loss(), loss
+    total = loss + model.aux_loss()
+    if getattr(model, "draft_head", None) is not None and draft_head_weight > 0:
+        draft = model.draft_logits(batch["inputs"], segment_ids=batch["segment_ids"])
+        total = total + draft_head_weight * mean_cross_entropy(draft, batch["targets"], batch["loss_mask"])
+    return total, loss
 
 
 def eval_step(model, batch: dict) -> tuple[jax.Array, jax.Array]:
