@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ngram_jax.generate import filter_logits, left_pad, prefill
+from ngram_jax.decoding import filter_logits, left_pad, prefill
 from ngram_jax.model import Model
 from ngram_jax.ngram import hashing
 

@@ -57,7 +57,8 @@ def test_tables_are_stored_in_row_blocks_and_restore_exactly(tmp_path, caplog, s
     assert arr.shape == (r // TABLE_CHUNK_ROWS, TABLE_CHUNK_ROWS, w)
     assert tuple(arr.chunk_layout.read_chunk.shape) == (1, TABLE_CHUNK_ROWS, w)
     # the row-wise optimizer's per-row accumulator [R] is blocked too
-    assert stored(tmp_path / "checkpoints", 1, "opt.tables.embed.acc").shape == (r // TABLE_CHUNK_ROWS, TABLE_CHUNK_ROWS)
+    acc = stored(tmp_path / "checkpoints", 1, "opt.tables.embed.acc")
+    assert acc.shape == (r // TABLE_CHUNK_ROWS, TABLE_CHUNK_ROWS)
 
     mesh = make_mesh_from_spec(restore_spec) if restore_spec else None
     model2, opt2 = build_train_state(cfg, mesh, abstract=True)

@@ -8,8 +8,8 @@ import pytest
 from flax import nnx
 
 from ngram_jax.config import ConfigError, load_config
-from ngram_jax.errors import CheckpointError
 from ngram_jax.convert.hf import config_from_hf, load_hf_checkpoint, save_hf_checkpoint
+from ngram_jax.errors import CheckpointError
 from ngram_jax.model import build_model
 
 torch = pytest.importorskip("torch", reason="parity extra not installed: pip install -e '.[parity]'")
