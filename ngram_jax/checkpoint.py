@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import logging
 import os
 import sys
@@ -269,6 +270,19 @@ def _install_slow_save_hook() -> None:
 
     slow._slow_save_hook = True
     ocp.JsonCheckpointHandler._save_fn = slow
+
+
+class DataState:
+    """A data iterator's state taken at one moment, saved in the iterator's place: the training loop
+    reads the next batch while a step runs, so the iterator itself is one batch ahead of the step being
+    saved. (grain's checkpoint handler takes ``get_state()`` of an object that is not a grain iterator
+    as JSON bytes; restoring goes into the real iterator as usual.)"""
+
+    def __init__(self, state: dict):
+        self._json = json.dumps(state).encode()
+
+    def get_state(self) -> bytes:
+        return self._json
 
 
 class Checkpointer:

@@ -7,7 +7,6 @@ current step and exit cleanly; a non-finite loss stops with a clear message and 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import signal
 import sys
@@ -23,7 +22,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ngram_jax.budget import check_config, parameter_budget
-from ngram_jax.checkpoint import Checkpointer, config_differences, row_chunked_paths
+from ngram_jax.checkpoint import Checkpointer, DataState, config_differences, row_chunked_paths
 from ngram_jax.config import Config, ConfigError, to_dict
 from ngram_jax.data.pipeline import make_dataset
 from ngram_jax.data.prepare import ensure_bundled, read_metadata
@@ -78,6 +77,64 @@ def train_step(model, opt: Optimizer, batch, draft_head_weight: float = 1.0):
             "ngram_rows_seen_frac": usage[0] if usage else jnp.float32(jnp.nan)}
 
 
+class TrainStep:
+    """The jitted update ``train.py`` runs, over the split state of (model, optimizer).
+
+    ``nnx.jit`` walks the module graph on every call (about 60 ms per call for the tiny models on
+    this project's 2-core CPU, measured by ``benchmarks/vs_torch.py``'s ancestor probe, i.e. a third
+    of the step); here the graph is split once, the step is a pure ``jax.jit`` function of the state
+    pytree (its buffers donated, so the update is in place), and the modules see the new state only
+    when :meth:`sync` is called (before evaluation, checkpoint saves and at the end).
+
+        step = TrainStep(cfg, model, opt)
+        metrics = step(batch)   # asynchronous: reading a metric waits for the step
+        step.sync()             # model and opt now hold the latest parameters and optimizer state
+    """
+
+    def __init__(self, cfg: Config, model, opt):
+        self.modules = (model, opt)
+        self.graphdef, self.state = nnx.split(self.modules)
+        weight = cfg.train.draft_head_weight
+
+        def pure(state, batch):
+            model, opt = nnx.merge(self.graphdef, state)
+            out = train_step(model, opt, batch, weight)
+            return nnx.state((model, opt)), out
+
+        def pure_eval(state, batch):
+            model, _ = nnx.merge(self.graphdef, state)
+            return eval_step(model, batch)
+
+        self._step = jax.jit(pure, donate_argnums=(0,))
+        self._eval = jax.jit(pure_eval)
+        self._synced = True
+
+    def __call__(self, batch: dict) -> dict:
+        self.state, out = self._step(self.state, batch)
+        self._synced = False
+        return out
+
+    def eval(self, batch: dict) -> tuple[jax.Array, jax.Array]:
+        """``(sum of cross-entropy, scored targets)`` of a held-out batch under the current state."""
+        return self._eval(self.state, batch)
+
+    def sync(self):
+        """Write the latest state into the model and optimizer modules; returns them."""
+        if not self._synced:
+            nnx.update(self.modules, self.state)
+            self._synced = True
+        return self.modules
+
+    def lower(self, batch: dict):
+        """The lowered step (for HLO inspection and XLA's memory analysis)."""
+        return self._step.lower(self.state, batch)
+
+
+def make_train_step(cfg: Config, model, opt) -> TrainStep:
+    """``step(batch) -> metrics``: one update of ``model`` and ``opt`` (see :class:`TrainStep`)."""
+    return TrainStep(cfg, model, opt)
+
+
 class _StopFlag:
     def __init__(self):
         self.signal: int | None = None
@@ -104,8 +161,9 @@ def _device_batch(batch: dict, sharding: NamedSharding) -> dict:
     return out
 
 
-def evaluate(cfg: Config, model, mesh, sharding, eval_fn) -> float:
-    """Mean held-out cross-entropy per token over ``train.eval_batches`` batches."""
+def evaluate(cfg: Config, sharding, eval_fn) -> float:
+    """Mean held-out cross-entropy per token over ``train.eval_batches`` batches; ``eval_fn(batch)``
+    returns ``(sum of cross-entropy, scored targets)`` of a device batch."""
     ds = make_dataset(cfg.data.path, "heldout", seq_len=cfg.data.seq_len,
                       batch_size=cfg.data.batch_size // jax.process_count(), vocab_size=cfg.model.vocab_size,
                       seed=cfg.data.seed, process_index=jax.process_index(), process_count=jax.process_count(),
@@ -114,7 +172,7 @@ def evaluate(cfg: Config, model, mesh, sharding, eval_fn) -> float:
     for i, batch in enumerate(ds):
         if i >= cfg.train.eval_batches:
             break
-        s, c = eval_fn(model, _device_batch(batch, sharding))
+        s, c = eval_fn(_device_batch(batch, sharding))
         total, count = total + float(s), count + float(c)
     if count == 0:
         raise ValueError(f"{cfg.data.path}: the held-out split yields no full batch of "
@@ -225,21 +283,23 @@ def train(cfg: Config) -> dict:
     result: dict = {"step": start}
 
     with param_context(mesh, rules), _StopFlag() as stop:
-        step_fn = nnx.jit(functools.partial(train_step, draft_head_weight=cfg.train.draft_head_weight),
-                          donate_argnums=(0, 1))
-        eval_fn = nnx.jit(eval_step)
+        step_fn = make_train_step(cfg, model, opt)
         progress = None
         if t.progress and lead:
             from tqdm import tqdm
 
             progress = tqdm(total=t.steps, initial=start, desc=cfg.name, unit="step", dynamic_ncols=True)
         step = start
+        batch = _device_batch(next(train_iter), sharding) if step < t.steps else None
         try:
             while step < t.steps:
                 t0 = time.perf_counter()  # the window times the training step alone (not eval, saves, logs)
-                batch = next(train_iter)
-                out = step_fn(model, opt, _device_batch(batch, sharding))
+                out = step_fn(batch)  # asynchronous
                 step += 1
+                # the data state of this step (checkpoints save it), then the next batch is packed and put on
+                # the device while the step runs
+                data_state = DataState(train_iter.get_state())
+                batch = _device_batch(next(train_iter), sharding) if step < t.steps else None
                 loss = float(out["loss"])  # waits for the step
                 window.add(time.perf_counter() - t0, out)
                 if not math.isfinite(loss):
@@ -253,7 +313,7 @@ def train(cfg: Config) -> dict:
                     if progress is not None:
                         progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
                 if step % t.eval_every == 0 or step == t.steps:
-                    record["eval_loss"] = evaluate(cfg, model, mesh, sharding, eval_fn)
+                    record["eval_loss"] = evaluate(cfg, sharding, step_fn.eval)
                     record["eval_ppl"] = math.exp(min(record["eval_loss"], 50.0))
                     result.update(eval_loss=record["eval_loss"], eval_ppl=record["eval_ppl"])
                 writer.write(step, record)
@@ -261,8 +321,9 @@ def train(cfg: Config) -> dict:
                 if progress is not None:
                     progress.update(1)
                 if step % t.checkpoint_every == 0 or step == t.steps or stop.signal is not None:
+                    step_fn.sync()
                     ckpt.save(step, {"model": nnx.to_pure_dict(nnx.state(model)),
-                                     "opt": nnx.to_pure_dict(nnx.state(opt))}, train_iter,
+                                     "opt": nnx.to_pure_dict(nnx.state(opt))}, data_state,
                               {"config": to_dict(cfg), "step": step}, chunked)
                 if stop.signal is not None:
                     ckpt.wait()
@@ -271,6 +332,7 @@ def train(cfg: Config) -> dict:
                         print(f"\n{name}: saved step {step} to {ckpt.directory}; run again to resume", flush=True)
                     result["stopped_by"] = name
                     break
+            step_fn.sync()
         finally:
             if progress is not None:
                 progress.close()

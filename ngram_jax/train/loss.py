@@ -4,7 +4,35 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import optax
+
+
+@jax.custom_vjp
+def softmax_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """``logsumexp(logits) - logits[target]`` per position: logits float [..., V], targets int [...] -> [...].
+
+    The same values as ``optax.softmax_cross_entropy_with_integer_labels``; the backward pass is
+    written out (``softmax - onehot``, one exp over the logits) instead of differentiating
+    log-softmax, which XLA:CPU ran about 25% slower for the head + loss of the tiny models."""
+    return _lse(logits) - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+
+
+def _lse(logits: jax.Array) -> jax.Array:
+    return jax.nn.logsumexp(logits, axis=-1)
+
+
+def _ce_fwd(logits, targets):
+    lse = _lse(logits)
+    return lse - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0], (logits, lse, targets)
+
+
+def _ce_bwd(res, g):
+    logits, lse, targets = res
+    p = jnp.exp(logits - lse[..., None])
+    onehot = jax.nn.one_hot(targets, logits.shape[-1], dtype=p.dtype)
+    return (p - onehot) * g[..., None], None
+
+
+softmax_cross_entropy.defvjp(_ce_fwd, _ce_bwd)
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -13,7 +41,7 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tup
     logits float [B, S, V], targets int [B, S], mask [B, S] (1 where a target is scored: not padding,
     not a repeated context token)."""
     mask = mask.astype(jnp.float32)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    ce = softmax_cross_entropy(logits.astype(jnp.float32), targets)
     return jnp.sum(ce * mask), jnp.sum(mask)
 
 
