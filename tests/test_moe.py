@@ -359,3 +359,23 @@ def test_expert_parallel_all_to_all_bytes_follow_routed_tokens_not_experts():
     assert b8 == 4 * (2 * 24 * D * 4) + 2 * 24 * 4, b8
     assert b8 == b32
     assert b8_twice == 2 * b8
+
+
+def _primitives(jaxpr) -> set[str]:
+    names = set()
+    for eqn in jaxpr.eqns:
+        names.add(eqn.primitive.name)
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            names |= _primitives(sub)
+    return names
+
+
+@pytest.mark.parametrize("setting, backend, uses_ragged_dot", [("auto", "cpu", False), ("auto", "tpu", True),
+                                                               ("ragged_dot", "cpu", True), ("tiled", "tpu", False)])
+def test_grouped_matmul_setting_selects_the_implementation(monkeypatch, setting, backend, uses_ragged_dot):
+    """``model.moe.grouped_matmul``: auto is ragged_dot on TPU only (the backend is faked for tracing)."""
+    monkeypatch.setattr(moe_lib.jax, "default_backend", lambda: backend)
+    layer = make(grouped_matmul=setting)
+    graphdef, state = nnx.split(layer)
+    closed = jax.make_jaxpr(lambda state, x: nnx.merge(graphdef, state)(x))(state, x_in())
+    assert ("ragged_dot_general" in _primitives(closed.jaxpr)) == uses_ragged_dot
