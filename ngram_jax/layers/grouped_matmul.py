@@ -20,9 +20,10 @@ past the last used one hold only padding (zero rows) and are mapped to the last 
 
 Gradients are JAX's own: the weight gradient of the gathered form is a per-tile ``x_tile^T dy_tile``
 [T, D, F] scatter-added into its group's [D, F]. A hand-written ``custom_vjp`` (a sorted segment sum
-over tiles) measured no faster on XLA:CPU (tiny_moe shapes, fwd+bwd of a SwiGLU: 50 vs 56 ms at 33
-groups, 16 vs 18 ms at 8), so there is none. A ``lax.scan`` over tiles with ``dynamic_index_in_dim``
-weights was slower (94 ms at 33 groups): each of the ~100 tiles is its own small matmul.
+or a one-hot matmul over tiles) measured no faster on XLA:CPU (tiny_moe shapes, fwd+bwd of a SwiGLU:
+50 vs 56 ms at 33 groups, 16 vs 18 ms at 8, no gain at 128 either), so there is none. A ``lax.scan``
+over tiles with ``dynamic_index_in_dim`` weights was slower (94 ms at 33 groups): each of the ~100
+tiles is its own small matmul.
 
 The layout and the matmul are kept apart so that a chain of matmuls over the same rows (a SwiGLU:
 gate, up, down) pads once, runs every matmul and elementwise op on the tiles, and unpads once: see
