@@ -97,6 +97,11 @@ class MoEConfig:
     routed_scaling_factor: float = 1.0
     dispatch: Literal["dropless", "capacity", "dense"] = "dropless"
     capacity_factor: float = 1.25  # capacity dispatch: slots per expert = factor * tokens * top_k / E
+    # the grouped matmul of dropless (and expert-parallel) dispatch (layers/grouped_matmul.py):
+    # auto (ragged_dot on TPU, tiled elsewhere) | ragged_dot (jax.lax.ragged_dot; dense in the number of
+    # experts on XLA:CPU) | tiled (groups padded to grouped_matmul_tile rows, one batched matmul over tiles)
+    grouped_matmul: Literal["auto", "ragged_dot", "tiled"] = "auto"
+    grouped_matmul_tile: int = 64  # rows per tile of the tiled grouped matmul (docs/BENCHMARKS.md)
     bias_update_rate: float = 1e-3  # aux-loss-free balancing step for the selection bias
     bias_update_rule: Literal["sign", "proportional"] = "sign"
     # K_e: expected real (non-zero) experts per token that the bias update steers toward; the zero
@@ -464,6 +469,9 @@ def validate(cfg: Config) -> None:
                  f"model.moe.top_k={e.top_k} must be in [1, num_experts + num_zero_experts = "
                  f"{e.num_experts + e.num_zero_experts}]")
         _require(e.expert_dim >= 1, f"model.moe.expert_dim must be >= 1, got {e.expert_dim}")
+        _require(e.grouped_matmul_tile >= 1,
+                 f"model.moe.grouped_matmul_tile must be >= 1 (rows per tile of the tiled grouped matmul; "
+                 f"64 is the measured default), got {e.grouped_matmul_tile}")
         ke = e.real_experts_per_token
         if ke is not None:
             _require(0 < ke <= e.top_k,

@@ -62,16 +62,20 @@ def test_zero_experts_are_identity():
     np.testing.assert_allclose(np.asarray(y).reshape(-1, D), want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("dispatch", ["dropless", "capacity"])
-def test_dispatch_equals_dense_reference(dispatch):
-    kw = {"capacity_factor": 100.0} if dispatch == "capacity" else {}
+@pytest.mark.parametrize("dispatch, kw", [("dropless", {"grouped_matmul": "ragged_dot"}),
+                                          ("dropless", {"grouped_matmul": "tiled", "grouped_matmul_tile": 4}),
+                                          ("dropless", {"grouped_matmul": "tiled", "grouped_matmul_tile": 64}),
+                                          ("capacity", {"capacity_factor": 100.0})])
+def test_dispatch_equals_dense_reference(dispatch, kw):
     dense, other = make("dense"), make(dispatch, **kw)
     x = x_in(2)
     np.testing.assert_allclose(np.asarray(other(x)), np.asarray(dense(x)), rtol=1e-5, atol=1e-5)
 
 
-def test_dropless_with_an_expert_receiving_no_tokens():
-    dense, dropless = make("dense", e=5, z=1, k=2), make("dropless", e=5, z=1, k=2)
+@pytest.mark.parametrize("impl", ["ragged_dot", "tiled"])
+def test_dropless_with_an_expert_receiving_no_tokens(impl):
+    dense, dropless = make("dense", e=5, z=1, k=2), make("dropless", e=5, z=1, k=2, grouped_matmul=impl,
+                                                           grouped_matmul_tile=4)
     for layer in (dense, dropless):
         layer.bias[...] = jnp.array([0.0, 0.0, -100.0, 0.0, 0.0, 0.0])  # expert 2 never chosen
     x = x_in(3)
@@ -80,13 +84,14 @@ def test_dropless_with_an_expert_receiving_no_tokens():
     np.testing.assert_allclose(np.asarray(y), np.asarray(dense(x)), rtol=1e-5, atol=1e-5)
 
 
-def test_gradients_match_and_reach_the_router():
+@pytest.mark.parametrize("impl", ["ragged_dot", "tiled"])
+def test_gradients_match_and_reach_the_router(impl):
     x = x_in(4)
 
     def grads(layer):
         return nnx.grad(lambda m: jnp.sum(m(x) ** 2))(layer)
 
-    gd, gr = grads(make("dense")), grads(make("dropless"))
+    gd, gr = grads(make("dense")), grads(make("dropless", grouped_matmul=impl, grouped_matmul_tile=4))
     assert float(jnp.abs(gr["router"][...]).sum()) > 0
     for name in ("router", "gate", "up", "down"):
         np.testing.assert_allclose(np.asarray(gr[name][...]), np.asarray(gd[name][...]), rtol=1e-4, atol=1e-5)
@@ -194,6 +199,35 @@ def test_padding_counts_in_no_load_and_no_loss():
         np.testing.assert_allclose(np.asarray(y[0, :5]), np.asarray(y_alone[0, :5]), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("impl", ["ragged_dot", "tiled"])
+def test_dropless_padding_gets_no_expert_and_changes_no_gradient(impl):
+    """Padding tokens are given to no real expert (so they cost no tile rows); the real tokens' outputs
+    and every gradient of a loss over the real tokens equal the dense oracle's."""
+    x = x_in(12, (2, 8, D))
+    mask = jnp.array([[True] * 3 + [False] * 5, [False] * 2 + [True] * 6])
+    sel = np.asarray(mask)
+
+    def run(layer):
+        def loss(m, x):
+            return jnp.sum(jnp.where(mask[..., None], m(x, token_mask=mask), 0) ** 2)
+        (value, (g_m, g_x)) = nnx.value_and_grad(loss, argnums=(0, 1))(layer, x)
+        return value, g_m, g_x, layer(x, token_mask=mask)
+
+    want, got = run(make("dense")), run(make("dropless", grouped_matmul=impl, grouped_matmul_tile=4))
+    np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(got[3])[sel], np.asarray(want[3])[sel], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(got[2]), np.asarray(want[2]), rtol=1e-4, atol=1e-5)
+    for name in ("router", "gate", "up", "down"):
+        np.testing.assert_allclose(np.asarray(got[1][name][...]), np.asarray(want[1][name][...]), rtol=1e-4,
+                                   atol=1e-5)
+    # every real-expert assignment of a padding token yields 0 (not computed), zero experts the identity
+    y = np.asarray(got[3])[~sel]
+    r = route(x[~sel], make().router[...], jnp.zeros(6), 3, 2.5)
+    zero_part = np.einsum("nk,nkd->nd", np.asarray(r.weights) * (np.asarray(r.experts) >= 4),
+                          np.broadcast_to(np.asarray(x[~sel])[:, None], (y.shape[0], 3, D)))
+    np.testing.assert_allclose(y, zero_part, rtol=1e-5, atol=1e-6)
+
+
 def test_padding_takes_no_capacity_slot():
     """12 padding rows that route like the first real token come first; with 12 slots per expert
     (16 tokens * 3 / 4) they would fill its experts' buffers and drop its assignments."""
@@ -270,11 +304,78 @@ def test_expert_parallel_excludes_padding_like_the_local_path():
     mask = jnp.array([[1] * 6, [1] * 2 + [0] * 4, [0] * 6, [1] * 5 + [0]], bool)
     kw = dict(e=4, z=2, k=3, load_balance_loss_weight=1.0, router_z_loss_weight=0.5)
     local = make(**kw)
-    local(x, token_mask=mask)
+    y_local = local(x, token_mask=mask)
+    y_dense = make("dense", **kw)(x)
     mesh = make_mesh_from_spec("data=2,expert=2", devices=jax.devices()[:4])
     with param_context(mesh):
         sharded = make(**kw)
-        nnx.jit(lambda m, x, mask: m(x, token_mask=mask))(sharded, x, mask)
+        y = nnx.jit(lambda m, x, mask: m(x, token_mask=mask))(sharded, x, mask)
+    sel = np.asarray(mask)  # real tokens: expert-parallel (tiled grouped matmul) = local = dense
+    np.testing.assert_allclose(np.asarray(y)[sel], np.asarray(y_local)[sel], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(y)[sel], np.asarray(y_dense)[sel], rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(np.asarray(sharded.counts[...]), np.asarray(local.counts[...]))
     assert int(local.counts[...].sum()) == 13 * 3
     np.testing.assert_allclose(float(sharded.aux_loss[...]), float(local.aux_loss[...]), rtol=1e-5)
+
+
+_DTYPE_BYTES = {"f32": 4, "s32": 4, "bf16": 2, "f16": 2, "u32": 4, "pred": 1, "s8": 1, "u8": 1}
+
+
+def all_to_all_bytes(hlo: str) -> int:
+    """Summed operand bytes of every all-to-all in a compiled HLO module's text (an all-to-all's result
+    has its operands' shapes; the compiled text prints only the result's)."""
+    total = 0
+    for line in hlo.splitlines():
+        if " all-to-all(" not in line:
+            continue
+        result = line.split(" = ", 1)[1].split(" all-to-all(", 1)[0]
+        for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", result):
+            total += _DTYPE_BYTES[dtype] * int(np.prod([int(d) for d in dims.split(",") if d]))
+    return total
+
+
+def test_expert_parallel_all_to_all_bytes_follow_routed_tokens_not_experts():
+    """Compiled (not run) forward+backward on 2 devices, experts split over them: the all-to-all operand
+    bytes are identical for 8 and 32 experts at equal tokens and double with double the tokens."""
+    from ngram_jax.sharding import make_mesh_from_spec, param_context
+
+    mesh = make_mesh_from_spec("expert=2", devices=jax.devices()[:2])
+
+    def a2a_bytes(num_experts, tokens):
+        with param_context(mesh):
+            layer = make(e=num_experts, z=2, k=3)
+            graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+            x = jnp.zeros((2, tokens // 2, D))
+
+            def step(params, rest, x):  # the MoE layer's forward and backward pass
+                return nnx.grad(lambda m, x: jnp.sum(m(x) ** 2), argnums=(0, 1))(nnx.merge(graphdef, params, rest), x)
+
+            hlo = jax.jit(step).lower(params, rest, x).compile().as_text()
+        return all_to_all_bytes(hlo)
+
+    b8, b32, b8_twice = a2a_bytes(8, 16), a2a_bytes(32, 16), a2a_bytes(8, 32)
+    # per device 8 tokens * top-3 = 24 slots for each of the 2 devices: the rows (D=16 f32) out and back
+    # in the forward pass, both transposed in the backward pass, and the expert ids (s32) once
+    assert b8 == 4 * (2 * 24 * D * 4) + 2 * 24 * 4, b8
+    assert b8 == b32
+    assert b8_twice == 2 * b8
+
+
+def _primitives(jaxpr) -> set[str]:
+    names = set()
+    for eqn in jaxpr.eqns:
+        names.add(eqn.primitive.name)
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            names |= _primitives(sub)
+    return names
+
+
+@pytest.mark.parametrize("setting, backend, uses_ragged_dot", [("auto", "cpu", False), ("auto", "tpu", True),
+                                                               ("ragged_dot", "cpu", True), ("tiled", "tpu", False)])
+def test_grouped_matmul_setting_selects_the_implementation(monkeypatch, setting, backend, uses_ragged_dot):
+    """``model.moe.grouped_matmul``: auto is ragged_dot on TPU only (the backend is faked for tracing)."""
+    monkeypatch.setattr(moe_lib.jax, "default_backend", lambda: backend)
+    layer = make(grouped_matmul=setting)
+    graphdef, state = nnx.split(layer)
+    closed = jax.make_jaxpr(lambda state, x: nnx.merge(graphdef, state)(x))(state, x_in())
+    assert ("ragged_dot_general" in _primitives(closed.jaxpr)) == uses_ragged_dot

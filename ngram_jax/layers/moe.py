@@ -24,7 +24,9 @@ auxiliary loss and takes no capacity slot; its output is not meaningful.
 
 Dispatch (index maths as pure functions, all equal on inputs where nothing is dropped):
 - ``dense``: every expert on every token, then select (the test oracle);
-- ``dropless``: sort assignments by expert, grouped matmuls with ``jax.lax.ragged_dot``;
+- ``dropless``: sort assignments by expert, grouped matmuls (``model.moe.grouped_matmul``:
+  ``jax.lax.ragged_dot`` on TPU, a tiled grouped matmul whose cost follows the routed rows on CPU and
+  GPU; see :mod:`ngram_jax.layers.grouped_matmul`);
 - ``capacity``: fixed slots per expert, assignments beyond capacity dropped (static shapes).
 """
 
@@ -39,6 +41,7 @@ import numpy as np
 from flax import nnx
 
 from ngram_jax.config import ModelConfig, MoEConfig
+from ngram_jax.layers.grouped_matmul import Grouping, resolve_impl
 from ngram_jax.sharding import logical_axes
 
 
@@ -109,18 +112,28 @@ def sort_assignments(experts: jax.Array, n_real: int) -> tuple[jax.Array, jax.Ar
     return order, group_sizes, key[order] < n_real
 
 
-def combine_dropless(x, routing: Routing, gate, up, down) -> jax.Array:
-    """Sorted grouped matmuls (``ragged_dot``); nothing is dropped. [N, D]."""
+def sorted_swiglu(xs: jax.Array, group_sizes: jax.Array, gate, up, down, *, impl: str = "auto",
+                  tile: int = 64) -> jax.Array:
+    """SwiGLU experts on rows sorted by expert. xs [M, D], group_sizes int [E] (rows past their sum are
+    in no expert) -> [M, D], 0 for rows in no expert. ``impl``: ``auto | ragged_dot | tiled``."""
+    g = Grouping(group_sizes, xs.shape[0], resolve_impl(impl), tile)
+    h = g.enter(xs)  # the rows in the layout of the implementation (tiled: [T, tile, D])
+    return g.leave(g.matmul(jax.nn.silu(g.matmul(h, gate)) * g.matmul(h, up), down))
+
+
+def combine_dropless(x, routing: Routing, gate, up, down, mask: jax.Array | None = None, *,
+                     impl: str = "auto", tile: int = 64) -> jax.Array:
+    """Sorted grouped matmuls; nothing is dropped; tokens where ``mask`` [N] is False (padding) are
+    given to no real expert (their output is not meaningful). [N, D]."""
     n, k = routing.experts.shape
     n_real = gate.shape[0]
-    order, group_sizes, is_real = sort_assignments(routing.experts, n_real)
-    token = order // k  # source row of each sorted assignment
-    xs = x[token]  # [N*k, D]
-    h = jax.nn.silu(jax.lax.ragged_dot(xs, gate, group_sizes)) * jax.lax.ragged_dot(xs, up, group_sizes)
-    ys = jax.lax.ragged_dot(h, down, group_sizes)  # [N*k, D]; rows of zero experts are not computed
-    ys = jnp.where(is_real[:, None], ys, xs)  # zero experts: identity
-    w = routing.weights.reshape(-1)[order].astype(x.dtype)
-    return jnp.zeros_like(x).at[token].add(ys * w[:, None])
+    order, group_sizes, _ = sort_assignments(_unmasked(routing.experts, mask, n_real), n_real)
+    xs = x[order // k]  # [N*k, D] sorted by expert; zero experts and padding last
+    ys = sorted_swiglu(xs, group_sizes, gate, up, down, impl=impl, tile=tile)  # [N*k, D]
+    y = jnp.zeros_like(ys).at[order].set(ys).reshape(n, k, -1)  # [N, k, D] in assignment order
+    real = routing.experts < n_real
+    contrib = jnp.where(real[..., None], y, x[:, None, :])  # zero experts: identity
+    return jnp.einsum("nk,nkd->nd", routing.weights.astype(x.dtype), contrib)
 
 
 def capacity_slots(experts: jax.Array, n_real: int, capacity: int) -> tuple[jax.Array, jax.Array]:
@@ -160,20 +173,18 @@ def _unmasked(experts: jax.Array, mask: jax.Array | None, no_expert: int) -> jax
     return experts if mask is None else jnp.where(mask[:, None], experts, no_expert)
 
 
-def grouped_swiglu(xs: jax.Array, groups: jax.Array, gate, up, down) -> jax.Array:
-    """Rows [M, D] with expert ids [M] (``>= E``: no expert, output 0) -> [M, D], sorted + ragged_dot."""
-    n_real = gate.shape[0]
-    key = jnp.where((groups >= 0) & (groups < n_real), groups, n_real)
-    order = jnp.argsort(key, stable=True)
-    sizes = jnp.bincount(key, length=n_real + 1)[:n_real].astype(jnp.int32)
-    x_sorted = xs[order]
-    h = jax.nn.silu(jax.lax.ragged_dot(x_sorted, gate, sizes)) * jax.lax.ragged_dot(x_sorted, up, sizes)
-    y_sorted = jnp.where((key[order] < n_real)[:, None], jax.lax.ragged_dot(h, down, sizes), 0)
-    return jnp.zeros_like(y_sorted).at[order].set(y_sorted)
+def grouped_swiglu(xs: jax.Array, groups: jax.Array, gate, up, down, *, impl: str = "auto",
+                   tile: int = 64) -> jax.Array:
+    """Rows [M, D] with expert ids [M] (``>= E``: no expert, output 0) -> [M, D]: sorted, then
+    :func:`sorted_swiglu`."""
+    order, sizes, _ = sort_assignments(groups[:, None], gate.shape[0])
+    ys = sorted_swiglu(xs[order], sizes, gate, up, down, impl=impl, tile=tile)
+    return jnp.zeros_like(ys).at[order].set(ys)
 
 
 def combine_expert_parallel(x, routing: Routing, gate, up, down, *, axis: str, capacity: int,
-                            mlp_axes: tuple[str, ...], mask: jax.Array | None = None) -> jax.Array:
+                            mlp_axes: tuple[str, ...], mask: jax.Array | None = None, impl: str = "auto",
+                            tile: int = 64) -> jax.Array:
     """Inside ``shard_map``: experts split over mesh ``axis`` (this device holds E_loc of them).
 
     Each real assignment is sent to the device owning its expert with ``all_to_all`` (fixed
@@ -195,7 +206,7 @@ def combine_expert_parallel(x, routing: Routing, gate, up, down, *, axis: str, c
         routing.experts % e_loc, mode="drop")  # local expert id at the destination; e_loc = empty
     recv_x = jax.lax.all_to_all(send_x, axis, 0, 0, tiled=True)  # [ep, C, D]: row j came from device j
     recv_e = jax.lax.all_to_all(send_e, axis, 0, 0, tiled=True)
-    y = grouped_swiglu(recv_x.reshape(-1, x.shape[-1]), recv_e.reshape(-1), gate, up, down)
+    y = grouped_swiglu(recv_x.reshape(-1, x.shape[-1]), recv_e.reshape(-1), gate, up, down, impl=impl, tile=tile)
     if mlp_axes:  # expert_mlp split over e.g. tensor: partial sums
         y = jax.lax.psum(y, mlp_axes)
     back = jax.lax.all_to_all(y.reshape(ep, capacity, -1), axis, 0, 0, tiled=True)  # [ep, C, D]
@@ -301,7 +312,8 @@ class MoE(nnx.Module):
         elif c.dispatch == "capacity":
             y = combine_capacity(flat, routing, gate, up, down, self.capacity(flat.shape[0]), mask)
         else:
-            y = combine_dropless(flat, routing, gate, up, down)
+            y = combine_dropless(flat, routing, gate, up, down, mask, impl=c.grouped_matmul,
+                                 tile=c.grouped_matmul_tile)
         return y, routing_sums(routing, mask)
 
     def _expert_parallel(self, flat, mask, params, mesh, ep_axes: tuple[str, ...]):
@@ -331,7 +343,8 @@ class MoE(nnx.Module):
         def local(x, m, router, bias, gate, up, down):
             routing = route(x, router, bias, c.top_k, c.routed_scaling_factor)
             y = combine_expert_parallel(x, routing, gate, up, down, axis=axis, capacity=capacity,
-                                        mlp_axes=mlp_axes, mask=m)
+                                        mlp_axes=mlp_axes, mask=m, impl=c.grouped_matmul,
+                                        tile=c.grouped_matmul_tile)
             sums = routing_sums(routing, m)
             if batch_axes:  # exact totals over the global batch
                 sums = RoutingSums(*(jax.lax.psum(v, batch_axes) for v in sums))
