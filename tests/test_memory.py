@@ -1,8 +1,13 @@
 """Memory (issue 15): bfloat16 compute with float32 master weights (``model.dtype``), rematerialisation
 per ScMoE block (``model.remat``), and what XLA's compiled memory analysis says about both."""
 
+import json
+import os
 import re
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +23,7 @@ from ngram_jax.train.loop import train_step
 from ngram_jax.train.loss import loss_fn
 from ngram_jax.train.state import build_train_state
 
+ROOT = Path(__file__).resolve().parent.parent
 # A small tiny_ne (NE + MLA + 8 real / 4 zero experts): every kind of block computation, fast compiles.
 SMALL = ["model.d_model=64", "model.num_blocks=2", "model.ffn_dim=128", "model.moe.expert_dim=32",
          "model.attention.q_lora_rank=32", "model.attention.kv_lora_rank=16", "model.attention.qk_nope_head_dim=16",
@@ -209,3 +215,69 @@ def test_remat_keeps_the_routing_state_of_the_training_step():
         np.testing.assert_array_equal(b1.moe.counts[...], b0.moe.counts[...])
         np.testing.assert_allclose(b1.moe.bias[...], b0.moe.bias[...], atol=1e-7)
         assert int(b1.moe.counts[...].sum()) > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Compiled memory: XLA's analysis of the real training step, and the planner's prediction of it
+
+
+def plan_and_measure(config_file: str, *overrides: str, batch: int, seq: int) -> dict:
+    """``python -m ngram_jax.tools.plan ... --measure --json`` in a fresh one-device process: the planner's
+    terms and XLA's memory analysis of the jitted train_step (ngram_jax/train/loop.py, state donated), compiled
+    with XLA:CPU's memory-minimising scheduler (the flag has to be set before the backend starts)."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
+    cmd = [sys.executable, "-m", "ngram_jax.tools.plan", f"configs/models/{config_file}.yaml", *overrides,
+           "--mesh", "data=1", "--batch", str(batch), "--seq", str(seq), "--backend", "cpu", "--measure", "--json"]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=500)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+# (config, overrides, batch, seq): tiny_plain, tiny_ne, tiny_plain with block rematerialisation, and a deeper
+# tiny_plain with longer rows, without and with block rematerialisation
+CASES = {"tiny_plain": ("tiny_plain", (), 8, 128), "tiny_ne": ("tiny_ne", (), 8, 128),
+         "remat": ("tiny_plain", ("model.remat=block",), 8, 128),
+         "deep": ("tiny_plain", ("model.num_blocks=4",), 8, 256),
+         "deep_remat": ("tiny_plain", ("model.num_blocks=4", "model.remat=block"), 8, 256)}
+
+
+@pytest.fixture(scope="module")
+def measured():
+    return {name: plan_and_measure(c, *o, batch=b, seq=s) for name, (c, o, b, s) in CASES.items()}
+
+
+@pytest.mark.parametrize("none,block,ratio", [("tiny_plain", "remat", 0.85), ("deep", "deep_remat", 0.95)])
+def test_block_remat_lowers_the_compiled_temporary_memory(measured, none, block, ratio):
+    # measured (2026-12-01): 0.76 with 2 blocks; only 0.86 with 4, where XLA:CPU recomputes several blocks
+    # ahead of their backward pass (see test_the_planner_predicts_the_compiled_step_memory)
+    a, b = measured[none]["measured"], measured[block]["measured"]
+    assert b["temporaries"] < ratio * a["temporaries"], (a, b)
+    assert b["arguments"] == a["arguments"]
+
+
+CPU_SCHEDULE_GAP = ("XLA:CPU starts recomputing earlier blocks before the later blocks' backward has freed its "
+                    "buffers (4 blocks, remat=block: 341 MiB of temporaries where one block at a time needs about "
+                    "200 MiB); the plan assumes one block at a time, as a memory-aware scheduler does")
+
+
+@pytest.mark.parametrize("case", [c if c != "deep_remat" else
+                                  pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=CPU_SCHEDULE_GAP))
+                                  for c in CASES])
+def test_the_planner_predicts_the_compiled_step_memory(measured, case):
+    """Terms of the prediction and what they correspond to in XLA's analysis:
+
+    - arguments (XLA: argument_size_in_bytes) = parameters + AdamW mu, nu + the other model variables
+      (selection bias, routing statistics) + the batch: exact, from the abstract shapes;
+    - temporaries (XLA: temp_size_in_bytes, the peak of the step's scratch heap) = float32 gradients of the
+      dense parameters + what every block keeps for the backward pass (``blocks``; under remat: its input,
+      plus ``recompute``, the last block's activations and one sublayer's cotangent) + the float32 softmax
+      of the logits and its cotangent (``head``) + the embedding output.
+    Each within 15% (arguments 1%), and their sum. Not predicted within 15% on CPU (README, Memory): block
+    remat with more than 2 blocks (``deep_remat``, strict xfail: the gap is XLA:CPU's schedule), bf16
+    compute (XLA:CPU keeps float32 buffers: measured 123 MiB of temporaries for tiny_plain 8 x 128 against
+    82 MiB planned) and XLA:CPU's default concurrency-optimised scheduler."""
+    plan, got = measured[case]["plan"], measured[case]["measured"]
+    assert plan["arguments"] == pytest.approx(got["arguments"], rel=0.01)
+    assert plan["temporaries"] == pytest.approx(got["temporaries"], rel=0.15)
+    assert plan["total"] == pytest.approx(got["total"], rel=0.15)
+    assert plan["blocks"] > 0 and plan["head"] > 0
