@@ -255,9 +255,10 @@ def test_block_remat_lowers_the_compiled_temporary_memory(measured, none, block,
     assert b["arguments"] == a["arguments"]
 
 
-CPU_SCHEDULE_GAP = ("XLA:CPU starts recomputing earlier blocks before the later blocks' backward has freed its "
-                    "buffers (4 blocks, remat=block: 341 MiB of temporaries where one block at a time needs about "
-                    "200 MiB); the plan assumes one block at a time, as a memory-aware scheduler does")
+CPU_SCHEDULE_GAP = ("XLA:CPU's schedule keeps several blocks' recomputed activations live at once (4 blocks, "
+                    "remat=block: 341 MiB of temporaries, the recomputation present in the compiled program, where "
+                    "one block at a time needs about 200 MiB); the plan counts one block at a time, as a "
+                    "memory-aware scheduler does")
 
 
 @pytest.mark.parametrize("case", [c if c != "deep_remat" else

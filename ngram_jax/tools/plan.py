@@ -112,7 +112,9 @@ def step_plan(cfg: Config, mesh: dict[str, int], batch: int, seq: int, backend: 
 def measure_step(cfg: Config, batch: int, seq: int) -> dict[str, int]:
     """XLA's compiled memory analysis of the real training step (``ngram_jax.train.loop.train_step``, state
     donated as the loop runs it) on one device of this machine: ``arguments``, ``outputs``, ``aliased``,
-    ``temporaries`` and ``total`` (arguments + temporaries) in bytes. Nothing is run."""
+    ``temporaries`` and ``total`` (arguments + temporaries) in bytes. Nothing is run. Compare with the plan
+    under :data:`MEMORY_SCHEDULER_FLAG` in ``XLA_FLAGS`` (set before JAX starts its backend; the CLI's
+    ``--measure`` does it)."""
     import jax.numpy as jnp
 
     from ngram_jax.train.loop import train_step
