@@ -121,8 +121,18 @@ class ModelConfig:
     eos_id: int | None = 1  # resets the n-gram history (1: <|endoftext|> of a BPE trained here); null: no resets
     tie_embeddings: bool = False
     norm_eps: float = 1e-5
+    # Compute dtype of the blocks (matmuls, attention, experts, the residual stream). bfloat16 with
+    # param_dtype float32 is mixed precision with float32 master weights: parameters, optimizer state,
+    # the router (float32 at HIGHEST precision), norm statistics, logits, softmax and loss, and the
+    # integer n-gram hashing stay float32 (int32); weights are cast to bfloat16 where they are used.
     dtype: Literal["float32", "bfloat16"] = "float32"
     param_dtype: Literal["float32", "bfloat16"] = "float32"
+    # Rematerialisation of every ScMoE block in the backward pass (model.py, nnx.remat per block):
+    # none (keep what autodiff keeps) | block (keep only each block's input, recompute the block) |
+    # dots (keep the outputs of the weight matmuls, recompute attention, experts and elementwise ops) |
+    # names (keep the activations named in remat_names, see REMAT_NAMES, recompute the rest).
+    remat: Literal["none", "block", "dots", "names"] = "none"
+    remat_names: tuple[str, ...] = ()  # model.remat=names only
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     ngram: NgramConfig = field(default_factory=NgramConfig)
@@ -134,6 +144,18 @@ class ModelConfig:
     # gradient clipping is shared). Needs model.ngram.enabled.
     draft_head: Literal["none", "ngram"] = "none"
 
+
+# The activations a ScMoE block tags with jax.ad_checkpoint.checkpoint_name (model.py, layers/attention.py),
+# which model.remat=names can keep for the backward pass (model.remat_names).
+REMAT_NAMES: dict[str, str] = {
+    "attn_in": "RMSNorm(h), the input of each attention sublayer [B, S, D]",
+    "qkv": "the attention queries, keys and values after RoPE [B, S, H, Dq] / [B, S, Hk, Dv]",
+    "attn_ctx": "the attention output before the output projection [B, S, H, Dv]",
+    "attn_out": "the attention sublayer output after the output projection [B, S, D]",
+    "ffn_in": "RMSNorm(h), the input of each dense FFN (and of the MoE shortcut) [B, S, D]",
+    "ffn_hidden": "the dense FFN hidden state SiLU(gate x) * up x (or * e^l with PLE) [B, S, F]",
+    "moe_out": "the MoE shortcut output [B, S, D]",
+}
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 
@@ -445,6 +467,18 @@ def validate(cfg: Config) -> None:
         _require(0 <= m.eos_id < m.vocab_size,
                  f"model.eos_id={m.eos_id} must be in [0, vocab_size={m.vocab_size}) or null")
     _require(m.norm_eps > 0, f"model.norm_eps must be > 0, got {m.norm_eps}")
+
+    if m.remat == "names":
+        _require(len(m.remat_names) > 0,
+                 "model.remat=names keeps the activations named in model.remat_names, which is empty; set e.g. "
+                 f"model.remat_names=[attn_out,ffn_in] (names: {', '.join(REMAT_NAMES)}) or model.remat=block")
+    else:
+        _require(not m.remat_names,
+                 f"model.remat_names={list(m.remat_names)} is only read with model.remat=names (got "
+                 f"model.remat={m.remat}); set model.remat=names or model.remat_names=[]")
+    for name in m.remat_names:
+        _require(name in REMAT_NAMES,
+                 f"model.remat_names: unknown checkpoint name {name!r}; valid names: {', '.join(REMAT_NAMES)}")
 
     a = m.attention
     _require(a.num_heads >= 1, f"model.attention.num_heads must be >= 1, got {a.num_heads}")

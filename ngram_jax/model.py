@@ -25,6 +25,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from ngram_jax.config import Config, ModelConfig
 from ngram_jax.layers.attention import build_attention
@@ -68,7 +69,8 @@ class SwiGLU(nnx.Module):
         self.down = Linear(width, d_model, names[::-1], **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+        hidden = checkpoint_name(jax.nn.silu(self.gate(x)) * self.up(x), "ffn_hidden")  # [B, S, F]
+        return self.down(hidden)
 
 
 class Block(nnx.Module):
@@ -94,20 +96,21 @@ class Block(nnx.Module):
         With ``caches`` (one KVCache per attention sublayer) returns ``(h, caches)``."""
         new = []
 
-        def attend(i, x):
+        def attend(i, h):
+            x = checkpoint_name(self.attn_norm[i](h), "attn_in")  # [B, S, D]
             if caches is None:
-                return self.attn[i](x, positions, segment_ids)
+                return checkpoint_name(self.attn[i](x, positions, segment_ids), "attn_out")
             out, cache = self.attn[i](x, positions, segment_ids, cache=caches[i])
             new.append(cache)
             return out
 
-        h = h + attend(0, self.attn_norm[0](h))
-        x = self.ffn_norm[0](h)
+        h = h + attend(0, h)
+        x = checkpoint_name(self.ffn_norm[0](h), "ffn_in")  # [B, S, D]
         mask = None if segment_ids is None else segment_ids != 0  # padding counts in no expert load
-        shortcut = self.moe(x, token_mask=mask) if self.moe is not None else None
+        shortcut = checkpoint_name(self.moe(x, token_mask=mask), "moe_out") if self.moe is not None else None
         h = h + self._ffn(0, x, ple)
-        h = h + attend(1, self.attn_norm[1](h))
-        h = h + self._ffn(1, self.ffn_norm[1](h), ple)
+        h = h + attend(1, h)
+        h = h + self._ffn(1, checkpoint_name(self.ffn_norm[1](h), "ffn_in"), ple)
         h = h if shortcut is None else h + shortcut
         return h if caches is None else (h, tuple(new))
 
@@ -122,11 +125,12 @@ class NgramDraftHead(nnx.Module):
         self.norm = RMSNorm(m.d_model, eps=m.norm_eps, name="norm", dtype=dt, param_dtype=pdt)
         self.mlp = SwiGLU(m.d_model, m.ffn_dim, dtype=dt, param_dtype=pdt, rngs=rngs)
         self.out_norm = RMSNorm(m.d_model, eps=m.norm_eps, name="norm", dtype=dt, param_dtype=pdt)
-        self.out = Linear(m.d_model, m.vocab_size, ("embed", "vocab"), dtype=dt, param_dtype=pdt, rngs=rngs)
+        self.out = Linear(m.d_model, m.vocab_size, ("embed", "vocab"), dtype=dt, param_dtype=pdt,
+                          out_dtype=jnp.float32, rngs=rngs)
 
     def __call__(self, e: jax.Array) -> jax.Array:
         h = e + self.mlp(self.norm(e))
-        return self.out(self.out_norm(h)).astype(jnp.float32)
+        return self.out(self.out_norm(h))  # float32 logits
 
 
 class Model(nnx.Module):
@@ -138,8 +142,8 @@ class Model(nnx.Module):
         self.ple = ple_cls.from_config(m, rngs=rngs) if ple_cls is not None else None
         self.blocks = nnx.List([Block(m, rngs=rngs) for _ in range(m.num_blocks)])
         self.final_norm = RMSNorm(m.d_model, eps=m.norm_eps, name="norm", dtype=dt, param_dtype=pdt)
-        self.lm_head = None if m.tie_embeddings else Linear(m.d_model, m.vocab_size, ("embed", "vocab"),
-                                                            dtype=dt, param_dtype=pdt, rngs=rngs)
+        self.lm_head = None if m.tie_embeddings else Linear(m.d_model, m.vocab_size, ("embed", "vocab"), dtype=dt,
+                                                            param_dtype=pdt, out_dtype=jnp.float32, rngs=rngs)
         self.draft_head = NgramDraftHead(m, rngs=rngs) if m.draft_head == "ngram" else None
 
     def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
@@ -179,23 +183,42 @@ class Model(nnx.Module):
               ple: jax.Array | None = None, cache: list | None = None):
         """Everything after the input embedding: h [B, S, D] -> logits [B, S, V] (and the cache)."""
         new_cache = []
+        policy = remat_policy(self.config)
         for i, block in enumerate(self.blocks):
             slices = None if ple is None else ple[:, :, 2 * i : 2 * i + 2]
-            if cache is None:
+            if cache is None and policy is not None:  # training: recompute the block in the backward pass
+                h = nnx.remat(lambda blk, *args: blk(*args), policy=policy)(block, h, positions, segment_ids, slices)
+            elif cache is None:
                 h = block(h, positions, segment_ids, slices)
             else:
                 h, c = block(h, positions, segment_ids, slices, caches=cache[i])
                 new_cache.append(c)
         h = self.final_norm(h)
         if self.lm_head is not None:
-            logits = self.lm_head(h).astype(jnp.float32)
+            logits = self.lm_head(h)  # float32 [B, S, V], from compute-dtype operands
         else:
-            logits = (h @ self.embed.embedding[...].astype(h.dtype).T).astype(jnp.float32)
+            logits = jnp.matmul(h, self.embed.embedding[...].astype(h.dtype).T, preferred_element_type=jnp.float32)
         return logits if cache is None else (logits, new_cache)
 
     def aux_loss(self) -> jax.Array:
         """Sum of the MoE auxiliary losses recorded by the last forward pass (0 without MoE)."""
         return sum((b.moe.aux_loss[...] for b in self.blocks if b.moe is not None), jnp.zeros((), jnp.float32))
+
+
+def remat_policy(m: ModelConfig):
+    """The ``jax.checkpoint`` policy of ``model.remat`` (``None`` for ``none``: no rematerialisation).
+
+    ``block`` saves nothing inside a block (its input is kept as the checkpoint's argument), ``dots``
+    saves the outputs of matmuls without batch dimensions (the weight projections; attention scores,
+    expert ``ragged_dot`` and elementwise work are recomputed), ``names`` saves the activations tagged
+    with the names in ``model.remat_names`` (:data:`ngram_jax.config.REMAT_NAMES`)."""
+    if m.remat == "none":
+        return None
+    if m.remat == "block":
+        return jax.checkpoint_policies.nothing_saveable
+    if m.remat == "dots":
+        return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    return jax.checkpoint_policies.save_only_these_names(*m.remat_names)
 
 
 def default_positions(shape: tuple[int, int], segment_ids: jax.Array | None) -> jax.Array:

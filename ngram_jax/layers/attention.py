@@ -17,6 +17,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from ngram_jax.config import AttentionConfig, ModelConfig
 from ngram_jax.layers.linear import Linear, RMSNorm
@@ -80,14 +81,17 @@ def rope_frequencies(cfg: AttentionConfig, dim: int):
 
 
 def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: float) -> jax.Array:
-    """q [B, S, H, Dq], k [B, S, Hk, Dq], v [B, S, Hk, Dv] -> [B, S, H, Dv]; causal, masked."""
+    """q [B, S, H, Dq], k [B, S, Hk, Dq], v [B, S, Hk, Dv] -> [B, S, H, Dv]; causal, masked.
+
+    Tags q, k, v as ``qkv`` and the output as ``attn_ctx`` for ``model.remat=names``."""
+    q, k, v = (checkpoint_name(t, "qkv") for t in (q, k, v))
     dv = v.shape[-1]
     if dv != q.shape[-1]:  # dot_product_attention wants one head size: pad V, slice the output
         v = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, q.shape[-1] - dv))) if dv < q.shape[-1] else v
         if dv > q.shape[-1]:
             raise ValueError(f"value head dim {dv} larger than the query/key head dim {q.shape[-1]}")
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, scale=scale)
-    return out[..., :dv]
+    return checkpoint_name(out[..., :dv], "attn_ctx")
 
 
 class MLA(nnx.Module):

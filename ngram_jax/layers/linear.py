@@ -10,16 +10,21 @@ from ngram_jax.sharding import logical_axes
 
 
 class Linear(nnx.Module):
-    """``y = x @ W``, W [in, out] (torch ``nn.Linear`` stores the transpose)."""
+    """``y = x @ W``, W [in, out] (torch ``nn.Linear`` stores the transpose).
+
+    Operands in ``dtype``; the product accumulates and is returned in ``out_dtype`` (default ``dtype``):
+    the LM head keeps float32 logits from bfloat16 operands."""
 
     def __init__(self, d_in: int, d_out: int, names: tuple[str | None, str | None], *,
-                 init_std: float | None = None, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 init_std: float | None = None, dtype=jnp.float32, param_dtype=jnp.float32, out_dtype=None,
+                 rngs: nnx.Rngs):
         init = nnx.initializers.lecun_normal() if init_std is None else nnx.initializers.normal(init_std)
         self.kernel = nnx.Param(init(rngs.params(), (d_in, d_out), param_dtype), **logical_axes(names))
-        self.dtype = dtype
+        self.dtype, self.out_dtype = dtype, out_dtype or dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return x.astype(self.dtype) @ self.kernel[...].astype(self.dtype)
+        return jnp.matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
+                          preferred_element_type=self.out_dtype)
 
 
 class RMSNorm(nnx.Module):

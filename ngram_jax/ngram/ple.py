@@ -13,6 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from ngram_jax.config import ModelConfig
 from ngram_jax.ngram import hashing
@@ -90,4 +91,5 @@ class PLEFeedForward(nnx.Module):
         """x [B, S, D], e [B, S, F] (one layer's slice) -> [B, S, D]."""
         x = x.astype(self.dtype)
         gate = jax.nn.silu(x @ self.w_a[...].astype(self.dtype))
-        return (gate * e.astype(self.dtype)) @ self.w_d[...].astype(self.dtype)
+        hidden = checkpoint_name(gate * e.astype(self.dtype), "ffn_hidden")  # [B, S, F]
+        return hidden @ self.w_d[...].astype(self.dtype)
