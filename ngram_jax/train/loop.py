@@ -47,7 +47,8 @@ def train_step(model, opt: Optimizer, batch, draft_head_weight: float = 1.0):
     lookups = dict(hashed_tables(model))
     rows = {k: m.row_ids(batch["inputs"], segment_ids=batch["segment_ids"]) for k, m in lookups.items()}
     if not opt.sparse:
-        (_, loss), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, batch, draft_head_weight)
+        (_, loss), grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, opt.wrt), has_aux=True)(
+            model, batch, draft_head_weight)
         grad_norm = optax.tree.norm(grads)
         opt.dense.update(model, grads)
     else:
@@ -70,7 +71,8 @@ def train_step(model, opt: Optimizer, batch, draft_head_weight: float = 1.0):
             opt.tables[k].update(m, rows[k], row_grads[k], step, scale)
     for k, m in lookups.items():
         m.record_usage(rows[k])
-    update_selection_bias(model)  # aux-loss-free balancing, outside the optimizer
+    if not opt.freeze_target:  # a frozen target keeps its routing too
+        update_selection_bias(model)  # aux-loss-free balancing, outside the optimizer
     counts = [b.moe.counts[...] for b in model.blocks if b.moe is not None]
     usage = [m.usage_fraction() for m in lookups.values()]
     return {"loss": loss, "grad_norm": grad_norm, "tokens": jnp.sum(batch["segment_ids"] != 0),
