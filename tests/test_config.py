@@ -86,7 +86,11 @@ def test_frozen_and_round_trip():
         (["model"], r"must look like key\.path=value"),
         (["model.ngram.enabled=false", "model.draft_head=ngram"],
          r"model\.draft_head=ngram drafts from the N-gram Embedding: set model\.ngram\.enabled=true"),
-        (["model.draft_head=mtp"], r"model\.draft_head: 'mtp' is not one of 'none', 'ngram'"),
+        (["model.draft_head=eagle"], r"model\.draft_head: 'eagle' is not one of 'none', 'ngram', 'mtp'"),
+        (["train.freeze_target=true"], r"train\.freeze_target=true trains only the draft head, and the model has "
+         r"none: set model\.draft_head=mtp"),
+        (["model.draft_head=mtp", "train.freeze_target=true", "train.draft_head_weight=0"],
+         r"train\.freeze_target=true trains only the draft head's loss: set train\.draft_head_weight > 0"),
         (["train.draft_head_weight=-1"], r"train\.draft_head_weight must be >= 0"),
     ],
 )

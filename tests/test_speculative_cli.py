@@ -101,3 +101,8 @@ def test_ngram_drafter_needs_the_draft_head(run):  # noqa: F811
 def test_early_reject_threshold_out_of_range():
     res = cli(*GEN, "--checkpoint", "x", "--prompt", "the", "--draft", "prompt_lookup", "--early-reject", "1.5")
     assert_user_error(res, USAGE, "--early-reject 1.5", "(0, 1)")
+
+
+def test_mtp_drafter_needs_the_mtp_head(run):  # noqa: F811
+    res = cli(*GEN, "--checkpoint", str(run), "--prompt", "the", "--draft", "mtp")
+    assert_user_error(res, USAGE, "--draft mtp", "model.draft_head=mtp")
