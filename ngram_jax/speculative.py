@@ -277,6 +277,7 @@ class NgramDrafter:
     the last draft: one lookup per token instead of two."""
 
     name = "ngram"
+    head = "ngram"  # the target's draft head it needs (model.draft_head)
 
     def __init__(self, cache_embeddings: bool = True):
         self.cache_embeddings = cache_embeddings
@@ -335,6 +336,7 @@ class MTPDrafter:
     verification, which then looks up only the last draft, one lookup per token."""
 
     name = "mtp"
+    head = "mtp"  # the target's draft head it needs (model.draft_head)
 
     def __init__(self, cache_embeddings: bool = True):
         self.cache_embeddings = cache_embeddings
@@ -352,10 +354,9 @@ class MTPDrafter:
             positions = default_positions(tokens.shape, seg)
             _, kv = head(hidden[:, :-1], emb[:, 1:], positions[:, :-1], seg[:, :-1], cache=kv)
         kv = kv._replace(index=jnp.full((b,), p - 1, jnp.int32))
-        window = jnp.zeros((b, k + 1, hidden.shape[-1]), hidden.dtype)
+        buf = jnp.zeros((b, k + 1, hidden.shape[-1]), hidden.dtype)  # [B, K+1, D]
         # position P-1 (first) has a committed hidden state; its e_P is looked up by the first propose
-        return MTPState(kv, window.at[:, 0].set(hidden[:, -1]), jnp.zeros_like(window),
-                        jnp.full((b,), p - 1, jnp.int32))
+        return MTPState(kv, buf.at[:, 0].set(hidden[:, -1]), jnp.zeros_like(buf), jnp.full((b,), p - 1, jnp.int32))
 
     def verified(self, dstate, ver, first):
         return dstate._replace(hidden=ver.hidden, embeddings=ver.embeddings, first=first)
@@ -573,6 +574,12 @@ def speculative_generate(model: Model, prompts: Sequence[Sequence[int]], max_new
 
         raise UsageError("early rejection scores drafts with the N-gram draft head: the target has none "
                          "(train it with model.draft_head=ngram)")
+    need = getattr(drafter, "head", None)
+    if need is not None and model.config.draft_head != need:
+        from ngram_jax.errors import UsageError
+
+        raise UsageError(f"the {drafter.name} drafter needs the target's {need} draft head, and the target has "
+                         f"model.draft_head={model.config.draft_head}; train it with model.draft_head={need}")
     reject = early_reject if num_draft > 0 else None
     sig = (drafter.name, id(drafter), num_draft, max_new_tokens, s_max, sampling, stop_at_eos, reject, tokens.shape)
     cache = compiled if compiled is not None else {}
