@@ -222,6 +222,11 @@ class TrainConfig:
     # true: train only the draft head's parameters (model.draft_head); the target's parameters and its MoE
     # selection bias stay bit-identical (e.g. an MTP head added to a trained target).
     freeze_target: bool = False
+    # a run directory: a new run (no checkpoint of its own yet) starts from the model parameters and MoE
+    # selection biases of that run's latest checkpoint wherever both have them (same shapes); what that run
+    # lacks, e.g. an MTP head added to a trained target, keeps its initialization (a draft head of another
+    # kind is not copied). null: none.
+    init_from: str | None = None
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ngram_jax.budget import check_config, parameter_budget
-from ngram_jax.checkpoint import Checkpointer, config_differences, row_chunked_paths
+from ngram_jax.checkpoint import Checkpointer, config_differences, row_chunked_paths, warm_start
 from ngram_jax.config import Config, ConfigError, to_dict
 from ngram_jax.data.pipeline import make_dataset
 from ngram_jax.data.prepare import ensure_bundled, read_metadata
@@ -219,6 +219,10 @@ def train(cfg: Config) -> dict:
             nnx.update(module, state)
         if lead:
             print(f"resumed {run_dir} from step {start}", flush=True)
+    elif t.init_from:  # a new run starting from another run's model (e.g. a frozen target for an MTP head)
+        kept = warm_start(model, t.init_from, mesh)
+        if lead:
+            print(f"{run_dir} starts from {t.init_from}; initialised here: {', '.join(kept) or 'nothing'}", flush=True)
 
     chunked = row_chunked_paths(model, opt)
     window = TrainWindow(cfg, parameter_budget(cfg)["activated_max"], peak_flops(cfg) * jax.device_count())
