@@ -51,13 +51,15 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 def config_differences(saved: dict, requested: Config, ignore: tuple[str, ...] = RUN_CONTROL_KEYS) -> list[str]:
     """``key: saved -> requested`` for every key that differs, the keys (and sections) in ``ignore``
-    (by default the run-control keys) excepted."""
+    (by default the run-control keys) excepted. A key the saved config lacks (added to the schema after
+    the save, e.g. ``train.freeze_target``) counts as its default value."""
     a, b = _flatten(saved), _flatten(to_dict(requested))
+    defaults = _flatten(to_dict(Config()))
     diffs = []
     for key in sorted(set(a) | set(b)):
         if any(key == k or key.startswith(k + ".") for k in ignore):
             continue
-        va, vb = a.get(key), b.get(key)
+        va, vb = a.get(key, defaults.get(key)), b.get(key)
         if isinstance(va, list):
             va = _tuplify(va)
         if isinstance(vb, list):
