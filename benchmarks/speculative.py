@@ -3,11 +3,13 @@
     python benchmarks/speculative.py --target runs/spec_target --draft runs/draft_tiny \\
         [--batches 1 8 --prompt 32 --new 64 --num-draft 4 --thresholds 0.02 0.1 \\
          --repeats 3]
+    python benchmarks/speculative.py --target runs/spec_target_mtp --draft '' --thresholds   # the MTP head
 
 Prompts are held-out Shakespeare rows (the target's prepared data). For each batch size: plain
 decoding in the same jitted while_loop (one token per target pass, the baseline of every ratio) and
-in a host loop over the jitted decode step (one dispatch per token); then every drafter (prompt_lookup, model, ngram
-with and without the NE-embedding cache), without and with early rejection at each threshold. Every
+in a host loop over the jitted decode step (one dispatch per token); then every drafter (prompt_lookup, model
+unless ``--draft ''``, and the target's draft head: ngram or mtp, each with and without the NE-embedding
+cache), without and with early rejection at each threshold (which needs the N-gram draft head). Every
 speculative output is checked token for token against plain greedy decoding. All variants are compiled
 first, then timed in ``--repeats`` interleaved rounds (each round runs every variant once), so that the
 shared machine's load changes hit them alike. Per row: tokens/s (all rows' new tokens over the median
@@ -64,7 +66,7 @@ def host_loop(target, prompts, new: int):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", default="runs/spec_target")
-    ap.add_argument("--draft", default="runs/draft_tiny")
+    ap.add_argument("--draft", default="runs/draft_tiny", help="the draft model's run ('': no model drafter)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--new", type=int, default=64)
@@ -73,18 +75,26 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     target, tcfg = restore_model(args.target)
-    draft, dcfg = restore_model(args.draft)
-    ta, da = closed_form_budget(tcfg.model), closed_form_budget(dcfg.model)
+    ta = closed_form_budget(tcfg.model)
     print(f"# {time.strftime('%Y-%m-%d %H:%M')} {platform.node()} {jax.devices()[0].device_kind} "
           f"x{jax.device_count()}, jax {jax.__version__}; prompt {args.prompt}, {args.new} new tokens, "
           f"K={args.num_draft}, greedy, {args.repeats} interleaved rounds")
-    print(f"# target {args.target}: {ta['activated_max']:,} activated / {ta['total']:,} total params; "
-          f"draft {args.draft}: {da['activated_max']:,} activated ({ta['activated_min'] / da['activated_max']:.1f}x "
-          "fewer than the target)")
-    drafters = {"prompt_lookup": S.PromptLookup(), "model": S.ModelDrafter(draft)}
-    if target.draft_head is not None:  # with and without the NE-embedding cache
+    print(f"# target {args.target}: {ta['activated_max']:,} activated / {ta['total']:,} total params, "
+          f"model.draft_head={tcfg.model.draft_head} ({ta['draft']:,} params)")
+    drafters = {"prompt_lookup": S.PromptLookup()}
+    if args.draft:
+        draft, dcfg = restore_model(args.draft)
+        da = closed_form_budget(dcfg.model)
+        print(f"# draft {args.draft}: {da['activated_max']:,} activated "
+              f"({ta['activated_min'] / da['activated_max']:.1f}x fewer than the target)")
+        drafters["model"] = S.ModelDrafter(draft)
+    head = tcfg.model.draft_head
+    if head == "ngram":  # with and without the NE-embedding cache
         drafters["ngram"] = S.NgramDrafter(cache_embeddings=True)
         drafters["ngram_nocache"] = S.NgramDrafter(cache_embeddings=False)
+    if head == "mtp":
+        drafters["mtp"] = S.MTPDrafter(cache_embeddings=True)
+        drafters["mtp_nocache"] = S.MTPDrafter(cache_embeddings=False)
     best_b1 = 0.0
     header = (f"{'batch':>5} {'decoder':<34} {'tokens/s':>9} {'vs plain':>8} {'accept':>7} {'verified/step':>13} "
               f"{'accepted/step':>13}")
@@ -96,7 +106,7 @@ def main() -> None:
                                                     **common), None)}
         for name, drafter in drafters.items():
             for thr in [None, *args.thresholds]:
-                if thr is not None and target.draft_head is None:
+                if thr is not None and head != "ngram":
                     continue
                 label = name if thr is None else f"{name} early_reject={thr:g}"
                 variants[label] = (partial(S.speculative_generate, target, prompts, args.new, drafter=drafter,
@@ -129,7 +139,6 @@ def main() -> None:
                 if b == 1:
                     best_b1 = max(best_b1, ratio)
             print(line, flush=True)
-    print("# mtp drafter: not implemented, no numbers")
     print(f"speculative_speedup={best_b1:.2f}")
 
 

@@ -84,6 +84,8 @@ def closed_form_budget(m: ModelConfig) -> dict[str, int]:
     counts["embedding"] = v * d
     if m.draft_head == "ngram":  # RMSNorm, SwiGLU D x ffn_dim, RMSNorm, linear D x V
         counts["draft"] = 2 * d + 3 * d * f + d * v
+    if m.draft_head == "mtp":  # 2 input norms, projection 2D x D, attention, 3 norms, SwiGLU D x ffn_dim
+        counts["draft"] = 5 * d + 2 * d * d + attention_params(m.attention, d) + 3 * d * f
     if m.ngram.enabled:
         counts["ngram"] += sum(ngram_table_params(v, d, m.ngram.max_n, m.ngram.splits, m.ngram.ratio,
                                                   m.ngram.row_multiple))

@@ -33,9 +33,10 @@ from ngram_jax.train.state import build_train_state, train_state_target
 # Keys that may differ between a checkpoint and the run resuming it (run control, not the model).
 # train.steps is checked on its own by the training loop (it shapes the learning-rate schedule: a change
 # needs train.extend=true).
-RUN_CONTROL_KEYS = ("train.steps", "train.extend", "train.log_every", "train.eval_every", "train.eval_batches",
-                    "train.checkpoint_every", "train.keep_checkpoints", "train.progress", "train.run_dir",
-                    "train.peak_flops_per_device", "data.path", "data.bundled", "mesh.ici", "mesh.dcn", "name")
+RUN_CONTROL_KEYS = ("train.steps", "train.extend", "train.init_from", "train.log_every", "train.eval_every",
+                    "train.eval_batches", "train.checkpoint_every", "train.keep_checkpoints", "train.progress",
+                    "train.run_dir", "train.peak_flops_per_device", "data.path", "data.bundled", "mesh.ici", "mesh.dcn",
+                    "name")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -51,13 +52,15 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 def config_differences(saved: dict, requested: Config, ignore: tuple[str, ...] = RUN_CONTROL_KEYS) -> list[str]:
     """``key: saved -> requested`` for every key that differs, the keys (and sections) in ``ignore``
-    (by default the run-control keys) excepted."""
+    (by default the run-control keys) excepted. A key the saved config lacks (added to the schema after
+    the save, e.g. ``train.freeze_target``) counts as its default value."""
     a, b = _flatten(saved), _flatten(to_dict(requested))
+    defaults = _flatten(to_dict(Config()))
     diffs = []
     for key in sorted(set(a) | set(b)):
         if any(key == k or key.startswith(k + ".") for k in ignore):
             continue
-        va, vb = a.get(key), b.get(key)
+        va, vb = a.get(key, defaults.get(key)), b.get(key)
         if isinstance(va, list):
             va = _tuplify(va)
         if isinstance(vb, list):
@@ -474,6 +477,40 @@ def read_config(path: str | Path, step: int | None = None) -> Config:
         return from_dict(ckpt.read_meta(step)["config"])
     finally:
         ckpt.close()
+
+
+def warm_start(model: nnx.Module, path: str | Path, mesh=None) -> list[str]:
+    """``train.init_from``: copy the parameters and MoE selection biases of run ``path``'s latest checkpoint
+    into ``model`` wherever both have them, in ``model``'s shardings (a draft head only when it is of the
+    same kind). Returns the paths the run lacks (they keep their initialization, e.g. an MTP head added to a
+    trained target); another shape at the same path is a ConfigError."""
+    from ngram_jax.layers.moe import SelectionBias
+
+    which = nnx.Any(nnx.Param, SelectionBias)
+    src, src_cfg = restore_model(path, mesh=mesh)
+    source = nnx.to_pure_dict(nnx.state(src, which))
+    if src_cfg.model.draft_head != model.config.draft_head:  # another kind of head: nothing of it applies
+        source.pop("draft_head", None)
+    state = nnx.state(model, which)
+    pure, kept = nnx.to_pure_dict(state), []
+
+    def copy(dst: dict, src: dict, prefix: str) -> None:
+        for k, v in dst.items():
+            name = f"{prefix}{k}"
+            if k not in src:
+                kept.append(name)
+            elif isinstance(v, dict):
+                copy(v, src[k], name + "/")
+            elif v.shape != src[k].shape:
+                raise ConfigError(f"train.init_from={path}: {name} has shape {tuple(src[k].shape)} there and "
+                                  f"{tuple(v.shape)} here; start from a run of the same model (or none)")
+            else:
+                dst[k] = jax.device_put(src[k], v.sharding)
+
+    copy(pure, source, "")
+    nnx.replace_by_pure_dict(state, pure)
+    nnx.update(model, state)
+    return kept
 
 
 def restore_model(path: str | Path, step: int | None = None, mesh=None):

@@ -142,7 +142,12 @@ class ModelConfig:
     # SwiGLU of width ffn_dim, RMSNorm, linear to the vocabulary) predicts the next token. Its input is
     # the NE output under stop_gradient: no gradient of the head reaches the target (only the global-norm
     # gradient clipping is shared). Needs model.ngram.enabled.
-    draft_head: Literal["none", "ngram"] = "none"
+    # mtp: a one-block MTP (NEXTN, DeepSeek-V3 style) head predicts token t+2 from the target's last hidden
+    # state at t and the input embedding of token t+1 (the target's own embedding: its N-gram Embedding
+    # with NE), through a projection, one decoder block (attention as model.attention, dense SwiGLU of
+    # width ffn_dim, its own KV cache when drafting), its own RMSNorm and the target's output head. Trained
+    # jointly (its loss reaches the target, as in DeepSeek-V3) or on a frozen target (train.freeze_target).
+    draft_head: Literal["none", "ngram", "mtp"] = "none"
 
 
 # The activations a ScMoE block tags with jax.ad_checkpoint.checkpoint_name (model.py, layers/attention.py),
@@ -240,7 +245,15 @@ class TrainConfig:
     keep_checkpoints: int = 3
     peak_flops_per_device: float = 0.0  # for MFU; 0: looked up from the device kind when known
     progress: bool = True
-    draft_head_weight: float = 1.0  # weight of the draft head's next-token loss (model.draft_head)
+    draft_head_weight: float = 1.0  # weight of the draft head's loss (model.draft_head; mtp: next-next token)
+    # true: train only the draft head's parameters (model.draft_head); the target's parameters and its MoE
+    # selection bias stay bit-identical (e.g. an MTP head added to a trained target).
+    freeze_target: bool = False
+    # a run directory: a new run (no checkpoint of its own yet) starts from the model parameters and MoE
+    # selection biases of that run's latest checkpoint wherever both have them (same shapes); what that run
+    # lacks, e.g. an MTP head added to a trained target, keeps its initialization (a draft head of another
+    # kind is not copied). null: none.
+    init_from: str | None = None
 
 
 @dataclass(frozen=True)
@@ -531,6 +544,11 @@ def validate(cfg: Config) -> None:
         _require(n.enabled, "model.draft_head=ngram drafts from the N-gram Embedding: set model.ngram.enabled=true")
     d, t = cfg.data, cfg.train
     _require(t.draft_head_weight >= 0, f"train.draft_head_weight must be >= 0, got {t.draft_head_weight}")
+    if t.freeze_target:
+        _require(m.draft_head != "none", "train.freeze_target=true trains only the draft head, and the model has "
+                 "none: set model.draft_head=mtp (or ngram), or train.freeze_target=false")
+        _require(t.draft_head_weight > 0, "train.freeze_target=true trains only the draft head's loss: set "
+                 f"train.draft_head_weight > 0 (got {t.draft_head_weight})")
     _require(d.seq_len >= 2 and d.batch_size >= 1, "data.seq_len must be >= 2 and data.batch_size >= 1")
     _require(t.steps >= 1 and t.lr > 0 and 0 <= t.min_lr_ratio <= 1 and t.warmup_steps >= 0,
              "train.steps >= 1, train.lr > 0, 0 <= train.min_lr_ratio <= 1, train.warmup_steps >= 0")

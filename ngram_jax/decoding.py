@@ -60,14 +60,19 @@ def init_kv(model: Model, batch: int, max_len: int) -> list:
     return [tuple(a.empty_cache(batch, max_len, dtype) for a in block.attn) for block in model.blocks]
 
 
-def prefill(model: Model, tokens: jax.Array, segment_ids: jax.Array, max_len: int) -> tuple[jax.Array, DecodeState]:
-    """Run the (left-padded) prompts; returns the last position's logits [B, V] and the decode state."""
+def prefill(model: Model, tokens: jax.Array, segment_ids: jax.Array, max_len: int, return_hidden: bool = False):
+    """Run the (left-padded) prompts; returns the last position's logits [B, V] and the decode state.
+
+    ``return_hidden``: a third element ``(emb, hidden)``, the input embeddings and the last block's
+    outputs of every prompt position, [B, P, D] each (what an MTP draft head reads)."""
     hashing.check_token_ids(tokens, model.config.vocab_size)
     positions = default_positions(tokens.shape, segment_ids)
     kv = init_kv(model, tokens.shape[0], max_len)
-    logits, kv = model(tokens, segment_ids=segment_ids, positions=positions, cache=kv)
+    emb, ple = model.inputs(tokens, segment_ids=segment_ids)
+    logits, kv, hidden = model.trunk(emb, positions, segment_ids, ple, kv, return_hidden=True)
     history = prefill_history(tokens, segment_ids, model.config.eos_id, max(model.history_length(), 1))
-    return logits[:, -1], DecodeState(kv, history, positions[:, -1] + 1)
+    state = DecodeState(kv, history, positions[:, -1] + 1)
+    return (logits[:, -1], state, (emb, hidden)) if return_hidden else (logits[:, -1], state)
 
 
 def decode_step(model: Model, token: jax.Array, state: DecodeState) -> tuple[jax.Array, DecodeState]:

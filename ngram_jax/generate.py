@@ -25,7 +25,7 @@ from ngram_jax.decoding import (  # noqa: F401 - the decoding API, re-exported
     sample,
 )
 
-DRAFT_CHOICES = ("prompt_lookup", "model", "ngram")
+DRAFT_CHOICES = ("prompt_lookup", "model", "ngram", "mtp")
 
 
 def check_draft_config(target_cfg, draft_cfg, where: str) -> None:
@@ -67,8 +67,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     spec = ap.add_argument_group("speculative decoding (greedy output equals plain greedy decoding)")
     spec.add_argument("--draft", choices=DRAFT_CHOICES, help="drafter: prompt_lookup (training-free), model "
-                      "(a smaller checkpoint with the same tokenizer, --draft-checkpoint) or ngram (the target's "
-                      "N-gram Embedding through its draft head, model.draft_head=ngram)")
+                      "(a smaller checkpoint with the same tokenizer, --draft-checkpoint), ngram (the target's "
+                      "N-gram Embedding through its draft head, model.draft_head=ngram) or mtp (the target's "
+                      "one-block MTP / NEXTN head on its last hidden state, model.draft_head=mtp)")
     spec.add_argument("--draft-checkpoint", help="run directory of the draft model (--draft model)")
     spec.add_argument("--num-draft", type=int, default=4, help="K, draft tokens per verification pass")
     spec.add_argument("--early-reject", type=float, default=None, metavar="THRESHOLD",
@@ -121,6 +122,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             what = "--draft ngram" if args.draft == "ngram" else "--early-reject"
             raise UsageError(f"{what} needs the target's N-gram draft head, and {args.checkpoint} was trained "
                              f"with model.draft_head={cfg.model.draft_head}; train it with model.draft_head=ngram")
+        if args.draft == "mtp" and cfg.model.draft_head != "mtp":
+            from ngram_jax.errors import UsageError
+
+            raise UsageError(f"--draft mtp needs the target's MTP draft head, and {args.checkpoint} was trained "
+                             f"with model.draft_head={cfg.model.draft_head}; train it with model.draft_head=mtp "
+                             "(e.g. configs/spec_target_mtp.yaml)")
         if args.draft_checkpoint:
             check_draft_config(cfg, read_config(args.draft_checkpoint), args.draft_checkpoint)
         if args.tokenizer is None:

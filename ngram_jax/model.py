@@ -133,6 +133,42 @@ class NgramDraftHead(nnx.Module):
         return self.out(self.out_norm(h))  # float32 logits
 
 
+class MTPHead(nnx.Module):
+    """MTP (NEXTN, DeepSeek-V3 style) draft head (``model.draft_head: mtp``): position t combines the
+    target's last hidden state h_t (before its final norm) with the input embedding e_{t+1} of token t+1
+    (the target's own embedding, its N-gram Embedding with NE) and predicts token t+2:
+
+        x = W_p [RMSNorm(h_t); RMSNorm(e_{t+1})]                  [B, S, 2D] -> [B, S, D]
+        x = x + Attn(RMSNorm(x));  x = x + SwiGLU(RMSNorm(x))     one decoder block, its own KV cache
+        logits = target output head(RMSNorm(x))                   (Model.mtp_logits)
+
+    Drafting K tokens feeds its own output x back as the next step's h (as MTP heads draft several steps).
+    """
+
+    def __init__(self, m: ModelConfig, *, rngs: nnx.Rngs):
+        dt, pdt = jnp.dtype(m.dtype), jnp.dtype(m.param_dtype)
+        kw = dict(dtype=dt, param_dtype=pdt, rngs=rngs)
+        norm = lambda: RMSNorm(m.d_model, eps=m.norm_eps, name="norm", dtype=dt, param_dtype=pdt)  # noqa: E731
+        self.hidden_norm, self.embed_norm = norm(), norm()
+        self.proj = Linear(2 * m.d_model, m.d_model, (None, "embed"), **kw)
+        self.attn_norm, self.ffn_norm, self.out_norm = norm(), norm(), norm()
+        self.attn = build_attention(m, rngs=rngs)
+        self.ffn = SwiGLU(m.d_model, m.ffn_dim, **kw)
+
+    def __call__(self, hidden: jax.Array, emb: jax.Array, positions: jax.Array,
+                 segment_ids: jax.Array | None = None, cache=None):
+        """hidden, emb [B, S, D] (h_t and e_{t+1} at position t), positions [B, S] -> x [B, S, D] (the
+        block's output, before ``out_norm``); with ``cache`` (a KVCache) -> ``(x, cache)``."""
+        x = self.proj(jnp.concatenate([self.hidden_norm(hidden), self.embed_norm(emb)], axis=-1))
+        if cache is None:
+            x = x + self.attn(self.attn_norm(x), positions, segment_ids)
+        else:
+            a, cache = self.attn(self.attn_norm(x), positions, segment_ids, cache=cache)
+            x = x + a
+        x = x + self.ffn(self.ffn_norm(x))
+        return x if cache is None else (x, cache)
+
+
 class Model(nnx.Module):
     def __init__(self, m: ModelConfig, *, rngs: nnx.Rngs):
         self.config = m
@@ -144,10 +180,12 @@ class Model(nnx.Module):
         self.final_norm = RMSNorm(m.d_model, eps=m.norm_eps, name="norm", dtype=dt, param_dtype=pdt)
         self.lm_head = None if m.tie_embeddings else Linear(m.d_model, m.vocab_size, ("embed", "vocab"), dtype=dt,
                                                             param_dtype=pdt, out_dtype=jnp.float32, rngs=rngs)
-        self.draft_head = NgramDraftHead(m, rngs=rngs) if m.draft_head == "ngram" else None
+        heads = {"none": None, "ngram": NgramDraftHead, "mtp": MTPHead}
+        self.draft_head = heads[m.draft_head](m, rngs=rngs) if heads[m.draft_head] is not None else None
 
     def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
-                 positions: jax.Array | None = None, cache: list | None = None, history: jax.Array | None = None):
+                 positions: jax.Array | None = None, cache: list | None = None, history: jax.Array | None = None,
+                 return_hidden: bool = False):
         """tokens int [B, S] -> logits float32 [B, S, V].
 
         The model computes the n-gram ids of its tokens itself, from what defines their history:
@@ -156,17 +194,23 @@ class Model(nnx.Module):
         tokens before each position, zeros outside its segment, H >= N-1) replaces it.
         ``positions`` [B, S] default to the offset inside each document. With ``cache`` (see
         :mod:`ngram_jax.generate`) attention reads and extends the KV cache, where ``segment_ids == 0``
-        marks padding, and the call returns ``(logits, cache)``.
+        marks padding, and the call returns ``(logits, cache)``. ``return_hidden``: see :meth:`trunk`.
         """
         tokens = jnp.asarray(tokens) if not isinstance(tokens, jax.core.Tracer) else tokens
         hashing.check_token_ids(tokens, self.config.vocab_size)
         if positions is None:
             positions = default_positions(tokens.shape, segment_ids)
+        h, ple = self.inputs(tokens, segment_ids=segment_ids, history=history)
+        return self.trunk(h, positions, segment_ids, ple, cache, return_hidden)
+
+    def inputs(self, tokens: jax.Array, segment_ids: jax.Array | None = None, history: jax.Array | None = None):
+        """The trunk's inputs: the input embedding [B, S, D] and the per-layer embeddings [B, S, L, F] (None
+        without PLE/PLNE)."""
         h = self.embed(tokens, segment_ids=segment_ids, history=history)  # [B, S, D]
         ple = None
         if self.ple is not None:
             ple = self.ple(tokens, segment_ids=segment_ids, history=history)  # [B, S, L, F]
-        return self.trunk(h, positions, segment_ids, ple, cache)
+        return h, ple
 
     def draft_logits(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
                      history: jax.Array | None = None) -> jax.Array:
@@ -180,8 +224,10 @@ class Model(nnx.Module):
         return max([m.layout.max_n - 1 for _, m in hashed_tables(self)] + [0])
 
     def trunk(self, h: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None,
-              ple: jax.Array | None = None, cache: list | None = None):
-        """Everything after the input embedding: h [B, S, D] -> logits [B, S, V] (and the cache)."""
+              ple: jax.Array | None = None, cache: list | None = None, return_hidden: bool = False):
+        """Everything after the input embedding: h [B, S, D] -> logits [B, S, V] (and the cache).
+        ``return_hidden``: the last block's output [B, S, D] (before the final norm: the MTP head's input)
+        is appended, ``(logits, hidden)`` or ``(logits, cache, hidden)``."""
         new_cache = []
         policy = remat_policy(self.config)
         for i, block in enumerate(self.blocks):
@@ -193,12 +239,29 @@ class Model(nnx.Module):
             else:
                 h, c = block(h, positions, segment_ids, slices, caches=cache[i])
                 new_cache.append(c)
-        h = self.final_norm(h)
+        logits = self.output(self.final_norm(h))
+        if cache is None:
+            return (logits, h) if return_hidden else logits
+        return (logits, new_cache, h) if return_hidden else (logits, new_cache)
+
+    def output(self, h: jax.Array) -> jax.Array:
+        """The output head (lm_head, or the tied token table): normalised h [B, S, D] -> logits [B, S, V]."""
         if self.lm_head is not None:
-            logits = self.lm_head(h)  # float32 [B, S, V], from compute-dtype operands
-        else:
-            logits = jnp.matmul(h, self.embed.embedding[...].astype(h.dtype).T, preferred_element_type=jnp.float32)
-        return logits if cache is None else (logits, new_cache)
+            return self.lm_head(h)  # float32 [B, S, V], from compute-dtype operands
+        return jnp.matmul(h, self.embed.embedding[...].astype(h.dtype).T, preferred_element_type=jnp.float32)
+
+    def mtp_logits(self, x: jax.Array) -> jax.Array:
+        """The MTP head's logits [B, S, V] from its block output x [B, S, D]: its own norm, the target's
+        output head."""
+        return self.output(self.draft_head.out_norm(x))
+
+    def mtp_training_logits(self, hidden: jax.Array, emb: jax.Array, positions: jax.Array,
+                            segment_ids: jax.Array | None = None) -> jax.Array:
+        """Training: the MTP head over a whole sequence from the target's pass (hidden [B, S, D] from
+        :meth:`trunk`, input embeddings emb [B, S, D] from :meth:`inputs`: no second lookup). Position t
+        pairs h_t with e_{t+1}; logits [B, S-1, V] for the tokens at t+2."""
+        seg = None if segment_ids is None else segment_ids[:, :-1]
+        return self.mtp_logits(self.draft_head(hidden[:, :-1], emb[:, 1:], positions[:, :-1], seg))
 
     def aux_loss(self) -> jax.Array:
         """Sum of the MoE auxiliary losses recorded by the last forward pass (0 without MoE)."""

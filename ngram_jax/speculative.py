@@ -21,9 +21,12 @@ are accepted), after temperature / top-k / top-p on both p and q, so the output 
 Drafters: ``prompt_lookup`` (the continuation of the latest earlier match of the last 1..3 tokens),
 ``model`` (a smaller checkpoint with the same vocabulary, its own KV cache rolled back by length),
 ``ngram`` (the target's N-gram Embedding output alone through its draft head, ``model.draft_head:
-ngram``; the NE outputs it computes are reused by verification). Early rejection (any drafter) truncates
+ngram``; the NE outputs it computes are reused by verification), ``mtp`` (the target's one-block MTP /
+NEXTN head, ``model.draft_head: mtp``, on the target's last hidden state and the target's N-gram
+Embedding of the next token; its own KV cache rolled back by length; the NE outputs it computes are
+reused by verification, and verification's by the head). Early rejection (any drafter) truncates
 the draft at the first token the N-gram draft head scores below a threshold and verifies only the
-surviving positions. Not implemented: an MTP (NEXTN) draft head.
+surviving positions.
 
     outs, stats = speculative_generate(model, prompts, 64, drafter=ModelDrafter(draft), num_draft=4)
 """
@@ -39,10 +42,10 @@ import numpy as np
 from flax import nnx
 
 from ngram_jax.decoding import filter_logits, left_pad, prefill
-from ngram_jax.model import Model
+from ngram_jax.model import Model, default_positions
 from ngram_jax.ngram import hashing
 
-DRAFTERS = ("prompt_lookup", "model", "ngram")
+DRAFTERS = ("prompt_lookup", "model", "ngram", "mtp")
 # verify_steps: target verification passes; draft_calls: drafter forward passes (a prompt lookup counts
 # one per round); proposed: draft tokens drafted; verified: those left after early rejection (sent to
 # verification); accepted: those the target accepted. Summed over the rows still decoding.
@@ -111,8 +114,14 @@ def per_row_index(kv: list, index: jax.Array) -> list:
 
 
 # ----------------------------------------------------------------------------------------------
-# Drafters. ``propose(models, ...)`` (models[0]: the target, then the drafter's own models) proposes
-# K tokens from the table and returns a :class:`Proposal`.
+# Drafters. The protocol (models[0]: the target, then the drafter's own models, ``models()``):
+# - ``init(models, tokens, seg, max_len, k, prompt)``: the drafter's state after the prefill of the
+#   left-padded prompts tokens/seg [B, P]; ``prompt`` = (emb, hidden) [B, P, D]: the target's input
+#   embeddings and last hidden states of the prompt positions (:func:`ngram_jax.decoding.prefill`).
+# - ``propose(models, state, table, length, start, k, key, sampling)``: K draft tokens from the table,
+#   a :class:`Proposal`.
+# - ``verified(state, ver, first)``: the state after a verification pass (:class:`Verified`) over the
+#   positions ``first + 0..t-1``, before the next ``propose``.
 
 
 class Proposal(NamedTuple):
@@ -145,8 +154,11 @@ class PromptLookup:
     def models(self) -> tuple:
         return ()
 
-    def init(self, models, tokens, seg, max_len):
+    def init(self, models, tokens, seg, max_len, k, prompt):
         return ()
+
+    def verified(self, dstate, ver, first):
+        return dstate
 
     def propose(self, models, dstate, table, length, start, k, key, sampling):
         s_max = table.shape[1]
@@ -184,10 +196,13 @@ class ModelDrafter:
     def models(self) -> tuple:
         return (self.draft,)
 
-    def init(self, models, tokens, seg, max_len):
+    def init(self, models, tokens, seg, max_len, k, prompt):
         draft = models[1]
         _, st = prefill(draft, tokens, seg, max_len)
         return per_row_index(st.kv, jnp.full((tokens.shape[0],), tokens.shape[1], jnp.int32))
+
+    def verified(self, dstate, ver, first):
+        return dstate
 
     def propose(self, models, dstate, table, length, start, k, key, sampling):
         draft = models[1]
@@ -220,21 +235,36 @@ def ngram_head_logits(target: Model, table, start, first, t) -> jax.Array:
     return target.draft_logits(window(table, first, t), history=hist)
 
 
-def verify(target: Model, table, start, length, t: int, kv, embeddings: jax.Array | None = None):
-    """The target over positions ``length-1 .. length+t-2`` (the last committed token and t-1 drafts):
-    logits [B, t, V] and the KV cache written from slot ``length - 1``.
+class Verified(NamedTuple):
+    """A verification pass over t positions (the last committed token and t-1 drafts)."""
+
+    logits: jax.Array  # [B, t, V]
+    kv: list  # the target's KV cache, written from slot ``length - 1``
+    hidden: jax.Array  # [B, t, D]: the last block's outputs (before the final norm; the MTP head reads them)
+    embeddings: jax.Array  # [B, t, D]: the input embeddings (NE outputs) the pass used
+
+
+def verify(target: Model, table, start, length, t: int, kv, embeddings: jax.Array | None = None) -> Verified:
+    """The target over positions ``length-1 .. length+t-2`` (the last committed token and t-1 drafts),
+    its KV cache written from slot ``length - 1``.
 
     ``embeddings`` [B, >= t-1, D]: input embeddings of the first positions computed while drafting (the
-    NE cache); only the positions past them are looked up, then the trunk runs on the lot."""
-    if embeddings is None or target.ple is not None:
-        return run_model(target, table, start, length - 1, t, kv)
+    NE cache); only the positions past them are looked up, then the trunk runs on the lot. (Per-layer
+    embeddings, PLE/PLNE, are looked up for every position.)"""
     first = length - 1
-    have = min(embeddings.shape[1], t)
-    h = embeddings[:, :have]
+    have = 0 if embeddings is None else min(embeddings.shape[1], t)
+    parts = [] if embeddings is None else [embeddings[:, :have]]
     if have < t:
-        h = jnp.concatenate([h, ngram_embeddings(target, table, start, first + have, t - have)], axis=1)
+        parts.append(ngram_embeddings(target, table, start, first + have, t - have))
+    h = jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]  # [B, t, D]
+    ple = None
+    if target.ple is not None:
+        hist = table_history(table, start, first, t, history_size(target), target.config.eos_id)
+        ple = target.ple(window(table, first, t), history=hist)
     positions = first[:, None] - start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-    return target.trunk(h, positions, jnp.ones(h.shape[:2], jnp.int32), None, set_index(kv, first))
+    logits, kv, hidden = target.trunk(h, positions, jnp.ones(h.shape[:2], jnp.int32), ple, set_index(kv, first),
+                                      return_hidden=True)
+    return Verified(logits, kv, hidden, h)
 
 
 class NgramDrafter:
@@ -247,6 +277,7 @@ class NgramDrafter:
     the last draft: one lookup per token instead of two."""
 
     name = "ngram"
+    head = "ngram"  # the target's draft head it needs (model.draft_head)
 
     def __init__(self, cache_embeddings: bool = True):
         self.cache_embeddings = cache_embeddings
@@ -255,8 +286,11 @@ class NgramDrafter:
     def models(self) -> tuple:
         return ()
 
-    def init(self, models, tokens, seg, max_len):
+    def init(self, models, tokens, seg, max_len, k, prompt):
         return ()
+
+    def verified(self, dstate, ver, first):
+        return dstate
 
     def propose(self, models, dstate, table, length, start, k, key, sampling):
         target = models[0]
@@ -274,6 +308,87 @@ class NgramDrafter:
         q = None if sampling is None else jnp.stack(qs, axis=1)
         emb = jnp.concatenate(embs, axis=1) if self.cache_embeddings else None
         return Proposal(jnp.stack(drafts, axis=1), q, dstate, k, emb, jnp.stack(heads, axis=1))
+
+
+class MTPState(NamedTuple):
+    """The MTP drafter's state between rounds."""
+
+    kv: Any  # KVCache of the head's attention, per-row index
+    hidden: jax.Array  # [B, K+1, D]: the target's last hidden states of positions first + 0..K (last verification)
+    embeddings: jax.Array  # [B, K+1, D]: the target's input embeddings of those positions
+    first: jax.Array  # int32 [B]
+
+
+class MTPDrafter:
+    """The target's MTP (NEXTN) draft head (``model.draft_head: mtp``) drafts K tokens autoregressively.
+
+    Head position t reads (h_t, e_{t+1}) and predicts token t+2. Each round, with L committed tokens:
+    1. the head runs over the positions of the last verification (``first = L_prev - 1`` .. ``+K``) with the
+       target's hidden states from that pass, so its KV cache holds, for every committed position, what
+       training computes (true hidden states, not its own drafts'); the output at position L-2 (the
+       last one with a committed hidden state) predicts draft 1. The positions after it are stale and
+       rewritten below: rejection is a length update (the cache's per-row write index), nothing else.
+    2. drafts 2..K: each step feeds the head's own output as the next position's h, with e of the draft
+       just made, one position at a time.
+    Its e_{t+1} are the target's input embeddings (its N-gram Embedding, the one lookup path): the ones
+    of accepted drafts come from the last verification; only the newly committed token (L-1) and the
+    drafts 1..K-1 are looked up. ``cache_embeddings`` (the NE-embedding cache): those K embeddings go to
+    verification, which then looks up only the last draft, one lookup per token."""
+
+    name = "mtp"
+    head = "mtp"  # the target's draft head it needs (model.draft_head)
+
+    def __init__(self, cache_embeddings: bool = True):
+        self.cache_embeddings = cache_embeddings
+        self.name = "mtp" if cache_embeddings else "mtp_nocache"
+
+    def models(self) -> tuple:
+        return ()
+
+    def init(self, models, tokens, seg, max_len, k, prompt):
+        target = models[0]
+        head, (emb, hidden) = target.draft_head, prompt
+        b, p = tokens.shape
+        kv = head.attn.empty_cache(b, max_len, jnp.dtype(target.config.dtype))
+        if p > 1:  # positions 0..P-2: (h_t, e_{t+1}) from the prefill, padding marked by seg
+            positions = default_positions(tokens.shape, seg)
+            _, kv = head(hidden[:, :-1], emb[:, 1:], positions[:, :-1], seg[:, :-1], cache=kv)
+        kv = kv._replace(index=jnp.full((b,), p - 1, jnp.int32))
+        buf = jnp.zeros((b, k + 1, hidden.shape[-1]), hidden.dtype)  # [B, K+1, D]
+        # position P-1 (first) has a committed hidden state; its e_P is looked up by the first propose
+        return MTPState(kv, buf.at[:, 0].set(hidden[:, -1]), jnp.zeros_like(buf), jnp.full((b,), p - 1, jnp.int32))
+
+    def verified(self, dstate, ver, first):
+        return dstate._replace(hidden=ver.hidden, embeddings=ver.embeddings, first=first)
+
+    def propose(self, models, dstate, table, length, start, k, key, sampling):
+        target = models[0]
+        head = target.draft_head
+        keys = jax.random.split(key, k)
+        b, w = dstate.hidden.shape[:2]  # w = K + 1
+        j = jnp.arange(w, dtype=jnp.int32)[None, :]  # [1, K+1]
+        a = length - 2 - dstate.first  # [B]: index of position L-2 in the window (drafts accepted last round)
+        fresh = ngram_embeddings(target, table, start, length - 1, 1)  # [B, 1, D]: the token just committed
+        e_next = jnp.concatenate([dstate.embeddings[:, 1:], fresh], axis=1)  # e of positions first + 1 + j
+        e_next = jnp.where((j == a[:, None])[..., None], fresh, e_next)
+        ones = jnp.ones((b, w), jnp.int32)
+        x, kv = head(dstate.hidden, e_next, dstate.first[:, None] - start[:, None] + j, ones,
+                     cache=dstate.kv._replace(index=dstate.first))
+        x = jnp.take_along_axis(x, a[:, None, None], axis=1)  # [B, 1, D]: the head at position L-2
+        drafts, qs, embs = [], [], [fresh]
+        for i in range(k):  # K is small and static: unrolled
+            if i > 0:  # the head at position L-2+i: its own output as h, e of draft i-1
+                e = ngram_embeddings(target, table, start, length - 1 + i, 1)
+                embs.append(e)
+                pos = (length - 2 + i - start)[:, None]
+                x, kv = head(x, e, pos, ones[:, :1], cache=kv._replace(index=length - 2 + i))
+            tok, q = _pick(target.mtp_logits(x)[:, 0], keys[i], sampling)
+            table = write(table, length + i, tok[:, None])
+            drafts.append(tok)
+            qs.append(q)
+        q = None if sampling is None else jnp.stack(qs, axis=1)
+        emb = jnp.concatenate(embs, axis=1) if self.cache_embeddings else None  # positions L-1 .. L+K-2
+        return Proposal(jnp.stack(drafts, axis=1), q, dstate._replace(kv=kv), k, emb)
 
 
 def early_reject_limit(target: Model, table, start, length, drafts, q_logits, threshold: float,
@@ -346,7 +461,7 @@ def _decode(load, tokens, seg, key, *, drafter, k: int, max_new: int, s_max: int
     its own state (e.g. MoE routing statistics) stay inside the trace that makes them and are dropped."""
     target, dmodels = load()
     b, p = tokens.shape
-    logits0, st = prefill(target, tokens, seg, s_max)
+    logits0, st, prompt = prefill(target, tokens, seg, s_max, return_hidden=True)
     key, sub = jax.random.split(key)
     if sampling is None:
         first = jnp.argmax(logits0, -1).astype(jnp.int32)
@@ -357,7 +472,7 @@ def _decode(load, tokens, seg, key, *, drafter, k: int, max_new: int, s_max: int
     length = jnp.full((b,), p + 1, jnp.int32)
     done = (max_new <= 1) | ((first == eos_id) if (stop_at_eos and eos_id is not None) else jnp.zeros((b,), bool))
     state = SpecState(table, length, start, done, per_row_index(st.kv, length - 1),
-                      drafter.init((target, *dmodels), tokens, seg, s_max), key,
+                      drafter.init((target, *dmodels), tokens, seg, s_max, k, prompt), key,
                       jnp.zeros((len(STAT_NAMES),), jnp.int32))
 
     def body(s: SpecState) -> SpecState:
@@ -368,7 +483,7 @@ def _decode(load, tokens, seg, key, *, drafter, k: int, max_new: int, s_max: int
         table = write(s.table, s.length, drafts)
         if reject_below is None:
             limit = jnp.full((b,), k, jnp.int32)
-            logits, kv = verify(target, table, s.start, s.length, k + 1, s.kv, emb)  # [B, K+1, V]
+            ver = verify(target, table, s.start, s.length, k + 1, s.kv, emb)  # logits [B, K+1, V]
         else:  # verify only as many positions as the longest surviving draft needs
             limit, q = early_reject_limit(target, table, s.start, s.length, drafts, q, reject_below,
                                           prop.head_logits)
@@ -376,11 +491,13 @@ def _decode(load, tokens, seg, key, *, drafter, k: int, max_new: int, s_max: int
 
             def verify_width(t):
                 def run(table, kv):  # a branch is its own trace: merge the target afresh inside it
-                    lg, kv = verify(load()[0], table, s.start, s.length, t, kv, emb)
-                    return jnp.pad(lg, ((0, 0), (0, k + 1 - t), (0, 0))), kv
+                    v = verify(load()[0], table, s.start, s.length, t, kv, emb)
+                    pad = lambda x: jnp.pad(x, ((0, 0), (0, k + 1 - t), (0, 0)))  # noqa: E731
+                    return Verified(pad(v.logits), v.kv, pad(v.hidden), pad(v.embeddings))
                 return run
 
-            logits, kv = jax.lax.switch(width - 1, [verify_width(t) for t in range(1, k + 2)], table, s.kv)
+            ver = jax.lax.switch(width - 1, [verify_width(t) for t in range(1, k + 2)], table, s.kv)
+        logits, kv = ver.logits, ver.kv
         if sampling is None:
             a, nxt = accept_greedy(logits, drafts, limit)
         else:
@@ -396,7 +513,8 @@ def _decode(load, tokens, seg, key, *, drafter, k: int, max_new: int, s_max: int
         live = (~s.done).astype(jnp.int32)
         stats = s.stats + jnp.stack([jnp.any(~s.done).astype(jnp.int32), prop.calls * jnp.any(~s.done),
                                      jnp.sum(live * k), jnp.sum(live * limit), jnp.sum(a)])
-        return SpecState(table, new_len, s.start, done, set_index(kv, new_len - 1), prop.state, key, stats)
+        dstate = drafter.verified(prop.state, ver, s.length - 1)
+        return SpecState(table, new_len, s.start, done, set_index(kv, new_len - 1), dstate, key, stats)
 
     state = jax.lax.while_loop(lambda s: ~jnp.all(s.done), body, state)
     return state.table, state.length, state.stats
@@ -451,11 +569,17 @@ def speculative_generate(model: Model, prompts: Sequence[Sequence[int]], max_new
     s_max = max_len if max_len is not None else tokens.shape[1] + max_new_tokens + num_draft + 2
     sampling = None if temperature <= 0 else (float(temperature), int(top_k), float(top_p))
     eos = model.config.eos_id
-    if early_reject is not None and num_draft > 0 and getattr(model, "draft_head", None) is None:
+    if early_reject is not None and num_draft > 0 and model.config.draft_head != "ngram":
         from ngram_jax.errors import UsageError
 
         raise UsageError("early rejection scores drafts with the N-gram draft head: the target has none "
                          "(train it with model.draft_head=ngram)")
+    need = getattr(drafter, "head", None)
+    if need is not None and model.config.draft_head != need:
+        from ngram_jax.errors import UsageError
+
+        raise UsageError(f"the {drafter.name} drafter needs the target's {need} draft head, and the target has "
+                         f"model.draft_head={model.config.draft_head}; train it with model.draft_head={need}")
     reject = early_reject if num_draft > 0 else None
     sig = (drafter.name, id(drafter), num_draft, max_new_tokens, s_max, sampling, stop_at_eos, reject, tokens.shape)
     cache = compiled if compiled is not None else {}
@@ -488,10 +612,10 @@ def make_drafter(name: str, target: Model, draft: Model | None = None):
     """The drafter ``--draft name`` selects (``model`` needs the draft model)."""
     if name == "prompt_lookup":
         return PromptLookup()
-    if name == "ngram":
-        if getattr(target, "draft_head", None) is None:
-            raise ValueError("--draft ngram needs a target trained with model.draft_head=ngram")
-        return NgramDrafter()
+    if name in ("ngram", "mtp"):
+        if target.config.draft_head != name:
+            raise ValueError(f"--draft {name} needs a target trained with model.draft_head={name}")
+        return NgramDrafter() if name == "ngram" else MTPDrafter()
     if name == "model":
         if draft is None:
             raise ValueError("--draft model needs a draft model (--draft-checkpoint)")

@@ -89,7 +89,11 @@ def test_frozen_and_round_trip():
         (["model"], r"must look like key\.path=value"),
         (["model.ngram.enabled=false", "model.draft_head=ngram"],
          r"model\.draft_head=ngram drafts from the N-gram Embedding: set model\.ngram\.enabled=true"),
-        (["model.draft_head=mtp"], r"model\.draft_head: 'mtp' is not one of 'none', 'ngram'"),
+        (["model.draft_head=eagle"], r"model\.draft_head: 'eagle' is not one of 'none', 'ngram', 'mtp'"),
+        (["train.freeze_target=true"], r"train\.freeze_target=true trains only the draft head, and the model has "
+         r"none: set model\.draft_head=mtp"),
+        (["model.draft_head=mtp", "train.freeze_target=true", "train.draft_head_weight=0"],
+         r"train\.freeze_target=true trains only the draft head's loss: set train\.draft_head_weight > 0"),
         (["train.draft_head_weight=-1"], r"train\.draft_head_weight must be >= 0"),
     ],
 )
@@ -186,3 +190,18 @@ def test_default_eos_is_not_the_zero_fill():
     assert eos_id(tok) == tok.token_to_id(EOS_TOKEN) == TRAINED_EOS_ID == 1 and tok.token_to_id(PAD_TOKEN) == 0
     for name in ("tiny_ne", "tiny_moe", "tiny_plne", "tiny_gqa", "tiny_dense", "tiny_plain"):
         assert load_config(CONFIGS / "models" / f"{name}.yaml").model.eos_id == TRAINED_EOS_ID
+
+
+def test_a_key_added_after_a_checkpoint_counts_as_its_default():
+    """Resuming a run saved before a config key existed (e.g. train.freeze_target) is not a config change
+    while the key keeps its default; another value is."""
+    from ngram_jax.checkpoint import config_differences
+
+    cfg = load_config(CONFIGS / "models" / "tiny_ne.yaml")
+    saved = to_dict(cfg)
+    del saved["train"]["freeze_target"]
+    assert config_differences(saved, cfg) == []
+    frozen = replace(cfg, **{"model.draft_head": "mtp", "train.freeze_target": True})
+    saved_mtp = to_dict(frozen)
+    del saved_mtp["train"]["freeze_target"]
+    assert config_differences(saved_mtp, frozen) == ["train.freeze_target: checkpoint False -> requested True"]

@@ -101,3 +101,43 @@ def test_ngram_drafter_needs_the_draft_head(run):  # noqa: F811
 def test_early_reject_threshold_out_of_range():
     res = cli(*GEN, "--checkpoint", "x", "--prompt", "the", "--draft", "prompt_lookup", "--early-reject", "1.5")
     assert_user_error(res, USAGE, "--early-reject 1.5", "(0, 1)")
+
+
+def test_mtp_drafter_needs_the_mtp_head(run):  # noqa: F811
+    res = cli(*GEN, "--checkpoint", str(run), "--prompt", "the", "--draft", "mtp")
+    assert_user_error(res, USAGE, "--draft mtp", "model.draft_head=mtp")
+
+
+def test_an_mtp_head_trains_on_a_frozen_target_started_from_another_run(run, data, vocab, tmp_path):  # noqa: F811
+    """``python train.py ... model.draft_head=mtp train.freeze_target=true train.init_from=RUN``: the new run
+    starts from RUN's target (parameters and MoE selection biases) and trains only the MTP head, so after
+    training its target is bit-identical to RUN's and its head has moved from its initialization."""
+    import numpy as np
+    from flax import nnx as _nnx
+
+    from ngram_jax.checkpoint import restore_model
+    from ngram_jax.layers.moe import SelectionBias
+
+    out = tmp_path / "mtp"
+    res = cli("train.py", *tiny(data, vocab, out, "model.draft_head=mtp", "train.freeze_target=true",
+                                f"train.init_from={run}", "seed=1"), timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"starts from {run}; initialised here: draft_head" in res.stdout
+    which = _nnx.Any(_nnx.Param, SelectionBias)
+    src = _nnx.to_pure_dict(_nnx.state(restore_model(run)[0], which))
+    got = _nnx.to_pure_dict(_nnx.state(restore_model(out)[0], which))
+    head = got.pop("draft_head")
+    assert jax_equal(src, got)
+    cfg = load_config(CONFIG, tiny(data, vocab, out, "model.draft_head=mtp", "seed=1")[1:])
+    with param_context(None):
+        fresh = _nnx.to_pure_dict(_nnx.state(build_model(cfg, _nnx.Rngs(cfg.seed)).draft_head))
+    assert not jax_equal(fresh, head)
+    assert np.isfinite(np.asarray(head["proj"]["kernel"])).all()
+
+
+def jax_equal(a, b) -> bool:
+    import jax
+    import numpy as np
+
+    pairs = zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    return jax.tree.structure(a) == jax.tree.structure(b) and all(np.array_equal(x, y) for x, y in pairs)

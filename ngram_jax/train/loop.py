@@ -22,7 +22,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ngram_jax.budget import check_config, parameter_budget
-from ngram_jax.checkpoint import Checkpointer, DataState, config_differences, row_chunked_paths
+from ngram_jax.checkpoint import Checkpointer, DataState, config_differences, row_chunked_paths, warm_start
 from ngram_jax.config import Config, ConfigError, to_dict
 from ngram_jax.data.pipeline import make_dataset
 from ngram_jax.data.prepare import ensure_bundled, read_metadata
@@ -46,7 +46,8 @@ def train_step(model, opt: Optimizer, batch, draft_head_weight: float = 1.0):
     lookups = dict(hashed_tables(model))
     rows = {k: m.row_ids(batch["inputs"], segment_ids=batch["segment_ids"]) for k, m in lookups.items()}
     if not opt.sparse:
-        (_, loss), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, batch, draft_head_weight)
+        (_, loss), grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, opt.wrt), has_aux=True)(
+            model, batch, draft_head_weight)
         grad_norm = optax.tree.norm(grads)
         opt.dense.update(model, grads)
     else:
@@ -69,7 +70,8 @@ def train_step(model, opt: Optimizer, batch, draft_head_weight: float = 1.0):
             opt.tables[k].update(m, rows[k], row_grads[k], step, scale)
     for k, m in lookups.items():
         m.record_usage(rows[k])
-    update_selection_bias(model)  # aux-loss-free balancing, outside the optimizer
+    if not opt.freeze_target:  # a frozen target keeps its routing too
+        update_selection_bias(model)  # aux-loss-free balancing, outside the optimizer
     counts = [b.moe.counts[...] for b in model.blocks if b.moe is not None]
     usage = [m.usage_fraction() for m in lookups.values()]
     return {"loss": loss, "grad_norm": grad_norm, "tokens": jnp.sum(batch["segment_ids"] != 0),
@@ -275,6 +277,10 @@ def train(cfg: Config) -> dict:
             nnx.update(module, state)
         if lead:
             print(f"resumed {run_dir} from step {start}", flush=True)
+    elif t.init_from:  # a new run starting from another run's model (e.g. a frozen target for an MTP head)
+        kept = warm_start(model, t.init_from, mesh)
+        if lead:
+            print(f"{run_dir} starts from {t.init_from}; initialised here: {', '.join(kept) or 'nothing'}", flush=True)
 
     chunked = row_chunked_paths(model, opt)
     window = TrainWindow(cfg, parameter_budget(cfg)["activated_max"], peak_flops(cfg) * jax.device_count())

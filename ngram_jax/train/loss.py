@@ -57,12 +57,26 @@ def forward(model, batch: dict) -> jax.Array:
 
 def loss_fn(model, batch: dict, draft_head_weight: float = 1.0) -> tuple[jax.Array, jax.Array]:
     """The training objective ``(mean cross-entropy + MoE auxiliary losses [+ weighted draft-head
-    cross-entropy], mean cross-entropy)``."""
-    loss = mean_cross_entropy(forward(model, batch), batch["targets"], batch["loss_mask"])
+    cross-entropy], mean cross-entropy)``. The draft head's loss: next token (``ngram``) or the token
+    after it (``mtp``: the head reads the target's last hidden state at t and input embedding of t+1,
+    both from this forward pass, and predicts token t+2; scored where t+2 is a scored target of t+1's
+    document)."""
+    kind = model.config.draft_head if draft_head_weight > 0 else "none"
+    if kind == "mtp":
+        emb, ple = model.inputs(batch["inputs"], segment_ids=batch["segment_ids"])  # [B, S, D]
+        logits, hidden = model.trunk(emb, batch["positions"], batch["segment_ids"], ple, return_hidden=True)
+    else:
+        logits = forward(model, batch)
+    loss = mean_cross_entropy(logits, batch["targets"], batch["loss_mask"])
     total = loss + model.aux_loss()
-    if getattr(model, "draft_head", None) is not None and draft_head_weight > 0:
+    if kind == "ngram":
         draft = model.draft_logits(batch["inputs"], segment_ids=batch["segment_ids"])
         total = total + draft_head_weight * mean_cross_entropy(draft, batch["targets"], batch["loss_mask"])
+    elif kind == "mtp":
+        seg = batch["segment_ids"]
+        draft = model.mtp_training_logits(hidden, emb, batch["positions"], seg)  # [B, S-1, V]
+        mask = batch["loss_mask"][:, 1:] * (seg[:, :-1] == seg[:, 1:])
+        total = total + draft_head_weight * mean_cross_entropy(draft, batch["targets"][:, 1:], mask)
     return total, loss
 
 

@@ -158,11 +158,16 @@ class RowwiseTableOptimizer(nnx.Module):
 
 class Optimizer(nnx.Module):
     """The training optimizer: optax AdamW over the dense parameters (and, with
-    ``table_optimizer: dense``, the N-gram tables), row-wise optimizers for the N-gram tables otherwise."""
+    ``table_optimizer: dense``, the N-gram tables), row-wise optimizers for the N-gram tables otherwise.
+    ``train.freeze_target``: AdamW over the draft head's parameters only (``wrt``), nothing else moves."""
 
     def __init__(self, model: nnx.Module, t: TrainConfig):
-        self.sparse = t.table_optimizer != "dense"
-        self.wrt = nnx.All(nnx.Param, nnx.Not(NgramTable)) if self.sparse else nnx.Param
+        self.freeze_target = t.freeze_target  # only the draft head's parameters train (dense AdamW)
+        self.sparse = t.table_optimizer != "dense" and not t.freeze_target
+        if t.freeze_target:
+            self.wrt = nnx.All(nnx.Param, nnx.PathContains("draft_head"))
+        else:
+            self.wrt = nnx.All(nnx.Param, nnx.Not(NgramTable)) if self.sparse else nnx.Param
         self.dense = nnx.Optimizer(model, make_optimizer(t, table_paths(model), clip=not self.sparse),
                                    wrt=self.wrt)
         self.grad_clip = t.grad_clip
