@@ -36,6 +36,9 @@ bench: $(STAMP)
 	$(PY) benchmarks/decode.py
 	$(PY) benchmarks/ngram_gather.py
 	$(PY) benchmarks/table_growth.py
+	$(PY) benchmarks/vs_torch.py
+	$(PY) benchmarks/moe_dispatch.py
+	$(PY) benchmarks/memory.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -289,6 +289,7 @@ def mtp_batch(vocab, seed=0, b=2, s=12):
             "positions": default_positions(seg.shape, seg), "loss_mask": jnp.ones((b, s), jnp.float32)}
 
 
+@pytest.mark.slow  # training steps of a target with the head, twice: make test-all
 @pytest.mark.parametrize("freeze", [False, True])
 def test_mtp_head_trains_jointly_or_on_a_frozen_target(freeze):
     """train_step with the MTP loss: joint training moves the target and the head (the head's loss reaches

@@ -108,6 +108,7 @@ def test_mtp_drafter_needs_the_mtp_head(run):  # noqa: F811
     assert_user_error(res, USAGE, "--draft mtp", "model.draft_head=mtp")
 
 
+@pytest.mark.slow  # two train.py runs: kept out of CI for time, run by make test-all
 def test_an_mtp_head_trains_on_a_frozen_target_started_from_another_run(run, data, vocab, tmp_path):  # noqa: F811
     """``python train.py ... model.draft_head=mtp train.freeze_target=true train.init_from=RUN``: the new run
     starts from RUN's target (parameters and MoE selection biases) and trains only the MTP head, so after
