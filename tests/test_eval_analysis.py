@@ -58,6 +58,7 @@ def manual_logprob(adapter, context_ids, cont_ids):
     return float(sum(logp[len(context_ids) - 1 + i, cont_ids[i]] for i in range(n)))
 
 
+@pytest.mark.slow  # CI time: make test-all runs it
 def test_loglikelihood_matches_a_direct_forward_pass(adapter):
     pairs = [("To be, or not to be", ", that is the question"), ("ROMEO:", " But soft"), ("", "Hello there")]
     got = adapter.loglikelihood([Req(c, x) for c, x in pairs])

@@ -80,6 +80,7 @@ def test_ngram_cache_history_matches_the_formula():
     np.testing.assert_array_equal(np.asarray(ids)[0, 0], want[0, -1])
 
 
+@pytest.mark.slow  # CI time: make test-all runs it
 def test_reordering_keeps_the_caches_consistent(models):
     model = models["tiny_ne"]
     prompts = prompts_with_eos()

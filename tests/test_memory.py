@@ -103,7 +103,7 @@ def forward_fn(model):
 # bfloat16 compute, float32 master weights
 
 
-@pytest.mark.parametrize("grouped", ["tiled", "ragged_dot"])
+@pytest.mark.parametrize("grouped", ["tiled", pytest.param("ragged_dot", marks=pytest.mark.slow)])
 def test_bf16_forward_computes_the_blocks_in_bf16_and_keeps_router_and_logits_float32(grouped):
     cfg = config("model.dtype=bfloat16", "model.param_dtype=float32", f"model.moe.grouped_matmul={grouped}")
     with param_context():
@@ -209,6 +209,7 @@ def test_remat_gives_the_loss_and_gradients_of_no_remat(grads_by_policy, policy)
                                    err_msg="/".join(map(str, k)))
 
 
+@pytest.mark.slow  # CI time: make test-all runs it
 def test_remat_keeps_the_routing_state_of_the_training_step():
     """The MoE counts and the selection bias are written in the forward pass; under nnx.remat the training
     step must still see them (and the bias update after the optimizer)."""

@@ -103,6 +103,7 @@ def test_tied_embeddings_and_bad_tokens():
         model(np.array([[1, 4096]]))
 
 
+@pytest.mark.slow  # CI time: make test-all runs it
 def test_moe_aux_loss_and_gradients():
     model = build_model(cfg("tiny_ne", "model.moe.load_balance_loss_weight=0.01"), nnx.Rngs(0))
     t = np.random.default_rng(3).integers(1, 4096, (2, 8))

@@ -11,6 +11,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -51,6 +53,7 @@ def test_readme_examples_run_without_a_mesh():
     assert "model ok" in out and "ne ok" in out
 
 
+@pytest.mark.slow  # CI time: make test-all runs it
 def test_build_save_restore_run_without_a_mesh(tmp_path):
     out = run_fresh(textwrap.dedent(f"""
         import grain, jax, numpy as np

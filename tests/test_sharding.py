@@ -117,6 +117,7 @@ def collective_bytes(ratio: float, tokens) -> int:
                for s in shapes)
 
 
+@pytest.mark.slow  # CI time: make test-all runs it
 def test_communication_does_not_depend_on_table_size(tokens):
     small, big = collective_bytes(1.37, tokens), collective_bytes(9.37, tokens)
     assert small == big > 0

@@ -135,7 +135,8 @@ def exact_pair_probs(model, prompt, sampling):
     return np.asarray(first)[:, None] * np.asarray(second)
 
 
-@pytest.mark.parametrize("which", ["model", "prompt_lookup", "model_early_reject", "mtp"])
+@pytest.mark.parametrize("which", ["model", "prompt_lookup", pytest.param("model_early_reject", marks=pytest.mark.slow),
+                                   pytest.param("mtp", marks=pytest.mark.slow)])  # CI time: two in make test
 def test_sampling_follows_the_target_distribution(which):
     """Chi-square of (first, second) new token pairs from speculative sampling against the exact
     target probabilities, on an 8-token vocabulary; fixed seeds make it deterministic."""
@@ -171,6 +172,7 @@ def test_sampling_follows_the_target_distribution(which):
     assert pval > 1e-3, pval
 
 
+@pytest.mark.slow  # CI time: make test-all runs it
 def test_cached_ne_embeddings_verify_like_a_recompute_with_one_lookup_per_token(with_eos, monkeypatch):
     """The N-gram drafter hands the NE outputs it computed to verification: same logits and KV cache as
     verification that recomputes them, and the lookup runs once per token (K + 1 positions per round,
@@ -221,6 +223,7 @@ def committed_mtp_logits(model, table, start, length) -> np.ndarray:
     return np.stack(out)
 
 
+@pytest.mark.slow  # CI time: make test-all runs it
 def test_mtp_cache_rolls_back_by_length_and_verification_reuses_its_embeddings(mtp_with_eos, monkeypatch):
     """Rounds of draft -> verify -> commit with forced ragged acceptance (row b commits (b + round) % (K+1)
     of the head's drafts, then the target's token: rollbacks at every index and full acceptances). Every

@@ -122,6 +122,7 @@ def test_resume_after_sigkill_is_bitwise_exact(straight, data_dir, tmp_path):
     assert got == want  # every step, before and after the restart, bit for bit
 
 
+@pytest.mark.slow  # CI time: make test-all runs it
 def test_interrupted_save_is_ignored(straight, data_dir, tmp_path):
     """A save killed half-way (orbax's temporary directory left behind) is not a checkpoint."""
     run_dir = tmp_path / "partial"
@@ -143,6 +144,7 @@ def test_interrupted_save_is_ignored(straight, data_dir, tmp_path):
     assert losses(run_dir) == {s: want[s] for s in range(251, 301)}
 
 
+@pytest.mark.slow  # CI time: make test-all runs it
 def test_sigterm_saves_and_next_start_resumes(data_dir, tmp_path):
     run_dir = tmp_path / "term"
     proc = start(data_dir, run_dir, *STEPS)
@@ -157,6 +159,7 @@ def test_sigterm_saves_and_next_start_resumes(data_dir, tmp_path):
     assert rc == 0 and f"from step {step}" in out, out
 
 
+@pytest.mark.slow  # CI time: make test-all runs it
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
     run_dir = tmp_path / "nan"
     rc, out = run(data_dir, run_dir, "train.steps=50", "train.checkpoint_every=1", "train.warmup_steps=1",
@@ -257,6 +260,7 @@ def test_eval_cli_matches_training_eval_and_reads_raw_text(straight, tmp_path):
     assert result["data"] == str(raw) and result["tokens"] > 0 and np.isfinite(result["loss"])
 
 
+@pytest.mark.slow  # CI time: make test-all runs it
 def test_eval_cli_runs_a_local_lm_eval_task(straight, tmp_path):
     pytest.importorskip("lm_eval", reason="eval extra not installed: pip install -e '.[eval]'")
     from test_eval_analysis import write_task
