@@ -82,11 +82,11 @@ def train_step(model, opt: Optimizer, batch, draft_head_weight: float = 1.0):
 class TrainStep:
     """The jitted update ``train.py`` runs, over the split state of (model, optimizer).
 
-    ``nnx.jit`` walks the module graph on every call (about 60 ms per call for the tiny models on
-    this project's 2-core CPU, measured by ``benchmarks/vs_torch.py``'s ancestor probe, i.e. a third
-    of the step); here the graph is split once, the step is a pure ``jax.jit`` function of the state
-    pytree (its buffers donated, so the update is in place), and the modules see the new state only
-    when :meth:`sync` is called (before evaluation, checkpoint saves and at the end).
+    ``nnx.jit`` walks the module graph on every call (about 60 ms of Python per call for the tiny models on
+    this project's 2-core CPU; it overlaps the running step, so the measured step time barely changes:
+    docs/BENCHMARKS.md, ``benchmarks/vs_torch.py``); here the graph is split once, the step is a pure
+    ``jax.jit`` function of the state pytree (its buffers donated, so the update is in place), and the
+    modules see the new state only when :meth:`sync` is called (before evaluation, checkpoint saves and at the end).
 
         step = TrainStep(cfg, model, opt)
         metrics = step(batch)   # asynchronous: reading a metric waits for the step
