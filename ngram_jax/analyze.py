@@ -6,7 +6,10 @@ of the fused embedding, expert load per layer; printed, saved as JSON and plotte
 LongCat-Flash-Lite's N-gram table holds 31.4B parameters, more than an analysis host's memory: the
 token and N-gram tables are never loaded whole. Their rows are read lazily from the checkpoint with
 tensorstore (training saves them in row chunks), only the rows the sample text needs; every other
-parameter is read whole. ``bytes_read`` reports what the lazy reads cost.
+parameter is read whole. Whole-table statistics (row norms of every row of every sub-table) stream the
+tables in slabs of at most ``STREAM_BYTES``, so host memory bounds nothing but the slab.
+``bytes_read`` reports what the lazy reads cost. From Python: ``analyze(run_dir)`` returns the report;
+``LazyCheckpoint(run_dir)`` reads arrays, rows (``rows``) and slabs (``row_slabs``) of a checkpoint.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import jax
@@ -29,6 +32,8 @@ from ngram_jax.config import Config, from_dict
 from ngram_jax.model import build_model, default_positions
 from ngram_jax.ngram.lookup import RowUsage, table_paths
 from ngram_jax.tools.collisions import collision_report
+
+STREAM_BYTES = 16 << 20  # whole-table statistics read the tables in slabs of at most this many bytes
 
 
 class LazyCheckpoint:
@@ -46,6 +51,7 @@ class LazyCheckpoint:
         self.base = (ckpt.directory / str(self.step) / "state").absolute()
         self.bytes_read = 0  # whole arrays
         self.table_bytes_read = 0  # row chunks of lazily read tables
+        self.stream_bytes_read = 0  # slabs of tables streamed whole (row_slabs)
 
     def open(self, path: Sequence[str]) -> ts.TensorStore:
         key = ".".join(("model", *map(str, path)))
@@ -74,6 +80,69 @@ class LazyCheckpoint:
         if blocked:
             return arr[ids // chunk_rows, ids % chunk_rows].read().result()
         return arr[ids].read().result()
+
+
+    def row_slabs(self, path: Sequence[str], ndim: int = 2, max_bytes: int = STREAM_BYTES
+                  ) -> Iterator[tuple[int, np.ndarray]]:
+        """``(first_row, table[first_row : first_row + n])`` over the whole table, in slabs of whole storage
+        chunks of at most ``max_bytes`` (at least one chunk): the table is never held whole. Counts the bytes."""
+        arr = self.open(path)
+        blocked = arr.ndim == ndim + 1
+        chunk_rows = arr.shape[1] if blocked else arr.chunk_layout.read_chunk.shape[0]
+        rows_total = arr.shape[0] * (arr.shape[1] if blocked else 1)
+        row_bytes = int(np.prod(arr.shape[2 if blocked else 1 :])) * arr.dtype.numpy_dtype.itemsize
+        chunks_per_slab = max(1, max_bytes // max(chunk_rows * row_bytes, 1))
+        step = chunks_per_slab * chunk_rows
+        for start in range(0, rows_total, step):
+            stop = min(start + step, rows_total)
+            if blocked:  # [R/c, c, ...]: slabs are whole blocks
+                out = arr[start // chunk_rows : -(-stop // chunk_rows)].read().result()
+                out = out.reshape(-1, *out.shape[2:])[: stop - start]
+            else:
+                out = arr[start:stop].read().result()
+            self.stream_bytes_read += (stop - start) * row_bytes
+            yield start, out
+
+
+NORM_BINS = np.logspace(-8, 4, 241)  # row-norm histogram edges (log-spaced, 20 per decade)
+
+
+def row_norm_stats(lazy: LazyCheckpoint, path: Sequence[str], bounds: Sequence[tuple[str, int, int]],
+                   max_bytes: int = STREAM_BYTES) -> list[dict]:
+    """Row L2-norm statistics of each ``(name, first_row, end_row)`` range of a saved table, streamed in
+    slabs (``LazyCheckpoint.row_slabs``): count, mean, std, max, rows that are all zero, and the 10/50/90th
+    percentiles from a log-spaced histogram (``NORM_BINS``: about 12% relative resolution)."""
+    acc = [{"count": 0, "sum": 0.0, "sumsq": 0.0, "max": 0.0, "zero": 0, "hist": np.zeros(len(NORM_BINS) + 1, np.int64)}
+           for _ in bounds]
+    for start, slab in lazy.row_slabs(path, max_bytes=max_bytes):
+        flat = slab.reshape(slab.shape[0], -1)
+        norms = np.concatenate([np.sqrt(np.einsum("ij,ij->i", b, b, dtype=np.float64))  # [n], float64 sums
+                                for b in np.array_split(flat, -(-flat.shape[0] // 65536))])
+        for a, (_, lo, hi) in zip(acc, bounds, strict=True):
+            part = norms[max(lo - start, 0) : max(min(hi - start, len(norms)), 0)]
+            if part.size:
+                a["count"] += part.size
+                a["sum"] += float(part.sum())
+                a["sumsq"] += float(np.square(part).sum())
+                a["max"] = max(a["max"], float(part.max()))
+                a["zero"] += int((part == 0).sum())
+                a["hist"] += np.bincount(np.searchsorted(NORM_BINS, part), minlength=len(NORM_BINS) + 1)
+    out = []
+    for a, (name, lo, hi) in zip(acc, bounds, strict=True):
+        n = max(a["count"], 1)
+        mean = a["sum"] / n
+        cdf = np.cumsum(a["hist"]) / n
+        edges = np.concatenate([[0.0], NORM_BINS])  # bin i holds norms in (edges[i], edges[i + 1]]
+
+        def pct(q, cdf=cdf, edges=edges):
+            i = int(np.searchsorted(cdf, q))
+            return float(edges[min(i + 1, len(edges) - 1)])
+
+        std = float(np.sqrt(max(a["sumsq"] / n - mean**2, 0.0)))
+        out.append({"table": name, "rows": hi - lo, "mean": mean, "std": std,
+                    "max": a["max"], "zero_rows": a["zero"], "p10": pct(0.1), "p50": pct(0.5), "p90": pct(0.9),
+                    "hist": a["hist"].tolist()})
+    return out
 
 
 def sample_tokens(cfg: Config, text: str | None, max_tokens: int) -> np.ndarray:
@@ -166,6 +235,13 @@ def analyze(path: str | Path, *, step: int | None = None, text: str | None = Non
         if tpath[0] == "embed":
             arr = lazy.open(tpath)
             report["table_bytes"][tpath[-1]] = int(np.prod(arr.shape)) * arr.dtype.numpy_dtype.itemsize
+    # whole-table statistics, streamed: the tables are never read whole
+    report["row_norms"] = row_norm_stats(lazy, ("embed", "embedding"), [("token", 0, m.vocab_size)])
+    if m.ngram.enabled:
+        lay = embed.layout
+        bounds = [(f"{lay.order_of(i)}-gram/{i}", lay.row_offsets[i], lay.row_offsets[i] + lay.table_sizes[i])
+                  for i in range(lay.num_tables)]
+        report["row_norms"] += row_norm_stats(lazy, ("embed", "ngram_table"), bounds)
     if m.moe.num_experts:
         h = fused
         ple = None
@@ -181,7 +257,8 @@ def analyze(path: str | Path, *, step: int | None = None, text: str | None = Non
         report["expert_load"] = load.tolist()
         real = load[:, : m.moe.num_experts].astype(float)
         report["expert_load_max_over_mean"] = (real.max(1) / np.maximum(real.mean(1), 1e-9)).tolist()
-    report["bytes_read"] = {"table_rows": lazy.table_bytes_read, "other_parameters": lazy.bytes_read}
+    report["bytes_read"] = {"table_rows": lazy.table_bytes_read, "table_stream": lazy.stream_bytes_read,
+                            "other_parameters": lazy.bytes_read}
     out = Path(out) if out is not None else find_checkpoints(path).parent / "analysis"
     out.mkdir(parents=True, exist_ok=True)
     (out / "analysis.json").write_text(json.dumps(report, indent=1))
@@ -209,6 +286,18 @@ def _plots(report: dict, out: Path) -> list[str]:
         ax.set_ylabel("fraction of rows used by the sample")
         ax.set_title("N-gram table row usage")
         files.append(_save(fig, out / "row_usage.png"))
+    if report.get("row_norms"):
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        centers = np.sqrt(NORM_BINS[:-1] * NORM_BINS[1:])  # geometric bin centres of the inner bins
+        for r in report["row_norms"]:
+            h = np.asarray(r["hist"][1:-1], float)
+            ax.plot(centers, h / max(r["rows"], 1), label=r["table"], lw=1)
+        ax.set_xscale("log")
+        ax.set_xlabel("row L2 norm")
+        ax.set_ylabel("fraction of rows per bin")
+        ax.set_title("table row norms (every row, streamed)")
+        ax.legend(fontsize=7)
+        files.append(_save(fig, out / "row_norms.png"))
     if "expert_load" in report:
         load = np.asarray(report["expert_load"], float)
         fig, ax = plt.subplots(figsize=(6, 1 + 0.5 * load.shape[0]))
@@ -260,11 +349,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     for c in r.get("collisions", []):
         print(f"  {c['order']}-gram table {c['split']}: {c['distinct']:,} distinct, collision rate {c['rate']:.4f} "
               f"({c['vs_random']:.2f}x random)")
+    for n in r.get("row_norms", []):
+        print(f"  {n['table']:<12} {n['rows']:>12,} rows: norm mean {n['mean']:.4g} (p10 {n['p10']:.3g}, p50 "
+              f"{n['p50']:.3g}, p90 {n['p90']:.3g}, max {n['max']:.3g}), {n['zero_rows']:,} all-zero rows")
     for i, x in enumerate(r.get("expert_load_max_over_mean", [])):
         print(f"  layer {i}: expert load max/mean {x:.2f}")
     print(f"  read {r['bytes_read']['table_rows']:,} B of table row chunks for {r['sample_tokens']:,} sample tokens "
           f"(tables: " + ", ".join(f"{k} {v:,} B" for k, v in r["table_bytes"].items())
-          + f"), {r['bytes_read']['other_parameters']:,} B of other parameters")
+          + f"), {r['bytes_read']['table_stream']:,} B of tables streamed for the row norms, "
+          f"{r['bytes_read']['other_parameters']:,} B of other parameters")
     for f in r.get("plots", []):
         print(f"  plot: {f}")
     return 0

@@ -134,6 +134,23 @@ def test_analysis_reads_only_the_rows_it_needs(data_dir, tmp_path):
     assert load.sum() == report["sample_tokens"] * cfg.model.moe.top_k
     for f in report["plots"]:
         assert Path(f).stat().st_size > 1000
+    # row norms of every row, streamed in slabs, against numpy on the table in memory
+    assert report["bytes_read"]["table_stream"] >= table_bytes
+    table = np.asarray(model.embed.ngram_table[...], np.float64)
+    lay = model.embed.layout
+    stats = {r["table"]: r for r in report["row_norms"]}
+    assert set(stats) == {"token"} | {f"{lay.order_of(i)}-gram/{i}" for i in range(lay.num_tables)}
+    for i in range(lay.num_tables):
+        lo = lay.row_offsets[i]
+        norms = np.linalg.norm(table[lo : lo + lay.table_sizes[i]], axis=-1)
+        r = stats[f"{lay.order_of(i)}-gram/{i}"]
+        assert r["rows"] == norms.size and sum(r["hist"]) == norms.size
+        np.testing.assert_allclose([r["mean"], r["std"], r["max"]], [norms.mean(), norms.std(), norms.max()], rtol=1e-6)
+        assert r["zero_rows"] == int((norms == 0).sum())
+        for q in (10, 50, 90):  # the histogram's upper bin edge: at most one bin (12%) above the exact value
+            assert np.percentile(norms, q) <= r[f"p{q}"] <= 1.13 * np.percentile(norms, q)
+    token = np.linalg.norm(np.asarray(model.embed.embedding[...], np.float64), axis=-1)
+    np.testing.assert_allclose(stats["token"]["mean"], token.mean(), rtol=1e-6)
 
 
 def test_analyze_cli(data_dir, tmp_path):

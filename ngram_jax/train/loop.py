@@ -26,6 +26,7 @@ from ngram_jax.checkpoint import Checkpointer, DataState, config_differences, ro
 from ngram_jax.config import Config, ConfigError, to_dict
 from ngram_jax.data.pipeline import make_dataset
 from ngram_jax.data.prepare import ensure_bundled, read_metadata
+from ngram_jax.errors import DataError
 from ngram_jax.layers.moe import update_selection_bias
 from ngram_jax.ngram.lookup import hashed_tables, row_perturbations
 from ngram_jax.sharding import initialize_distributed, make_mesh, param_context, rules_for_mesh
@@ -177,7 +178,7 @@ def evaluate(cfg: Config, sharding, eval_fn) -> float:
         s, c = eval_fn(_device_batch(batch, sharding))
         total, count = total + float(s), count + float(c)
     if count == 0:
-        raise ValueError(f"{cfg.data.path}: the held-out split yields no full batch of "
+        raise DataError(f"{cfg.data.path}: the held-out split yields no full batch of "
                          f"{cfg.data.batch_size}x{cfg.data.seq_len}; lower data.batch_size")
     return total / count
 
