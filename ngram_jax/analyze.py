@@ -65,15 +65,21 @@ class LazyCheckpoint:
         out = arr.read().result()
         return out.reshape(shape) if is_blocked(arr.shape, tuple(shape)) else out
 
-    def rows(self, path: Sequence[str], ids: np.ndarray, ndim: int = 2) -> np.ndarray:
-        """``table[ids]`` of an ``ndim``-D table, reading only the chunks that hold ``ids``; counts the bytes
-        of those chunks."""
+    def _table(self, path: Sequence[str], ndim: int):
+        """``(store, blocked, rows per chunk, rows, bytes per row)`` of a saved ``ndim``-D table; ``blocked``:
+        stored as ``[R/c, c, ...]`` blocks, one chunk each."""
         arr = self.open(path)
-        ids = np.asarray(ids)
-        blocked = arr.ndim == ndim + 1  # stored as [R/c, c, ...] blocks, one chunk each
+        blocked = arr.ndim == ndim + 1
         chunk_rows = arr.shape[1] if blocked else arr.chunk_layout.read_chunk.shape[0]
         rows_total = arr.shape[0] * (arr.shape[1] if blocked else 1)
         row_bytes = int(np.prod(arr.shape[2 if blocked else 1 :])) * arr.dtype.numpy_dtype.itemsize
+        return arr, blocked, chunk_rows, rows_total, row_bytes
+
+    def rows(self, path: Sequence[str], ids: np.ndarray, ndim: int = 2) -> np.ndarray:
+        """``table[ids]`` of an ``ndim``-D table, reading only the chunks that hold ``ids``; counts the bytes
+        of those chunks."""
+        arr, blocked, chunk_rows, rows_total, row_bytes = self._table(path, ndim)
+        ids = np.asarray(ids)
         chunks = np.unique(ids // chunk_rows)
         rows_in_chunks = sum(min(chunk_rows, rows_total - c * chunk_rows) for c in chunks.tolist())
         self.table_bytes_read += rows_in_chunks * row_bytes
@@ -81,16 +87,11 @@ class LazyCheckpoint:
             return arr[ids // chunk_rows, ids % chunk_rows].read().result()
         return arr[ids].read().result()
 
-
     def row_slabs(self, path: Sequence[str], ndim: int = 2, max_bytes: int = STREAM_BYTES
                   ) -> Iterator[tuple[int, np.ndarray]]:
         """``(first_row, table[first_row : first_row + n])`` over the whole table, in slabs of whole storage
         chunks of at most ``max_bytes`` (at least one chunk): the table is never held whole. Counts the bytes."""
-        arr = self.open(path)
-        blocked = arr.ndim == ndim + 1
-        chunk_rows = arr.shape[1] if blocked else arr.chunk_layout.read_chunk.shape[0]
-        rows_total = arr.shape[0] * (arr.shape[1] if blocked else 1)
-        row_bytes = int(np.prod(arr.shape[2 if blocked else 1 :])) * arr.dtype.numpy_dtype.itemsize
+        arr, blocked, chunk_rows, rows_total, row_bytes = self._table(path, ndim)
         chunks_per_slab = max(1, max_bytes // max(chunk_rows * row_bytes, 1))
         step = chunks_per_slab * chunk_rows
         for start in range(0, rows_total, step):
