@@ -133,18 +133,28 @@ def plots(records: list[dict], out: Path) -> list[Path]:
 
     groups = groups_of(records)
     written = []
+    sweep = f"{records[0]['sweep']} ({records[0].get('scale')})"
 
     def scatter(xkey: str, xlabel: str, fname: str, logx: bool):
         fig, ax = plt.subplots(figsize=(6, 4))
+        variants = list(dict.fromkeys(g.first("variant") for g in groups))
+        markers = "osD^v<>p*h"
         for kind in dict.fromkeys(_kind(g) for g in groups):
-            sel = [g for g in groups if _kind(g) == kind]
-            x = [g.first(xkey) for g in sel]
-            y = [g.mean() for g in sel]
-            lo = [g.mean() - g.values("eval_loss").min() for g in sel]
-            hi = [g.values("eval_loss").max() - g.mean() for g in sel]
-            ax.errorbar(x, y, yerr=[lo, hi], fmt="o", capsize=3, label=kind)
+            for vi, variant in enumerate(variants):  # one series per kind and variant (e.g. width), lines joined
+                sel = sorted([g for g in groups if _kind(g) == kind and g.first("variant") == variant],
+                             key=lambda g: g.first(xkey))
+                if not sel:
+                    continue
+                x = [g.first(xkey) for g in sel]
+                y = [g.mean() for g in sel]
+                lo = [g.mean() - g.values("eval_loss").min() for g in sel]
+                hi = [g.values("eval_loss").max() - g.mean() for g in sel]
+                label = kind if len(variants) < 2 else f"{kind}, {variant}"
+                ax.errorbar(x, y, yerr=[lo, hi], fmt=markers[vi % len(markers)] + "-", capsize=3, label=label,
+                            color="C1" if kind == "NE" else "C0" if "MoE" in kind else None, alpha=0.85)
         if logx:
             ax.set_xscale("log")
+        ax.set_title(f"{sweep}: held-out loss vs {xlabel}", fontsize=9)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("held-out loss (nats/token), bars: seed range")
         ax.legend()
@@ -180,8 +190,9 @@ def plots(records: list[dict], out: Path) -> list[Path]:
             err = [[g.mean() - g.values("eval_loss").min() for g in sel],
                    [g.values("eval_loss").max() - g.mean() for g in sel]]
             ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=label)
+        ax.set_title(f"{sweep}: held-out loss vs {key}", fontsize=9)
         ax.set_xlabel(key)
-        ax.set_ylabel("held-out loss (nats/token)")
+        ax.set_ylabel("held-out loss (nats/token), bars: seed range")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
         fig.tight_layout()
@@ -197,6 +208,7 @@ def plots(records: list[dict], out: Path) -> list[Path]:
         ax.set_xticks(x, [g.name for g in groups], rotation=60, ha="right", fontsize=7)
         ax.set_yscale("log")
         ax.set_ylabel("mean L2 norm per token")
+        ax.set_title(f"{sweep}: input embedding and first attention output norms", fontsize=9)
         ax.legend()
         fig.tight_layout()
         path = out / "activation_norms.png"
