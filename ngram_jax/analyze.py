@@ -7,7 +7,8 @@ LongCat-Flash-Lite's N-gram table holds 31.4B parameters, more than an analysis 
 token and N-gram tables are never loaded whole. Their rows are read lazily from the checkpoint with
 tensorstore (training saves them in row chunks), only the rows the sample text needs; every other
 parameter is read whole. Whole-table statistics (row norms of every row of every sub-table) stream the
-tables in slabs of at most ``STREAM_BYTES``, so host memory bounds nothing but the slab.
+tables in slabs of at most ``STREAM_BYTES``, so a table never has to fit in host memory (the README
+states what orbax's OCDBT layout costs per block read).
 ``bytes_read`` reports what the lazy reads cost. From Python: ``analyze(run_dir)`` returns the report;
 ``LazyCheckpoint(run_dir)`` reads arrays, rows (``rows``) and slabs (``row_slabs``) of a checkpoint.
 """

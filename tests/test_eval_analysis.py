@@ -89,6 +89,7 @@ def write_task(tmp_path: Path) -> Path:
     return tmp_path
 
 
+@pytest.mark.slow  # CI time (33 s): make test-all runs it
 def test_local_multiple_choice_task_through_simple_evaluate(adapter, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     from lm_eval.tasks import TaskManager

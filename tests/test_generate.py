@@ -95,6 +95,7 @@ def test_reordering_keeps_the_caches_consistent(models):
         np.testing.assert_allclose(np.asarray(logits[row]), full, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow  # CI time (58 s): make test-all runs it
 def test_generate_greedy_matches_argmax_of_full_forward(models):
     model = models["tiny_gqa"]
     prompt = [11, 12, 13, 14]

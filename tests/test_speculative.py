@@ -135,8 +135,9 @@ def exact_pair_probs(model, prompt, sampling):
     return np.asarray(first)[:, None] * np.asarray(second)
 
 
-@pytest.mark.parametrize("which", ["model", "prompt_lookup", pytest.param("model_early_reject", marks=pytest.mark.slow),
-                                   pytest.param("mtp", marks=pytest.mark.slow)])  # CI time: two in make test
+@pytest.mark.parametrize("which", [pytest.param("model", marks=pytest.mark.slow), "prompt_lookup",
+                                   pytest.param("model_early_reject", marks=pytest.mark.slow),
+                                   pytest.param("mtp", marks=pytest.mark.slow)])  # CI time: one in make test
 def test_sampling_follows_the_target_distribution(which):
     """Chi-square of (first, second) new token pairs from speculative sampling against the exact
     target probabilities, on an 8-token vocabulary; fixed seeds make it deterministic."""
