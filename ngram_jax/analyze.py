@@ -193,7 +193,9 @@ def _restore_without_tables(lazy: LazyCheckpoint, cfg: Config):
 
 
 def analyze(path: str | Path, *, step: int | None = None, text: str | None = None, max_tokens: int = 4096,
-            out: str | Path | None = None, plots: bool = True) -> dict:
+            out: str | Path | None = None, plots: bool = True, row_norms: bool = True) -> dict:
+    """The report (also saved as ``analysis.json``). ``row_norms=False`` skips the whole-table streamed
+    statistics, which read every block of every table (slow for tables of many blocks: README)."""
     lazy = LazyCheckpoint(path, step)
     cfg, m = lazy.config, lazy.config.model
     budget = parameter_budget(cfg)
@@ -238,8 +240,10 @@ def analyze(path: str | Path, *, step: int | None = None, text: str | None = Non
             arr = lazy.open(tpath)
             report["table_bytes"][tpath[-1]] = int(np.prod(arr.shape)) * arr.dtype.numpy_dtype.itemsize
     # whole-table statistics, streamed: the tables are never read whole
-    report["row_norms"] = row_norm_stats(lazy, ("embed", "embedding"), [("token", 0, m.vocab_size)])
-    if m.ngram.enabled:
+    report["row_norms"] = []
+    if row_norms:
+        report["row_norms"] = row_norm_stats(lazy, ("embed", "embedding"), [("token", 0, m.vocab_size)])
+    if row_norms and m.ngram.enabled:
         lay = embed.layout
         bounds = [(f"{lay.order_of(i)}-gram/{i}", lay.row_offsets[i], lay.row_offsets[i] + lay.table_sizes[i])
                   for i in range(lay.num_tables)]
@@ -332,6 +336,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=4096)
     ap.add_argument("--out", help="output directory (default: RUN_DIR/analysis)")
     ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--no-row-norms", action="store_true",
+                    help="skip the row norms of every table row (they stream every block of every table)")
     args = ap.parse_args(argv)
     if args.max_tokens < 1:
         ap.error(f"--max-tokens {args.max_tokens} must be >= 1")
@@ -342,7 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 "out to use the run's held-out data)")
     find_checkpoints(args.checkpoint)  # a missing run directory fails first
     r = analyze(args.checkpoint, step=args.step, text=args.text, max_tokens=args.max_tokens, out=args.out,
-                plots=not args.no_plots)
+                plots=not args.no_plots, row_norms=not args.no_row_norms)
     b = r["budget"]
     print(f"step {r['step']}: {b['total']:,} parameters, N-gram share {r['ngram_share']:.1%}, activated "
           f"{b['activated_min']:,} to {b['activated_max']:,}")

@@ -158,8 +158,10 @@ def test_analyze_cli(data_dir, tmp_path):
     cfg = load_config("configs/models/tiny_ne.yaml", SMALL + [f"data.path={data_dir}"])
     save_model_checkpoint(cfg, data_dir, tmp_path / "run")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    res = subprocess.run([sys.executable, "-m", "ngram_jax.analyze", str(tmp_path / "run"), "--max-tokens", "128"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    res = subprocess.run([sys.executable, "-m", "ngram_jax.analyze", str(tmp_path / "run"), "--max-tokens", "128",
+                          "--no-row-norms"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert "N-gram share" in res.stdout and "expert load max/mean" in res.stdout and "plot:" in res.stdout
     assert (tmp_path / "run" / "analysis" / "analysis.json").is_file()
+    saved = json.loads((tmp_path / "run" / "analysis" / "analysis.json").read_text())
+    assert saved["row_norms"] == [] and saved["bytes_read"]["table_stream"] == 0  # --no-row-norms streams nothing

@@ -139,6 +139,7 @@ def plots(records: list[dict], out: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(6, 4))
         variants = list(dict.fromkeys(g.first("variant") for g in groups))
         markers = "osD^v<>p*h"
+        colors = {"NE": "C1", "MoE baseline": "C0", "no NE": "C2"}  # one colour per kind, a marker per variant
         for kind in dict.fromkeys(_kind(g) for g in groups):
             for vi, variant in enumerate(variants):  # one series per kind and variant (e.g. width), lines joined
                 sel = sorted([g for g in groups if _kind(g) == kind and g.first("variant") == variant],
@@ -151,7 +152,7 @@ def plots(records: list[dict], out: Path) -> list[Path]:
                 hi = [g.values("eval_loss").max() - g.mean() for g in sel]
                 label = kind if len(variants) < 2 else f"{kind}, {variant}"
                 ax.errorbar(x, y, yerr=[lo, hi], fmt=markers[vi % len(markers)] + "-", capsize=3, label=label,
-                            color="C1" if kind == "NE" else "C0" if "MoE" in kind else None, alpha=0.85)
+                            color=colors[kind], alpha=0.85)
         if logx:
             ax.set_xscale("log")
         ax.set_title(f"{sweep}: held-out loss vs {xlabel}", fontsize=9)
