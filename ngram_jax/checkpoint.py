@@ -35,8 +35,8 @@ from ngram_jax.train.state import build_train_state, train_state_target
 # needs train.extend=true).
 RUN_CONTROL_KEYS = ("train.steps", "train.extend", "train.init_from", "train.log_every", "train.eval_every",
                     "train.eval_batches", "train.checkpoint_every", "train.keep_checkpoints", "train.progress",
-                    "train.run_dir", "train.peak_flops_per_device", "data.path", "data.bundled", "mesh.ici", "mesh.dcn",
-                    "name")
+                    "train.run_dir", "train.peak_flops_per_device", "train.loss_chunks", "data.path", "data.bundled",
+                    "mesh.ici", "mesh.dcn", "name")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

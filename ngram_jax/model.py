@@ -228,6 +228,19 @@ class Model(nnx.Module):
         """Everything after the input embedding: h [B, S, D] -> logits [B, S, V] (and the cache).
         ``return_hidden``: the last block's output [B, S, D] (before the final norm: the MTP head's input)
         is appended, ``(logits, hidden)`` or ``(logits, cache, hidden)``."""
+        if cache is None:
+            h = self.hidden(h, positions, segment_ids, ple)
+            logits = self.output(self.final_norm(h))
+            return (logits, h) if return_hidden else logits
+        h, new_cache = self.hidden(h, positions, segment_ids, ple, cache)
+        logits = self.output(self.final_norm(h))
+        return (logits, new_cache, h) if return_hidden else (logits, new_cache)
+
+    def hidden(self, h: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None,
+               ple: jax.Array | None = None, cache: list | None = None):
+        """The blocks: input embedding h [B, S, D] -> the last block's output [B, S, D] (before the final
+        norm), or ``(output, cache)`` with ``cache``. Training applies the head itself
+        (``train.loss.linear_cross_entropy`` on ``final_norm(output)`` and :meth:`head_weight`)."""
         new_cache = []
         policy = remat_policy(self.config)
         for i, block in enumerate(self.blocks):
@@ -239,16 +252,21 @@ class Model(nnx.Module):
             else:
                 h, c = block(h, positions, segment_ids, slices, caches=cache[i])
                 new_cache.append(c)
-        logits = self.output(self.final_norm(h))
-        if cache is None:
-            return (logits, h) if return_hidden else logits
-        return (logits, new_cache, h) if return_hidden else (logits, new_cache)
+        return h if cache is None else (h, new_cache)
 
     def output(self, h: jax.Array) -> jax.Array:
         """The output head (lm_head, or the tied token table): normalised h [B, S, D] -> logits [B, S, V]."""
         if self.lm_head is not None:
             return self.lm_head(h)  # float32 [B, S, V], from compute-dtype operands
         return jnp.matmul(h, self.embed.embedding[...].astype(h.dtype).T, preferred_element_type=jnp.float32)
+
+    def head_weight(self) -> jax.Array:
+        """The output head's weight [D, V] in the compute dtype: ``output(h) == h @ head_weight()`` (float32
+        accumulation)."""
+        dt = jnp.dtype(self.config.dtype)
+        if self.lm_head is not None:
+            return self.lm_head.kernel[...].astype(dt)
+        return self.embed.embedding[...].astype(dt).T
 
     def mtp_logits(self, x: jax.Array) -> jax.Array:
         """The MTP head's logits [B, S, V] from its block output x [B, S, D]: its own norm, the target's
@@ -260,8 +278,13 @@ class Model(nnx.Module):
         """Training: the MTP head over a whole sequence from the target's pass (hidden [B, S, D] from
         :meth:`trunk`, input embeddings emb [B, S, D] from :meth:`inputs`: no second lookup). Position t
         pairs h_t with e_{t+1}; logits [B, S-1, V] for the tokens at t+2."""
+        return self.output(self.mtp_training_features(hidden, emb, positions, segment_ids))
+
+    def mtp_training_features(self, hidden: jax.Array, emb: jax.Array, positions: jax.Array,
+                              segment_ids: jax.Array | None = None) -> jax.Array:
+        """The normalised MTP block output [B, S-1, D] that :meth:`mtp_training_logits` applies the head to."""
         seg = None if segment_ids is None else segment_ids[:, :-1]
-        return self.mtp_logits(self.draft_head(hidden[:, :-1], emb[:, 1:], positions[:, :-1], seg))
+        return self.draft_head.out_norm(self.draft_head(hidden[:, :-1], emb[:, 1:], positions[:, :-1], seg))
 
     def aux_loss(self) -> jax.Array:
         """Sum of the MoE auxiliary losses recorded by the last forward pass (0 without MoE)."""

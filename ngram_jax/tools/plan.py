@@ -126,7 +126,7 @@ def measure_step(cfg: Config, batch: int, seq: int) -> dict[str, int]:
 
     def step(state, batch):
         m, o = nnx.merge(graph, state)
-        out = train_step(m, o, batch, cfg.train.draft_head_weight)
+        out = train_step(m, o, batch, cfg.train.draft_head_weight, cfg.train.loss_chunks)
         return nnx.state((m, o)), out
 
     i32 = jax.ShapeDtypeStruct((batch, seq), jnp.int32)

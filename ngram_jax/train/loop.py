@@ -40,7 +40,7 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
 
-def train_step(model, opt: Optimizer, batch, draft_head_weight: float = 1.0):
+def train_step(model, opt: Optimizer, batch, draft_head_weight: float = 1.0, loss_chunks: int = 1):
     """One update. With a row-wise table optimizer the N-gram tables are not differentiated: the step
     takes the gradient of zero perturbations of the gathered rows (row gradients [B, S, T, W]) and
     updates only the rows read, on the shards that own them."""
@@ -48,7 +48,7 @@ def train_step(model, opt: Optimizer, batch, draft_head_weight: float = 1.0):
     rows = {k: m.row_ids(batch["inputs"], segment_ids=batch["segment_ids"]) for k, m in lookups.items()}
     if not opt.sparse:
         (_, loss), grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, opt.wrt), has_aux=True)(
-            model, batch, draft_head_weight)
+            model, batch, draft_head_weight, loss_chunks)
         grad_norm = optax.tree.norm(grads)
         opt.dense.update(model, grads)
     else:
@@ -56,7 +56,7 @@ def train_step(model, opt: Optimizer, batch, draft_head_weight: float = 1.0):
 
         def perturbed_loss(model, deltas):
             with row_perturbations(model, deltas):
-                return loss_fn(model, batch, draft_head_weight)
+                return loss_fn(model, batch, draft_head_weight, loss_chunks)
 
         (_, loss), (grads, row_grads) = nnx.value_and_grad(
             perturbed_loss, argnums=(nnx.DiffState(0, opt.wrt), 1), has_aux=True)(model, deltas)
@@ -97,16 +97,16 @@ class TrainStep:
     def __init__(self, cfg: Config, model, opt):
         self.modules = (model, opt)
         self.graphdef, self.state = nnx.split(self.modules)
-        weight = cfg.train.draft_head_weight
+        weight, chunks = cfg.train.draft_head_weight, cfg.train.loss_chunks
 
         def pure(state, batch):
             model, opt = nnx.merge(self.graphdef, state)
-            out = train_step(model, opt, batch, weight)
+            out = train_step(model, opt, batch, weight, chunks)
             return nnx.state((model, opt)), out
 
         def pure_eval(state, batch):
             model, _ = nnx.merge(self.graphdef, state)
-            return eval_step(model, batch)
+            return eval_step(model, batch, chunks)
 
         self._step = jax.jit(pure, donate_argnums=(0,))
         self._eval = jax.jit(pure_eval)

@@ -45,41 +45,115 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tup
     return jnp.sum(ce * mask), jnp.sum(mask)
 
 
-def mean_cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
-    """Mean of :func:`cross_entropy` over the scored targets (0 when there are none)."""
-    total, count = cross_entropy(logits, targets, mask)
+def linear_cross_entropy(x: jax.Array, w: jax.Array, targets: jax.Array, mask: jax.Array,
+                         chunks: int = 1) -> tuple[jax.Array, jax.Array]:
+    """:func:`cross_entropy` of the logits ``x @ w`` without keeping them: ``(sum over scored targets,
+    number of scored targets)``.
+
+    x [B, S, D] (the normalised last hidden state, in the compute dtype), w [D, V], targets int [B, S],
+    mask [B, S]. The sequence is cut into ``chunks`` pieces (padded with unscored positions); the forward
+    and the backward pass each compute the logits of one piece, [B, S/chunks, V] float32 from operands in
+    x's dtype (as ``Model.output``), and the backward recomputes them instead of reading a saved
+    [B, S, V]. The head's weight gradient is accumulated piece by piece. On XLA:CPU this ran the study
+    model's training step 2.3x faster than logits + :func:`cross_entropy` (docs/BENCHMARKS.md): the
+    unchunked backward wrote the [B*S, V] logit gradient a second time, transposed, for the weight gradient."""
+    mask = mask.astype(jnp.float32)
+    b, s = targets.shape
+    size = -(-s // chunks)
+    pad = size * chunks - s
+    if pad:
+        x = jnp.pad(x, ((0, 0), (0, pad), (0, 0)))
+        targets, mask = jnp.pad(targets, ((0, 0), (0, pad))), jnp.pad(mask, ((0, 0), (0, pad)))
+
+    def pieces(a):  # [B, S, ...] -> [chunks, B, S/chunks, ...]
+        return jnp.moveaxis(a.reshape(b, chunks, size, *a.shape[2:]), 1, 0)
+
+    total = _linear_ce(pieces(x), w.astype(x.dtype), pieces(targets), pieces(mask))
+    return total, jnp.sum(mask)
+
+
+def _piece_logits(x, w):
+    return jnp.matmul(x, w, preferred_element_type=jnp.float32)  # [B, c, V]
+
+
+@jax.custom_vjp
+def _linear_ce(x, w, targets, mask):
+    return _linear_ce_fwd(x, w, targets, mask)[0]
+
+
+def _linear_ce_fwd(x, w, targets, mask):
+    def piece(total, xs):  # x [B, c, D], targets, mask [B, c]
+        xc, tc, mc = xs
+        logits = _piece_logits(xc, w)
+        lse = _lse(logits)
+        picked = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
+        return total + jnp.sum((lse - picked) * mc), lse
+
+    total, lse = jax.lax.scan(piece, jnp.float32(0.0), (x, targets, mask))
+    return total, (x, w, targets, mask, lse)
+
+
+def _linear_ce_bwd(res, g):
+    x, w, targets, mask, lse = res
+
+    def piece(dw, xs):
+        xc, tc, mc, lc = xs
+        p = jnp.exp(_piece_logits(xc, w) - lc[..., None])
+        dlogits = ((p - jax.nn.one_hot(tc, w.shape[-1], dtype=p.dtype)) * (g * mc)[..., None]).astype(x.dtype)
+        dx = jnp.matmul(dlogits, w.T, preferred_element_type=jnp.float32).astype(x.dtype)  # [B, c, D]
+        dw = dw + jnp.matmul(xc.reshape(-1, xc.shape[-1]).T, dlogits.reshape(-1, dlogits.shape[-1]),
+                             preferred_element_type=jnp.float32)
+        return dw, dx
+
+    dw, dx = jax.lax.scan(piece, jnp.zeros(w.shape, jnp.float32), (x, targets, mask, lse))
+    return dx, dw.astype(w.dtype), None, None
+
+
+_linear_ce.defvjp(_linear_ce_fwd, _linear_ce_bwd)
+
+
+def _mean(total: jax.Array, count: jax.Array) -> jax.Array:
     return total / jnp.maximum(count, 1.0)
 
 
-def forward(model, batch: dict) -> jax.Array:
-    return model(batch["inputs"], segment_ids=batch["segment_ids"], positions=batch["positions"])
+def mean_cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean of :func:`cross_entropy` over the scored targets (0 when there are none)."""
+    return _mean(*cross_entropy(logits, targets, mask))
 
 
-def loss_fn(model, batch: dict, draft_head_weight: float = 1.0) -> tuple[jax.Array, jax.Array]:
+def _head_inputs(model, batch: dict):
+    """``(input embeddings [B, S, D], the last block's output [B, S, D])`` of a batch."""
+    emb, ple = model.inputs(batch["inputs"], segment_ids=batch["segment_ids"])  # [B, S, D]
+    return emb, model.hidden(emb, batch["positions"], batch["segment_ids"], ple)
+
+
+def loss_fn(model, batch: dict, draft_head_weight: float = 1.0, loss_chunks: int = 1) -> tuple[jax.Array, jax.Array]:
     """The training objective ``(mean cross-entropy + MoE auxiliary losses [+ weighted draft-head
     cross-entropy], mean cross-entropy)``. The draft head's loss: next token (``ngram``) or the token
     after it (``mtp``: the head reads the target's last hidden state at t and input embedding of t+1,
     both from this forward pass, and predicts token t+2; scored where t+2 is a scored target of t+1's
-    document)."""
+    document). The output head and its cross-entropy run in ``loss_chunks`` pieces of the sequence
+    (:func:`linear_cross_entropy`; ``train.loss_chunks``)."""
     kind = model.config.draft_head if draft_head_weight > 0 else "none"
-    if kind == "mtp":
-        emb, ple = model.inputs(batch["inputs"], segment_ids=batch["segment_ids"])  # [B, S, D]
-        logits, hidden = model.trunk(emb, batch["positions"], batch["segment_ids"], ple, return_hidden=True)
-    else:
-        logits = forward(model, batch)
-    loss = mean_cross_entropy(logits, batch["targets"], batch["loss_mask"])
+    emb, hidden = _head_inputs(model, batch)
+    head = model.head_weight()  # [D, V]
+    loss = _mean(*linear_cross_entropy(model.final_norm(hidden), head, batch["targets"], batch["loss_mask"],
+                                       loss_chunks))
     total = loss + model.aux_loss()
     if kind == "ngram":
         draft = model.draft_logits(batch["inputs"], segment_ids=batch["segment_ids"])
         total = total + draft_head_weight * mean_cross_entropy(draft, batch["targets"], batch["loss_mask"])
     elif kind == "mtp":
         seg = batch["segment_ids"]
-        draft = model.mtp_training_logits(hidden, emb, batch["positions"], seg)  # [B, S-1, V]
+        x = model.mtp_training_features(hidden, emb, batch["positions"], seg)  # [B, S-1, D]
         mask = batch["loss_mask"][:, 1:] * (seg[:, :-1] == seg[:, 1:])
-        total = total + draft_head_weight * mean_cross_entropy(draft, batch["targets"][:, 1:], mask)
+        total = total + draft_head_weight * _mean(*linear_cross_entropy(x, head, batch["targets"][:, 1:], mask,
+                                                                        loss_chunks))
     return total, loss
 
 
-def eval_step(model, batch: dict) -> tuple[jax.Array, jax.Array]:
+def eval_step(model, batch: dict, loss_chunks: int = 1) -> tuple[jax.Array, jax.Array]:
     """``(sum of cross-entropy, number of scored targets)`` of a batch (sum over batches, then divide)."""
-    return cross_entropy(forward(model, batch), batch["targets"], batch["loss_mask"])
+    _, hidden = _head_inputs(model, batch)
+    return linear_cross_entropy(model.final_norm(hidden), model.head_weight(), batch["targets"], batch["loss_mask"],
+                                loss_chunks)
