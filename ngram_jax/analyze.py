@@ -30,6 +30,7 @@ from flax import nnx
 from ngram_jax.budget import parameter_budget
 from ngram_jax.checkpoint import Checkpointer, find_checkpoints, is_blocked
 from ngram_jax.config import Config, from_dict
+from ngram_jax.errors import DataError
 from ngram_jax.model import build_model, default_positions
 from ngram_jax.ngram.lookup import RowUsage, table_paths
 from ngram_jax.tools.collisions import collision_report
@@ -54,6 +55,29 @@ class LazyCheckpoint:
         self.table_bytes_read = 0  # row chunks of lazily read tables
         self.stream_bytes_read = 0  # slabs of tables streamed whole (row_slabs)
 
+    def model(self):
+        """The checkpoint's model with every parameter read whole except the input embedding's tables and
+        row-usage map, which are left empty (0 rows; the tied LM head keeps its table): for checkpoints
+        whose tables do not fit in memory. Their rows come from :meth:`rows` and :meth:`row_slabs`."""
+        cfg = self.config
+        with nnx.use_eager_sharding(False):
+            abstract = nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(0)))
+        lazy_paths = {p for p in table_paths(abstract) if p[0] == "embed"}
+        lazy_paths |= {tuple(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(abstract.embed, RowUsage))}
+        if cfg.model.tie_embeddings:
+            lazy_paths.discard(("embed", "embedding"))
+        graphdef, state = nnx.split(abstract)
+        pure = nnx.to_pure_dict(state)
+
+        def fill(path, leaf):
+            names = tuple(str(getattr(p, "key", p)) for p in path)
+            if names in lazy_paths or (names[0] == "embed" and names[1:] in lazy_paths):
+                return jnp.zeros((0, *leaf.shape[1:]), leaf.dtype)  # never read by the trunk
+            return jnp.asarray(self.read(names, leaf.shape), leaf.dtype)
+
+        nnx.replace_by_pure_dict(state, jax.tree_util.tree_map_with_path(fill, pure))
+        return nnx.merge(graphdef, state)
+
     def open(self, path: Sequence[str]) -> ts.TensorStore:
         key = ".".join(("model", *map(str, path)))
         spec = {"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": f"file://{self.base}", "path": key}}
@@ -76,17 +100,28 @@ class LazyCheckpoint:
         row_bytes = int(np.prod(arr.shape[2 if blocked else 1 :])) * arr.dtype.numpy_dtype.itemsize
         return arr, blocked, chunk_rows, rows_total, row_bytes
 
-    def rows(self, path: Sequence[str], ids: np.ndarray, ndim: int = 2) -> np.ndarray:
-        """``table[ids]`` of an ``ndim``-D table, reading only the chunks that hold ``ids``; counts the bytes
-        of those chunks."""
+    def rows(self, path: Sequence[str], ids: np.ndarray, ndim: int = 2, max_bytes: int = STREAM_BYTES
+             ) -> np.ndarray:
+        """``table[ids]`` of an ``ndim``-D table, reading only the chunks that hold ``ids``, at most
+        ``max_bytes`` of chunks at a time (at least one chunk); counts the bytes of those chunks."""
         arr, blocked, chunk_rows, rows_total, row_bytes = self._table(path, ndim)
-        ids = np.asarray(ids)
-        chunks = np.unique(ids // chunk_rows)
+        shape = np.shape(ids)
+        ids = np.asarray(ids).reshape(-1)
+        of = ids // chunk_rows
+        chunks = np.unique(of)
         rows_in_chunks = sum(min(chunk_rows, rows_total - c * chunk_rows) for c in chunks.tolist())
         self.table_bytes_read += rows_in_chunks * row_bytes
-        if blocked:
-            return arr[ids // chunk_rows, ids % chunk_rows].read().result()
-        return arr[ids].read().result()
+        out = np.empty((ids.size, *arr.shape[(2 if blocked else 1) :]), arr.dtype.numpy_dtype)
+        order = np.argsort(of, kind="stable")
+        sorted_of = of[order]
+        per_read = max(1, max_bytes // max(chunk_rows * row_bytes, 1))  # chunks per tensorstore read
+        for first in range(0, chunks.size, per_read):  # the ids in per_read consecutive touched chunks
+            lo = np.searchsorted(sorted_of, chunks[first], side="left")
+            hi = np.searchsorted(sorted_of, chunks[min(first + per_read, chunks.size) - 1], side="right")
+            where = order[lo:hi]
+            part = ids[where]
+            out[where] = (arr[part // chunk_rows, part % chunk_rows] if blocked else arr[part]).read().result()
+        return out.reshape(*shape, *out.shape[1:])
 
     def row_slabs(self, path: Sequence[str], ndim: int = 2, max_bytes: int = STREAM_BYTES
                   ) -> Iterator[tuple[int, np.ndarray]]:
@@ -155,8 +190,12 @@ def sample_tokens(cfg: Config, text: str | None, max_tokens: int) -> np.ndarray:
     if text is not None:
         from ngram_jax.data.tokenizer import load_tokenizer
 
-        ids = load_tokenizer(Path(cfg.data.path) / "tokenizer.json").encode(Path(text).read_text()).ids
+        tokenizer = Path(cfg.data.path) / "tokenizer.json"
+        ids = load_tokenizer(tokenizer).encode(Path(text).read_text()).ids
         ids = np.asarray(ids[: max(seq, max_tokens // seq * seq)], np.int32)
+        if ids.size and int(ids.max()) >= cfg.model.vocab_size:
+            raise DataError(f"{tokenizer} (the run's data.path) gives token ids up to {int(ids.max())}, the model "
+                            f"has model.vocab_size={cfg.model.vocab_size}: the run's data was not tokenized with it")
         if ids.size < seq:
             ids = np.pad(ids, (0, seq - ids.size), constant_values=cfg.model.eos_id or 0)
         return ids[: ids.size // seq * seq].reshape(-1, seq)
@@ -168,28 +207,6 @@ def sample_tokens(cfg: Config, text: str | None, max_tokens: int) -> np.ndarray:
         if len(rows) * seq >= max_tokens:
             break
     return np.stack(rows)
-
-
-def _restore_without_tables(lazy: LazyCheckpoint, cfg: Config):
-    """The model with every parameter read whole, except the input embedding's tables and row-usage map
-    (left empty: their rows are read lazily; the tied LM head keeps its table)."""
-    with nnx.use_eager_sharding(False):
-        abstract = nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(0)))
-    lazy_paths = {p for p in table_paths(abstract) if p[0] == "embed"}
-    lazy_paths |= {tuple(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(abstract.embed, RowUsage))}
-    if cfg.model.tie_embeddings:
-        lazy_paths.discard(("embed", "embedding"))
-    graphdef, state = nnx.split(abstract)
-    pure = nnx.to_pure_dict(state)
-
-    def fill(path, leaf):
-        names = tuple(str(getattr(p, "key", p)) for p in path)
-        if names in lazy_paths or (names[0] == "embed" and names[1:] in lazy_paths):
-            return jnp.zeros((0, *leaf.shape[1:]), leaf.dtype)  # never read by the trunk
-        return jnp.asarray(lazy.read(names, leaf.shape), leaf.dtype)
-
-    nnx.replace_by_pure_dict(state, jax.tree_util.tree_map_with_path(fill, pure))
-    return nnx.merge(graphdef, state)
 
 
 def analyze(path: str | Path, *, step: int | None = None, text: str | None = None, max_tokens: int = 4096,
@@ -204,7 +221,7 @@ def analyze(path: str | Path, *, step: int | None = None, text: str | None = Non
     seg = np.ones_like(tokens)
     report["sample_tokens"] = int(tokens.size)
 
-    model = _restore_without_tables(lazy, cfg)  # tables are read row by row below
+    model = lazy.model()  # tables are read row by row below
     embed = model.embed
     base = lazy.rows(("embed", "embedding"), np.unique(tokens))
     base_rows = dict(zip(np.unique(tokens).tolist(), base, strict=True))
@@ -251,7 +268,7 @@ def analyze(path: str | Path, *, step: int | None = None, text: str | None = Non
     if m.moe.num_experts:
         h = fused
         ple = None
-        if model.ple is not None:  # per-layer tables are read whole by _restore_without_tables
+        if model.ple is not None:  # per-layer tables are read whole by LazyCheckpoint.model
             ple = model.ple(tokens, segment_ids=seg)
         counts = []
         trunk = nnx.jit(lambda mdl, x, pos, pl: mdl.trunk(x, pos, None, pl))

@@ -75,13 +75,29 @@ def _tuplify(x):
 
 
 TABLE_CHUNK_ROWS = 32  # random row reads touch about one chunk per row: keep chunks a few rows long
+MAX_TABLE_BLOCKS = 4096  # a larger table gets longer blocks (a multiple of TABLE_CHUNK_ROWS rows)
 
 
-# Row-chunked arrays are stored in blocks of TABLE_CHUNK_ROWS rows, ``[R, ...] -> [R/32, 32, ...]``, each
-# block one tensorstore chunk (orbax's per-block chunking, ``shard_axes=(0,)``, with no byte target:
-# asking orbax for small chunks by byte size works too, but warns once per array and save). An array
-# whose row shards do not hold whole blocks is stored as it is (one chunk per shard). Restores and
+# Row-chunked arrays are stored in blocks of ``c`` rows, ``[R, ...] -> [R/c, c, ...]``, each block one
+# tensorstore chunk (orbax's per-block chunking, ``shard_axes=(0,)``, with no byte target: asking orbax
+# for small chunks by byte size works too, but warns once per array and save). ``c`` is TABLE_CHUNK_ROWS
+# for tables of up to MAX_TABLE_BLOCKS such blocks and grows with larger tables (:func:`block_rows`): orbax
+# keeps every chunk key of a checkpoint in one OCDBT b-tree node, and the cost of each chunk read grew
+# with the number of keys (measured: about 80 us per read at 100K keys, 1 ms at 563K). An array whose row
+# shards do not hold whole blocks is stored as it is (one chunk per shard). Restores and
 # :class:`ngram_jax.analyze.LazyCheckpoint` undo the blocking from the stored shape.
+
+
+def block_rows(rows: int, shards: int = 1) -> int | None:
+    """Rows per stored block of a ``rows``-row array on ``shards`` row shards: the smallest multiple ``c``
+    of TABLE_CHUNK_ROWS that makes whole blocks on every shard and at most MAX_TABLE_BLOCKS blocks (one
+    block per shard if no shorter one does); None when TABLE_CHUNK_ROWS-row blocks do not divide the shards."""
+    if rows <= 0 or rows % (TABLE_CHUNK_ROWS * shards):
+        return None
+    per_shard = rows // (TABLE_CHUNK_ROWS * shards)  # minimal blocks per shard
+    need = -(-rows // (TABLE_CHUNK_ROWS * MAX_TABLE_BLOCKS))  # blocks of at least this many minimal blocks
+    k = next(k for k in range(min(need, per_shard), per_shard + 1) if per_shard % k == 0)
+    return TABLE_CHUNK_ROWS * k
 
 
 def _row_spec(sharding) -> tuple:
@@ -111,9 +127,8 @@ def _blocked_sharding(sharding, ndim: int, block_axis: int = 0):
 
 
 def blockable(shape: tuple[int, ...], sharding) -> bool:
-    """Whether ``[R, ...]`` splits into whole TABLE_CHUNK_ROWS-row blocks on every row shard."""
-    return (len(shape) >= 1 and shape[0] > 0
-            and shape[0] % (TABLE_CHUNK_ROWS * _row_shards(sharding, len(shape))) == 0)
+    """Whether ``[R, ...]`` splits into whole blocks (:func:`block_rows`) on every row shard."""
+    return len(shape) >= 1 and block_rows(shape[0], _row_shards(sharding, len(shape))) is not None
 
 
 def _reshaped(x: jax.Array, shape: tuple[int, ...], sharding) -> jax.Array:
@@ -122,9 +137,9 @@ def _reshaped(x: jax.Array, shape: tuple[int, ...], sharding) -> jax.Array:
 
 
 def to_blocks(x: jax.Array) -> jax.Array:
-    """``[R, ...] -> [R/TABLE_CHUNK_ROWS, TABLE_CHUNK_ROWS, ...]``, each row shard's blocks kept on it."""
-    shape = (x.shape[0] // TABLE_CHUNK_ROWS, TABLE_CHUNK_ROWS, *x.shape[1:])
-    return _reshaped(x, shape, _blocked_sharding(x.sharding, x.ndim))
+    """``[R, ...] -> [R/c, c, ...]`` (``c`` from :func:`block_rows`), each row shard's blocks kept on it."""
+    c = block_rows(x.shape[0], _row_shards(x.sharding, x.ndim))
+    return _reshaped(x, (x.shape[0] // c, c, *x.shape[1:]), _blocked_sharding(x.sharding, x.ndim))
 
 
 def blocked_target(target: jax.ShapeDtypeStruct, stored: tuple[int, ...]) -> jax.ShapeDtypeStruct:
@@ -141,7 +156,7 @@ def blocked_target(target: jax.ShapeDtypeStruct, stored: tuple[int, ...]) -> jax
 
 def is_blocked(stored: tuple[int, ...], logical: tuple[int, ...]) -> bool:
     """Whether an array of logical shape ``logical`` was stored as row blocks of shape ``stored``."""
-    return (len(stored) == len(logical) + 1 and stored[1] == TABLE_CHUNK_ROWS
+    return (len(stored) == len(logical) + 1 and stored[1] % TABLE_CHUNK_ROWS == 0
             and stored[0] * stored[1] == logical[0] and tuple(stored[2:]) == tuple(logical[1:]))
 
 
@@ -305,8 +320,8 @@ class Checkpointer:
     def save(self, step: int, state: dict, data_iter, meta: dict,
              row_chunked: frozenset[tuple[str, ...]] = frozenset()) -> None:
         """Save asynchronously. The arrays at ``row_chunked`` paths (tables and their optimizer state, see
-        :func:`row_chunked_paths`) are stored in chunks of ``TABLE_CHUNK_ROWS`` rows so that analysis can
-        read single rows lazily."""
+        :func:`row_chunked_paths`) are stored in chunks of a few rows (:func:`block_rows`) so that analysis
+        can read single rows lazily."""
 
         def blocked(path, leaf) -> bool:
             return _key(path) in row_chunked and isinstance(leaf, jax.Array) and blockable(leaf.shape, leaf.sharding)
@@ -516,7 +531,9 @@ def warm_start(model: nnx.Module, path: str | Path, mesh=None) -> list[str]:
 def restore_model(path: str | Path, step: int | None = None, mesh=None):
     """``(model, config)`` from a training checkpoint, onto ``mesh`` (resharded) or one device.
 
-    ``path`` is a run directory or its ``checkpoints`` directory; ``step`` defaults to the latest.
+    ``path`` is a run directory or its ``checkpoints`` directory; ``step`` defaults to the latest. Every
+    table is read whole: for tables larger than memory, ``ngram_jax.analyze.LazyCheckpoint(path).model()``
+    restores the rest and reads table rows on demand.
     """
     ckpt = Checkpointer(find_checkpoints(path))
     try:

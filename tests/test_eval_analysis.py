@@ -165,3 +165,65 @@ def test_analyze_cli(data_dir, tmp_path):
     assert (tmp_path / "run" / "analysis" / "analysis.json").is_file()
     saved = json.loads((tmp_path / "run" / "analysis" / "analysis.json").read_text())
     assert saved["row_norms"] == [] and saved["bytes_read"]["table_stream"] == 0  # --no-row-norms streams nothing
+
+
+@pytest.mark.slow  # writes and streams a 2.9 GB table (about 2 minutes): make test-all
+def test_analysis_of_a_table_several_times_the_memory_limit(data_dir, tmp_path):
+    """The whole analysis (row reads for a text, row usage, collisions, streamed row norms of every table)
+    of a checkpoint whose N-gram table is 3x the data-segment limit (RLIMIT_DATA, which bounds the heap and
+    every private writable mapping) imposed on the analysing process; under the same limit reading the table
+    whole fails. The streamed statistics equal numpy's on the table in memory."""
+    import gc
+    import resource
+
+    limit = 900 << 20
+    cfg = load_config("configs/models/tiny_ne.yaml", SMALL + [f"data.path={data_dir}", "model.ngram.ratio=2750.37"])
+    model = save_model_checkpoint(cfg, data_dir, tmp_path / "run")
+    table = model.embed.ngram_table[...]
+    lay, shape = model.embed.layout, table.shape
+    assert table.nbytes >= 3 * limit
+    ids = [0, 123_457, shape[0] // 2, shape[0] - 1]
+    want_rows = np.asarray(table[np.asarray(ids)])
+    want_head = np.asarray(model.lm_head.kernel[...], np.float64).sum()
+    want = []  # (mean, max) of the row norms of each sub-table, in float64, 1M rows at a time
+    for i in range(lay.num_tables):
+        lo, n = lay.row_offsets[i], lay.table_sizes[i]
+        norms = np.concatenate([np.linalg.norm(np.asarray(table[a : min(a + (1 << 20), lo + n)], np.float64), axis=-1)
+                                for a in range(lo, lo + n, 1 << 20)])
+        want.append((norms.mean(), norms.max()))
+    del model, table, norms
+    gc.collect()
+    text = tmp_path / "sample.txt"
+    text.write_text(bundled_corpus_files()[5].read_text(encoding="latin-1")[:3000])
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+
+    def limited(*args):
+        return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+                              preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_DATA, (limit, limit)))
+
+    whole = limited("-c", "import sys; from ngram_jax.analyze import LazyCheckpoint; "
+                    f"LazyCheckpoint(sys.argv[1]).read(('embed', 'ngram_table'), {tuple(shape)})",
+                    str(tmp_path / "run"))
+    assert whole.returncode != 0  # the limit is real: the table does not fit under it
+    res = limited("-m", "ngram_jax.analyze", str(tmp_path / "run"), "--text", str(text), "--max-tokens", "512")
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads((tmp_path / "run" / "analysis" / "analysis.json").read_text())
+    assert report["bytes_read"]["table_stream"] >= 3 * limit
+    assert {c["order"] for c in report["collisions"]} == {2, 3} and len(report["row_usage"]) == lay.num_tables
+    stats = {r["table"]: r for r in report["row_norms"]}
+    for i, (mean, top) in enumerate(want):
+        r = stats[f"{lay.order_of(i)}-gram/{i}"]
+        assert r["rows"] == lay.table_sizes[i]
+        np.testing.assert_allclose([r["mean"], r["max"]], [mean, top], rtol=1e-6)
+    assert (tmp_path / "run" / "analysis" / "row_norms.png").stat().st_size > 1000
+    # from Python: the model without its tables, and table rows read lazily, under the same limit
+    lazy = limited("-c", "import sys, json; import numpy as np; from ngram_jax.analyze import LazyCheckpoint; "
+                   "lazy = LazyCheckpoint(sys.argv[1]); m = lazy.model(); "
+                   f"print(json.dumps([lazy.rows(('embed', 'ngram_table'), {ids}).tolist(), "
+                   "list(m.embed.ngram_table.shape), float(np.asarray(m.lm_head.kernel[...], np.float64).sum())]))",
+                   str(tmp_path / "run"))
+    assert lazy.returncode == 0, lazy.stderr[-3000:]
+    rows, empty, head = json.loads(lazy.stdout.strip().splitlines()[-1])
+    np.testing.assert_array_equal(np.asarray(rows, np.float32), want_rows)
+    assert empty == [0, shape[1]]
+    np.testing.assert_allclose(head, want_head, rtol=1e-12)  # the other parameters are read whole
