@@ -40,12 +40,15 @@ def logits_loss_fn(model, batch, draft_head_weight=1.0, loss_chunks=1):
     return loss + model.aux_loss(), loss
 
 
-def make_step(cfg, loss):
-    loop.loss_fn = loss  # train_step reads the module's loss_fn when the step is traced
+def make_step(cfg, loss, batch):
+    """A compiled, warmed-up TrainStep whose train_step calls ``loss``."""
+    loop.loss_fn = loss  # train_step reads the module's loss_fn when the step is traced: trace it here
     try:
         model, opt = build_train_state(cfg)
         with param_context():
             step = loop.make_train_step(cfg, model, opt)
+            for _ in range(2):  # compile, warm up
+                float(step(batch)["loss"])
     finally:
         loop.loss_fn = loss_fn
     return step
@@ -79,9 +82,7 @@ def main():
         batch = batch_for(base)
         steps = {}
         for label, (cfg, loss) in variants.items():
-            steps[label] = make_step(cfg, loss)
-            for _ in range(2):  # compile, warm up
-                float(steps[label](batch)["loss"])
+            steps[label] = make_step(cfg, loss, batch)
         times = {label: [] for label in steps}
         for _ in range(args.steps):
             for label, step in steps.items():
