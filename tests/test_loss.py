@@ -94,7 +94,7 @@ def test_linear_cross_entropy_bfloat16_operands():
 def test_loss_fn_chunks_change_nothing_but_speed(overrides):
     """The training objective and every parameter gradient are the same for 1 and 4 loss chunks, and the
     main cross-entropy equals optax's on the model's own logits (the head applied by Model.output)."""
-    cfg = load_config(CONFIGS / "tiny_ne.yaml", overrides=["data.seq_len=12", *overrides])
+    cfg = load_config(CONFIGS / "tiny_ne.yaml", overrides=["data.seq_len=12", "model.num_blocks=1", *overrides])
     with nnx.use_eager_sharding(False):
         model = build_model(cfg, nnx.Rngs(0))
     rng = np.random.default_rng(0)
