@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -172,6 +173,20 @@ def _records(groups):
     return recs
 
 
+def test_paired_call_needs_every_shared_seed_on_one_side():
+    """A difference smaller than the seed spread but the same on every seed is a paired call; seeds that
+    disagree are a tie; fewer than 2 shared seeds give no call."""
+    groups = {g.name: g for g in report.groups_of(_records([
+        ("x", [3.00, 3.30, 3.10], {}), ("y", [3.02, 3.33, 3.11], {}), ("z", [3.01, 3.29, 3.12], {}),
+        ("w", [2.0], {})]))}
+    assert report.compare(groups["x"], groups["y"])[0] == "tie"  # 0.02 within the 0.3 spread
+    verdict, delta, n = report.paired(groups["x"], groups["y"])
+    assert verdict == "a better" and n == 3 and np.isclose(delta, -0.02)
+    assert report.paired(groups["y"], groups["x"])[0] == "b better"
+    assert report.paired(groups["x"], groups["z"])[0] == "tie"  # -0.01, +0.01, -0.02
+    assert report.paired(groups["x"], groups["w"])[:1] == ("no call",)
+
+
 def test_report_calls_ties_within_the_seed_spread(tmp_path):
     recs = _records([
         ("a", [3.00, 3.04], {}), ("a-moe", [3.02, 3.04], {"baseline_of": "a", "ngram_share": 0.0}),
@@ -182,8 +197,10 @@ def test_report_calls_ties_within_the_seed_spread(tmp_path):
     (tmp_path / runner.RESULTS).write_text("".join(json.dumps(r) + "\n" for r in recs))
     path, figures = report.write_report(tmp_path)
     text = path.read_text()
-    assert "| a | 3.0200 | 3.0300 | -0.0100 | 1,000 / 1,000 | 500 / 500 | tie |" in text  # 0.01 within spread 0.04
-    assert "| b | 3.0050 | 3.1050 | -0.1000 | 1,000 / 1,000 | 500 / 500 | NE better |" in text
+    # a: 0.01 within spread 0.04, and the seeds disagree (-0.02, 0.00): a tie both ways
+    assert "| a | 3.0200 | 3.0300 | -0.0100 | 1,000 / 1,000 | 500 / 500 | tie | tie (-0.0100, 2 seeds) |" in text
+    assert ("| b | 3.0050 | 3.1050 | -0.1000 | 1,000 / 1,000 | 500 / 500 | NE better | NE better (-0.1000, 2 seeds) |"
+            in text)
     assert "| c | 1 |" in text and "| best |" in text
     assert {p.name for p in figures} >= {"loss_vs_total_params.png", "loss_vs_ngram_share.png",
                                          "loss_vs_total_over_activated.png",

@@ -4,6 +4,11 @@ spread, and NE vs MoE-baseline calls) and PNG plots from DIR/results.jsonl.
 A run group is one configuration over its seeds. Its spread is the range (max - min) of the held-out
 loss over the seeds. Two groups differ only when their mean losses differ by more than the larger of
 their spreads; otherwise the comparison is a tie. With one seed there is no spread and no call.
+
+The paired call compares the same seeds: runs of one seed share the data order (``data.seed``) and the
+initialisation seed, and much of the seed spread is common to every group (a seed with harder batches is
+worse in all of them). Per seed it takes the difference of the two groups' losses; the call is a side only
+when every seed shared by both groups (at least 2) gives that side, else a tie.
 """
 
 from __future__ import annotations
@@ -80,6 +85,29 @@ def compare(a: Group, b: Group) -> tuple[str, float]:
     return ("a better" if delta < 0 else "b better"), delta
 
 
+def paired(a: Group, b: Group) -> tuple[str, float, int]:
+    """(verdict, mean over shared seeds of a - b, shared seeds): 'a better' / 'b better' when every shared
+    seed agrees, 'tie' when they disagree (or a difference is 0), 'no call' with fewer than 2 shared seeds."""
+    la = {r["seed"]: r["eval_loss"] for r in a.records}
+    lb = {r["seed"]: r["eval_loss"] for r in b.records}
+    diffs = np.array([la[s] - lb[s] for s in sorted(la.keys() & lb.keys())], np.float64)
+    if diffs.size < 2:
+        return "no call", float(diffs.mean()) if diffs.size else float("nan"), int(diffs.size)
+    if (diffs < 0).all():
+        return "a better", float(diffs.mean()), int(diffs.size)
+    if (diffs > 0).all():
+        return "b better", float(diffs.mean()), int(diffs.size)
+    return "tie", float(diffs.mean()), int(diffs.size)
+
+
+def _fmt_paired(a: Group, b: Group, sides: tuple[str, str]) -> str:
+    verdict, delta, n = paired(a, b)
+    if verdict == "no call":
+        return "no call"
+    word = {"a better": sides[0], "b better": sides[1]}.get(verdict, "tie")
+    return f"{word} ({delta:+.4f}, {n} seeds)"
+
+
 def _fmt_spread(g: Group) -> str:
     return "-" if g.spread is None else f"{g.spread:.4f}"
 
@@ -90,10 +118,11 @@ def markdown(records: list[dict]) -> str:
     best = min(groups, key=lambda g: g.mean())
     lines = [f"# Sweep `{sweep}` (scale {scale})", "",
              f"{len(records)} finished runs in {len(groups)} groups. Spread: max - min held-out loss over seeds; "
-             "a difference within the larger spread is a tie.", "",
+             "a difference within the larger spread is a tie. Paired: the per-seed loss differences (same data "
+             "order and seed), a side only when every shared seed agrees.", "",
              "| group | seeds | total params | activated | NE share | tokens | held-out loss | spread | bits/byte "
-             "| emb. norm | attn-out norm | vs best |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| emb. norm | attn-out norm | vs best | paired vs best |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for g in groups:
         verdict, delta = compare(g, best)
         vs = "best" if g is best else {"tie": f"tie ({delta:+.4f})", "b better": f"worse ({delta:+.4f})",
@@ -102,20 +131,23 @@ def markdown(records: list[dict]) -> str:
             f"| {g.name} | {len(g.records)} | {g.first('total_params'):,} | {g.first('activated_params'):,} | "
             f"{g.first('ngram_share'):.1%} | {g.first('tokens'):,} | {g.mean():.4f} | {_fmt_spread(g)} | "
             f"{g.mean('eval_bits_per_byte'):.4f} | {g.mean('embedding_norm'):.3g} | "
-            f"{g.mean('attention_out_norm'):.3g} | {vs} |")
+            f"{g.mean('attention_out_norm'):.3g} | {vs} | "
+            f"{'best' if g is best else _fmt_paired(g, best, ('better', 'worse'))} |")
     by_name = {g.name: g for g in groups}
     pairs = [(by_name[g.first("baseline_of")], g) for g in groups
              if g.first("baseline_of") and g.first("baseline_of") in by_name]
     if pairs:
         lines += ["", "## NE vs its parameter-equivalent MoE baseline", "",
-                  "| NE group | NE loss | MoE loss | NE - MoE | total NE / MoE | activated NE / MoE | call |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| NE group | NE loss | MoE loss | NE - MoE | total NE / MoE | activated NE / MoE | call "
+                  "| paired call |",
+                  "|---|---|---|---|---|---|---|---|"]
         for ne, moe in pairs:
             verdict, delta = compare(ne, moe)
             call = {"a better": "NE better", "b better": "MoE better"}.get(verdict, verdict)
             lines.append(f"| {ne.name} | {ne.mean():.4f} | {moe.mean():.4f} | {delta:+.4f} | "
                          f"{ne.first('total_params'):,} / {moe.first('total_params'):,} | "
-                         f"{ne.first('activated_params'):,} / {moe.first('activated_params'):,} | {call} |")
+                         f"{ne.first('activated_params'):,} / {moe.first('activated_params'):,} | {call} | "
+                         f"{_fmt_paired(ne, moe, ('NE better', 'MoE better'))} |")
     return "\n".join(lines) + "\n"
 
 
