@@ -153,6 +153,8 @@ def test_large_tables_get_longer_blocks_and_read_back(tmp_path, monkeypatch, sav
     ids = np.array([0, c - 1, c, r - 1])
     np.testing.assert_array_equal(lazy.rows(("embed", "ngram_table"), ids), table[ids])
     assert lazy.table_bytes_read == 3 * c * w * table.dtype.itemsize  # blocks 0, 1 and the last
+    shuffled = np.array([[r - 1, 0], [c, c - 1], [0, r - 1]])  # one block per read, ids in any order and shape
+    np.testing.assert_array_equal(lazy.rows(("embed", "ngram_table"), shuffled, max_bytes=1), table[shuffled])
     slabs = list(lazy.row_slabs(("embed", "ngram_table"), max_bytes=1))  # one block per slab
     assert [s for s, _ in slabs] == list(range(0, r, c))
     np.testing.assert_array_equal(np.concatenate([x for _, x in slabs]), table)
