@@ -213,8 +213,8 @@ def plots(records: list[dict], out: Path) -> list[Path]:
         lines: dict[str, list[Group]] = {}
         for g in groups:
             rest = {k: v for k, v in (g.first("grid") or {}).items() if k != key}
-            label = ", ".join([x for x in [g.first("variant"), "MoE baseline" if g.first("baseline_of") else ""] if x]
-                              + [f"{k.rsplit('.', 1)[-1]}={v}" for k, v in rest.items()]) or "runs"
+            label = ", ".join([x for x in [g.first("variant"), _kind(g)] if x]
+                              + [f"{k.rsplit('.', 1)[-1]}={v}" for k, v in rest.items()])
             lines.setdefault(label, []).append(g)
         for label, sel in lines.items():
             sel = sorted(sel, key=lambda g: g.first("grid")[key])
