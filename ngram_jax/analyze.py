@@ -7,8 +7,8 @@ LongCat-Flash-Lite's N-gram table holds 31.4B parameters, more than an analysis 
 token and N-gram tables are never loaded whole. Their rows are read lazily from the checkpoint with
 tensorstore (training saves them in row chunks), only the rows the sample text needs; every other
 parameter is read whole. Whole-table statistics (row norms of every row of every sub-table) stream the
-tables in slabs of at most ``STREAM_BYTES``, so a table never has to fit in host memory (the README
-states what orbax's OCDBT layout costs per block read).
+tables in slabs of at most ``STREAM_BYTES``, and row reads take at most that much at a time, so a table
+never has to fit in host memory (tested with a table 3x the memory limit: README).
 ``bytes_read`` reports what the lazy reads cost. From Python: ``analyze(run_dir)`` returns the report;
 ``LazyCheckpoint(run_dir)`` reads arrays, rows (``rows``) and slabs (``row_slabs``) of a checkpoint.
 """
@@ -212,7 +212,7 @@ def sample_tokens(cfg: Config, text: str | None, max_tokens: int) -> np.ndarray:
 def analyze(path: str | Path, *, step: int | None = None, text: str | None = None, max_tokens: int = 4096,
             out: str | Path | None = None, plots: bool = True, row_norms: bool = True) -> dict:
     """The report (also saved as ``analysis.json``). ``row_norms=False`` skips the whole-table streamed
-    statistics, which read every block of every table (slow for tables of many blocks: README)."""
+    statistics, which read every block of every table."""
     lazy = LazyCheckpoint(path, step)
     cfg, m = lazy.config, lazy.config.model
     budget = parameter_budget(cfg)

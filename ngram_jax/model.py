@@ -255,14 +255,14 @@ class Model(nnx.Module):
         return h if cache is None else (h, new_cache)
 
     def output(self, h: jax.Array) -> jax.Array:
-        """The output head (lm_head, or the tied token table): normalised h [B, S, D] -> logits [B, S, V]."""
-        if self.lm_head is not None:
-            return self.lm_head(h)  # float32 [B, S, V], from compute-dtype operands
-        return jnp.matmul(h, self.embed.embedding[...].astype(h.dtype).T, preferred_element_type=jnp.float32)
+        """The output head (lm_head, or the tied token table): normalised h [B, S, D] -> logits [B, S, V],
+        float32 from compute-dtype operands."""
+        w = self.head_weight()
+        return jnp.matmul(h.astype(w.dtype), w, preferred_element_type=jnp.float32)
 
     def head_weight(self) -> jax.Array:
-        """The output head's weight [D, V] in the compute dtype: ``output(h) == h @ head_weight()`` (float32
-        accumulation)."""
+        """The output head's weight [D, V] in the compute dtype (lm_head's kernel, or the tied token table
+        transposed): :meth:`output` and the training loss both apply it."""
         dt = jnp.dtype(self.config.dtype)
         if self.lm_head is not None:
             return self.lm_head.kernel[...].astype(dt)

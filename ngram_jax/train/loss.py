@@ -54,9 +54,10 @@ def linear_cross_entropy(x: jax.Array, w: jax.Array, targets: jax.Array, mask: j
     mask [B, S]. The sequence is cut into ``chunks`` pieces (padded with unscored positions); the forward
     and the backward pass each compute the logits of one piece, [B, S/chunks, V] float32 from operands in
     x's dtype (as ``Model.output``), and the backward recomputes them instead of reading a saved
-    [B, S, V]. The head's weight gradient is accumulated piece by piece. On XLA:CPU this ran the study
-    model's training step 2.3x faster than logits + :func:`cross_entropy` (docs/BENCHMARKS.md): the
-    unchunked backward wrote the [B*S, V] logit gradient a second time, transposed, for the weight gradient."""
+    [B, S, V]. The head's weight gradient is accumulated piece by piece. On XLA:CPU, 8 pieces ran the study
+    model's training step 1.79x faster than logits + :func:`cross_entropy` (``benchmarks/loss_head.py``,
+    docs/BENCHMARKS.md): the unchunked backward wrote the [B*S, V] logit gradient a second time,
+    transposed, for the weight gradient."""
     mask = mask.astype(jnp.float32)
     b, s = targets.shape
     size = -(-s // chunks)
@@ -84,10 +85,8 @@ def _linear_ce(x, w, targets, mask):
 def _linear_ce_fwd(x, w, targets, mask):
     def piece(total, xs):  # x [B, c, D], targets, mask [B, c]
         xc, tc, mc = xs
-        logits = _piece_logits(xc, w)
-        lse = _lse(logits)
-        picked = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
-        return total + jnp.sum((lse - picked) * mc), lse
+        ce, (_, lse, _) = _ce_fwd(_piece_logits(xc, w), tc)
+        return total + jnp.sum(ce * mc), lse
 
     total, lse = jax.lax.scan(piece, jnp.float32(0.0), (x, targets, mask))
     return total, (x, w, targets, mask, lse)
@@ -98,8 +97,7 @@ def _linear_ce_bwd(res, g):
 
     def piece(dw, xs):
         xc, tc, mc, lc = xs
-        p = jnp.exp(_piece_logits(xc, w) - lc[..., None])
-        dlogits = ((p - jax.nn.one_hot(tc, w.shape[-1], dtype=p.dtype)) * (g * mc)[..., None]).astype(x.dtype)
+        dlogits = _ce_bwd((_piece_logits(xc, w), lc, tc), g * mc)[0].astype(x.dtype)  # (softmax - onehot) g m
         dx = jnp.matmul(dlogits, w.T, preferred_element_type=jnp.float32).astype(x.dtype)  # [B, c, D]
         dw = dw + jnp.matmul(xc.reshape(-1, xc.shape[-1]).T, dlogits.reshape(-1, dlogits.shape[-1]),
                              preferred_element_type=jnp.float32)
