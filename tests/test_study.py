@@ -193,6 +193,7 @@ def test_report_calls_ties_within_the_seed_spread(tmp_path):
         ("b", [3.00, 3.01], {"grid": {"model.ngram.ratio": 2.0}}),
         ("b-moe", [3.10, 3.11], {"baseline_of": "b", "ngram_share": 0.0, "grid": {"model.ngram.ratio": 2.0}}),
         ("c", [2.90], {"grid": {"model.ngram.ratio": 3.0}}),
+        ("plain", [3.2], {"grid": {}, "ngram_share": 0.0}),  # ne_share's 0% point: in no grid-key plot
     ])
     (tmp_path / runner.RESULTS).write_text("".join(json.dumps(r) + "\n" for r in recs))
     path, figures = report.write_report(tmp_path)
