@@ -13,7 +13,9 @@ class Linear(nnx.Module):
     """``y = x @ W``, W [in, out] (torch ``nn.Linear`` stores the transpose).
 
     Operands in ``dtype``; the product accumulates and is returned in ``out_dtype`` (default ``dtype``):
-    the LM head keeps float32 logits from bfloat16 operands."""
+    the LM head keeps float32 logits from bfloat16 operands. The leading axes are flattened into one
+    ([B, S, in] -> [B*S, in]) around a 2-D matmul: on XLA:CPU the forward+backward of a SwiGLU at 8x128
+    tokens ran 1.5x faster than with the 3-D operand (whose weight gradient contracts two axes)."""
 
     def __init__(self, d_in: int, d_out: int, names: tuple[str | None, str | None], *,
                  init_std: float | None = None, dtype=jnp.float32, param_dtype=jnp.float32, out_dtype=None,
@@ -23,8 +25,10 @@ class Linear(nnx.Module):
         self.dtype, self.out_dtype = dtype, out_dtype or dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return jnp.matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
-                          preferred_element_type=self.out_dtype)
+        w = self.kernel[...]
+        y = jnp.matmul(x.reshape(-1, x.shape[-1]).astype(self.dtype), w.astype(self.dtype),
+                       preferred_element_type=self.out_dtype)  # [B*S, out]
+        return y.reshape(*x.shape[:-1], w.shape[-1])
 
 
 class RMSNorm(nnx.Module):

@@ -30,6 +30,7 @@ from flax import nnx
 
 from ngram_jax.budget import check_config
 from ngram_jax.config import Config, ConfigError, load_config
+from ngram_jax.layers.attention import query_blocks
 from ngram_jax.model import build_model
 from ngram_jax.ngram.lookup import NgramTable, Table
 from ngram_jax.sharding import parse_mesh_spec
@@ -148,13 +149,14 @@ def _attention_terms(m, tensor: int, seq: int) -> dict[str, float]:
     if a.kind == "mla":
         qk, dv = a.qk_nope_head_dim + a.qk_rope_head_dim, a.v_head_dim
         lora = 2 * a.q_lora_rank + (a.kv_lora_rank + a.qk_rope_head_dim) + a.kv_lora_rank  # q_a (+ norm), kv_a, latent
-        qkv = a.num_heads * (2 * qk + max(qk, dv)) / tensor  # q, k and v (v padded to the q/k head size)
+        qkv = a.num_heads * (2 * qk + dv) / tensor  # q, k and v
         ctx, heads = a.num_heads * dv / tensor, a.num_heads / tensor
     else:
         lora = 0
         qkv = (a.num_heads + 2 * a.num_kv_heads) * a.head_dim / tensor
         ctx, heads = a.num_heads * a.head_dim / tensor, a.num_heads / tensor
-    return {"attn_in": m.d_model, "lora": lora, "qkv": qkv, "probs": heads * seq, "attn_ctx": ctx,
+    n = query_blocks(seq)  # query block j keeps its probabilities against keys 0..j: (n + 1) / 2n of S per query
+    return {"attn_in": m.d_model, "lora": lora, "qkv": qkv, "probs": heads * seq * (n + 1) / (2 * n), "attn_ctx": ctx,
             "attn_out": m.d_model}
 
 
@@ -189,9 +191,9 @@ def activation_plan(cfg: Config, mesh: dict[str, int], batch: int, seq: int, bac
 
     - ``block``: what one ScMoE block keeps without rematerialisation, per token: for each of its 2
       attention sublayers the normalised input (D), the MLA LoRA activations (q_a and its norm, kv_a, the
-      latent), q, k, v (v padded to the q/k head size), the softmax probabilities (H * S per token: the
-      backward of softmax and of probabilities @ V both read the softmax output, nothing else of the
-      scores), the context before the output projection and the sublayer output (D); for each of its 2
+      latent), q, k, v, the softmax probabilities (H * S * (n + 1) / 2n per token with n query blocks,
+      ``layers.attention.query_blocks``: the backward of softmax and of probabilities @ V both read the
+      softmax output, nothing else of the scores), the context before the output projection and the sublayer output (D); for each of its 2
       dense FFNs the input (D), the two pre-activations and the hidden (3F); the MoE terms of
       :func:`_moe_terms`; the residual stream after each of the 4 sublayers (4D). Elements times c.
     - ``kept``: what every block keeps between its forward and its backward pass under ``model.remat``:
@@ -201,9 +203,10 @@ def activation_plan(cfg: Config, mesh: dict[str, int], batch: int, seq: int, bac
       ``model.remat_names``. Times ``model.num_blocks``.
     - ``recompute``: with rematerialisation, the backward of the last block recomputes the activations it
       did not keep (``block - kept``) and holds the cotangent of its largest sublayer (attention or MoE)
-      next to them (without remat that moment is not the peak: the logits' buffers are).
-    - ``head``: the float32 softmax of the logits and the logits' cotangent, tokens * V / vocab shards
-      * 4 * 2 (the logits themselves are dead once the softmax is formed).
+      next to them.
+    - ``head``: the float32 softmax and logit gradient of one of the ``train.loss_chunks`` pieces of the
+      sequence, tokens / loss_chunks * V / vocab shards * 4 * 2 (``train.loss.linear_cross_entropy`` forms
+      each piece's input and weight gradients in the forward pass, while every block's activations are alive).
     - ``embed``: the input embedding output (D) and, with NE, the gathered rows and the combined mean (2D).
     """
     m = cfg.model
@@ -236,7 +239,7 @@ def activation_plan(cfg: Config, mesh: dict[str, int], batch: int, seq: int, bac
                  "moe_out": moe.get("moe_out", 0)}
         kept = (m.d_model + sum(named[n] for n in m.remat_names)) * c
     recompute = 0.0 if m.remat == "none" else block - kept + max(nbytes(attn), nbytes(moe))
-    head = m.vocab_size / shards("vocab") * 4 * 2
+    head = m.vocab_size / shards("vocab") * 4 * 2 / cfg.train.loss_chunks
     embed = (3 if m.ngram.enabled else 1) * m.d_model * c
     return {"blocks": tokens * m.num_blocks * kept, "recompute": tokens * recompute, "head": tokens * head,
             "embed": tokens * embed}

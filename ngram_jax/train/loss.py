@@ -53,8 +53,9 @@ def linear_cross_entropy(x: jax.Array, w: jax.Array, targets: jax.Array, mask: j
     x [B, S, D] (the normalised last hidden state, in the compute dtype), w [D, V], targets int [B, S],
     mask [B, S]. The sequence is cut into ``chunks`` pieces (padded with unscored positions); the forward
     and the backward pass each compute the logits of one piece, [B, S/chunks, V] float32 from operands in
-    x's dtype (as ``Model.output``), and the backward recomputes them instead of reading a saved
-    [B, S, V]. The head's weight gradient is accumulated piece by piece. On XLA:CPU, 8 pieces ran the study
+    x's dtype (as ``Model.output``). Under differentiation the forward pass also forms the input and weight
+    gradients of each piece (the loss is a scalar: the backward only scales them), so no [B, S, V] array is
+    kept and the logits are computed once. The head's weight gradient is accumulated piece by piece. On XLA:CPU, 8 pieces ran the study
     model's training step 1.79x faster than logits + :func:`cross_entropy` (``benchmarks/loss_head.py``,
     docs/BENCHMARKS.md): the unchunked backward wrote the [B*S, V] logit gradient a second time,
     transposed, for the weight gradient."""
@@ -79,32 +80,38 @@ def _piece_logits(x, w):
 
 @jax.custom_vjp
 def _linear_ce(x, w, targets, mask):
-    return _linear_ce_fwd(x, w, targets, mask)[0]
+    """Sum of the masked cross-entropy of every piece (x [n, B, c, D], w [D, V], targets, mask [n, B, c])."""
+    def piece(total, xs):
+        xc, tc, mc = xs
+        return total + jnp.sum(softmax_cross_entropy(_piece_logits(xc, w), tc) * mc), None
+
+    return jax.lax.scan(piece, jnp.float32(0.0), (x, targets, mask))[0]
 
 
 def _linear_ce_fwd(x, w, targets, mask):
-    def piece(total, xs):  # x [B, c, D], targets, mask [B, c]
+    """The loss and, in the same pass over the pieces, its gradients for a cotangent of 1.
+
+    The loss is a scalar, so the backward pass only scales these by its cotangent: each piece's logits
+    are computed once, and three matmuls per piece (logits, input and weight gradients) do the whole
+    forward and backward. Under plain evaluation (no differentiation) ``_linear_ce`` itself runs: the
+    logits and nothing else."""
+    def piece(carry, xs):  # x [B, c, D], targets, mask [B, c]
+        total, dw = carry
         xc, tc, mc = xs
-        ce, (_, lse, _) = _ce_fwd(_piece_logits(xc, w), tc)
-        return total + jnp.sum(ce * mc), lse
-
-    total, lse = jax.lax.scan(piece, jnp.float32(0.0), (x, targets, mask))
-    return total, (x, w, targets, mask, lse)
-
-
-def _linear_ce_bwd(res, g):
-    x, w, targets, mask, lse = res
-
-    def piece(dw, xs):
-        xc, tc, mc, lc = xs
-        dlogits = _ce_bwd((_piece_logits(xc, w), lc, tc), g * mc)[0].astype(x.dtype)  # (softmax - onehot) g m
+        ce, res = _ce_fwd(_piece_logits(xc, w), tc)
+        dlogits = _ce_bwd(res, mc)[0].astype(x.dtype)  # (softmax - onehot) * mask  [B, c, V]
         dx = jnp.matmul(dlogits, w.T, preferred_element_type=jnp.float32).astype(x.dtype)  # [B, c, D]
         dw = dw + jnp.matmul(xc.reshape(-1, xc.shape[-1]).T, dlogits.reshape(-1, dlogits.shape[-1]),
                              preferred_element_type=jnp.float32)
-        return dw, dx
+        return (total + jnp.sum(ce * mc), dw), dx
 
-    dw, dx = jax.lax.scan(piece, jnp.zeros(w.shape, jnp.float32), (x, targets, mask, lse))
-    return dx, dw.astype(w.dtype), None, None
+    (total, dw), dx = jax.lax.scan(piece, (jnp.float32(0.0), jnp.zeros(w.shape, jnp.float32)), (x, targets, mask))
+    return total, (dx, dw)
+
+
+def _linear_ce_bwd(res, g):
+    dx, dw = res  # w is in x's dtype (linear_cross_entropy casts it)
+    return (g * dx).astype(dx.dtype), (g * dw).astype(dx.dtype), None, None
 
 
 _linear_ce.defvjp(_linear_ce_fwd, _linear_ce_bwd)
