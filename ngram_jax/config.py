@@ -102,6 +102,10 @@ class MoEConfig:
     # experts on XLA:CPU) | tiled (groups padded to grouped_matmul_tile rows, one batched matmul over tiles)
     grouped_matmul: Literal["auto", "ragged_dot", "tiled"] = "auto"
     grouped_matmul_tile: int = 64  # rows per tile of the tiled grouped matmul (docs/BENCHMARKS.md)
+    # dropless with the tiled grouped matmul: run every expert on every token instead when that is no more
+    # rows (N * E) than the tiled layout's bound, as in decoding and verification passes of a few tokens
+    # (the same outputs; layers/moe.py, docs/BENCHMARKS.md); false: always the tiled layout
+    few_tokens_dense: bool = True
     bias_update_rate: float = 1e-3  # aux-loss-free balancing step for the selection bias
     bias_update_rule: Literal["sign", "proportional"] = "sign"
     # K_e: expected real (non-zero) experts per token that the bias update steers toward; the zero

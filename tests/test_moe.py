@@ -17,6 +17,7 @@ D = 16
 
 
 def make(dispatch="dropless", e=4, z=2, k=3, **kw):
+    kw.setdefault("few_tokens_dense", False)  # the dropless tests run the grouped matmul whatever the token count
     cfg = MoEConfig(num_experts=e, num_zero_experts=z, top_k=k, expert_dim=8, routed_scaling_factor=2.5,
                     dispatch=dispatch, **kw)
     return MoE(cfg, D, init_std=0.5, rngs=nnx.Rngs(0))
@@ -379,3 +380,23 @@ def test_grouped_matmul_setting_selects_the_implementation(monkeypatch, setting,
     graphdef, state = nnx.split(layer)
     closed = jax.make_jaxpr(lambda state, x: nnx.merge(graphdef, state)(x))(state, x_in())
     assert ("ragged_dot_general" in _primitives(closed.jaxpr)) == uses_ragged_dot
+
+
+def test_few_tokens_run_every_expert_with_the_dropless_outputs():
+    """``model.moe.few_tokens_dense``: a pass of 3 tokens (decoding) runs the dense combination, no sort and
+    no tiles, with the tiled layout's outputs and gradients; a batch of 512 tokens keeps the tiled layout."""
+    few, tiled = make(grouped_matmul="tiled", few_tokens_dense=True), make(grouped_matmul="tiled")
+    assert moe_lib.dense_is_fewer_rows(3, 3, 4, 64) and not moe_lib.dense_is_fewer_rows(512, 3, 4, 64)
+
+    def prims(layer, x):
+        graphdef, state = nnx.split(layer)
+        return _primitives(jax.make_jaxpr(lambda state, x: nnx.merge(graphdef, state)(x))(state, x).jaxpr)
+
+    x = x_in(5, (1, 3, D))
+    assert "sort" not in prims(few, x) and "sort" in prims(tiled, x)
+    assert "sort" in prims(few, x_in(6, (8, 64, D)))
+    np.testing.assert_allclose(np.asarray(few(x)), np.asarray(tiled(x)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(few.counts[...]), np.asarray(tiled.counts[...]))
+    gf, gt = (nnx.grad(lambda m: jnp.sum(m(x) ** 2))(layer) for layer in (few, tiled))
+    for name in ("router", "gate", "up", "down"):
+        np.testing.assert_allclose(np.asarray(gf[name][...]), np.asarray(gt[name][...]), rtol=1e-4, atol=1e-5)
