@@ -47,7 +47,7 @@ def test_gradients_equal_one_block_and_dot_product_attention(blocks):
     one = loss(lambda q, k, v: causal_attention(q, k, v, seg, SCALE, blocks=1))
     mask = (seg[:, :, None] == seg[:, None, :])[:, None]
     ref = loss(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, scale=SCALE))
-    for a, b, c in zip(ours, one, ref):
+    for a, b, c in zip(ours, one, ref, strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-5, atol=1e-5)
 

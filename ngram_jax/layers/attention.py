@@ -24,7 +24,6 @@ from ngram_jax.config import AttentionConfig, ModelConfig
 from ngram_jax.layers.linear import Linear, RMSNorm
 from ngram_jax.layers.rope import apply_rope, inv_frequencies, yarn_attention_factor, yarn_mscale
 
-
 # Causal attention in query blocks: block j of the queries scores only the keys up to its own end, so the
 # scores above the diagonal that every full-width formulation computes and masks are mostly never formed.
 # With n blocks the score and value matmuls do (n + 1) / 2n of the full work (n = 4: 62.5%). Blocks of

@@ -193,9 +193,10 @@ def activation_plan(cfg: Config, mesh: dict[str, int], batch: int, seq: int, bac
       attention sublayers the normalised input (D), the MLA LoRA activations (q_a and its norm, kv_a, the
       latent), q, k, v, the softmax probabilities (H * S * (n + 1) / 2n per token with n query blocks,
       ``layers.attention.query_blocks``: the backward of softmax and of probabilities @ V both read the
-      softmax output, nothing else of the scores), the context before the output projection and the sublayer output (D); for each of its 2
-      dense FFNs the input (D), the two pre-activations and the hidden (3F); the MoE terms of
-      :func:`_moe_terms`; the residual stream after each of the 4 sublayers (4D). Elements times c.
+      softmax output, nothing else of the scores), the context before the output projection and the
+      sublayer output (D); for each of its 2 dense FFNs the input (D), the two pre-activations and the
+      hidden (3F); the MoE terms of :func:`_moe_terms`; the residual stream after each of the 4 sublayers
+      (4D). Elements times c.
     - ``kept``: what every block keeps between its forward and its backward pass under ``model.remat``:
       ``none``: ``block``; ``block``: the block input (D); ``dots``: the block input and the outputs of
       the weight matmuls (LoRA, q/k/v and output projections, FFN gate/up/down, router logits);

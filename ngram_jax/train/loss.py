@@ -51,14 +51,15 @@ def linear_cross_entropy(x: jax.Array, w: jax.Array, targets: jax.Array, mask: j
     number of scored targets)``.
 
     x [B, S, D] (the normalised last hidden state, in the compute dtype), w [D, V], targets int [B, S],
-    mask [B, S]. The sequence is cut into ``chunks`` pieces (padded with unscored positions); the forward
-    and the backward pass each compute the logits of one piece, [B, S/chunks, V] float32 from operands in
-    x's dtype (as ``Model.output``). Under differentiation the forward pass also forms the input and weight
-    gradients of each piece (the loss is a scalar: the backward only scales them), so no [B, S, V] array is
-    kept and the logits are computed once. The head's weight gradient is accumulated piece by piece. On XLA:CPU, 8 pieces ran the study
-    model's training step 1.79x faster than logits + :func:`cross_entropy` (``benchmarks/loss_head.py``,
-    docs/BENCHMARKS.md): the unchunked backward wrote the [B*S, V] logit gradient a second time,
-    transposed, for the weight gradient."""
+    mask [B, S]. The sequence is cut into ``chunks`` pieces (padded with unscored positions), and the logits
+    of one piece at a time are computed, [B, S/chunks, V] float32 from operands in x's dtype (as
+    ``Model.output``). Under differentiation the forward pass also forms each piece's input and weight
+    gradients (the loss is a scalar: the backward only scales them), so no [B, S, V] array is kept and the
+    logits are computed once; the weight gradient is accumulated piece by piece. On XLA:CPU, 8 pieces ran
+    the study model's training step 1.79x faster than logits + :func:`cross_entropy`
+    (``benchmarks/loss_head.py``, docs/BENCHMARKS.md): the unchunked backward wrote the [B*S, V] logit
+    gradient a second time, transposed, for the weight gradient; forming the gradients in the forward pass
+    took the head + loss from 69 to 54 ms (8x128 tokens, V 4096)."""
     mask = mask.astype(jnp.float32)
     b, s = targets.shape
     size = -(-s // chunks)
