@@ -371,15 +371,18 @@ def _primitives(jaxpr) -> set[str]:
     return names
 
 
+def _layer_primitives(layer, x) -> set[str]:
+    """The primitives of one traced call of an MoE layer on x."""
+    graphdef, state = nnx.split(layer)
+    return _primitives(jax.make_jaxpr(lambda state, x: nnx.merge(graphdef, state)(x))(state, x).jaxpr)
+
+
 @pytest.mark.parametrize("setting, backend, uses_ragged_dot", [("auto", "cpu", False), ("auto", "tpu", True),
                                                                ("ragged_dot", "cpu", True), ("tiled", "tpu", False)])
 def test_grouped_matmul_setting_selects_the_implementation(monkeypatch, setting, backend, uses_ragged_dot):
     """``model.moe.grouped_matmul``: auto is ragged_dot on TPU only (the backend is faked for tracing)."""
     monkeypatch.setattr(moe_lib.jax, "default_backend", lambda: backend)
-    layer = make(grouped_matmul=setting)
-    graphdef, state = nnx.split(layer)
-    closed = jax.make_jaxpr(lambda state, x: nnx.merge(graphdef, state)(x))(state, x_in())
-    assert ("ragged_dot_general" in _primitives(closed.jaxpr)) == uses_ragged_dot
+    assert ("ragged_dot_general" in _layer_primitives(make(grouped_matmul=setting), x_in())) == uses_ragged_dot
 
 
 def test_few_tokens_run_every_expert_with_the_dropless_outputs():
@@ -387,14 +390,9 @@ def test_few_tokens_run_every_expert_with_the_dropless_outputs():
     no tiles, with the tiled layout's outputs and gradients; a batch of 512 tokens keeps the tiled layout."""
     few, tiled = make(grouped_matmul="tiled", few_tokens_dense=True), make(grouped_matmul="tiled")
     assert moe_lib.dense_is_fewer_rows(3, 3, 4, 64) and not moe_lib.dense_is_fewer_rows(512, 3, 4, 64)
-
-    def prims(layer, x):
-        graphdef, state = nnx.split(layer)
-        return _primitives(jax.make_jaxpr(lambda state, x: nnx.merge(graphdef, state)(x))(state, x).jaxpr)
-
     x = x_in(5, (1, 3, D))
-    assert "sort" not in prims(few, x) and "sort" in prims(tiled, x)
-    assert "sort" in prims(few, x_in(6, (8, 64, D)))
+    assert "sort" not in _layer_primitives(few, x) and "sort" in _layer_primitives(tiled, x)
+    assert "sort" in _layer_primitives(few, x_in(6, (8, 64, D)))
     np.testing.assert_allclose(np.asarray(few(x)), np.asarray(tiled(x)), rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(np.asarray(few.counts[...]), np.asarray(tiled.counts[...]))
     gf, gt = (nnx.grad(lambda m: jnp.sum(m(x) ** 2))(layer) for layer in (few, tiled))

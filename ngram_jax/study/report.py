@@ -212,9 +212,10 @@ def plots(records: list[dict], out: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(6, 4))
         lines: dict[str, list[Group]] = {}
         for g in groups:
-            if key not in (g.first("grid") or {}):  # e.g. the 0% point of ne_share: on the share plot only
+            grid = g.first("grid") or {}
+            if key not in grid:  # e.g. the 0% point of ne_share: on the share plot only
                 continue
-            rest = {k: v for k, v in (g.first("grid") or {}).items() if k != key}
+            rest = {k: v for k, v in grid.items() if k != key}
             label = ", ".join([x for x in [g.first("variant"), _kind(g)] if x]
                               + [f"{k.rsplit('.', 1)[-1]}={v}" for k, v in rest.items()])
             lines.setdefault(label, []).append(g)
