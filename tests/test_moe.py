@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from hlo import copied_sizes
 
 from ngram_jax.config import MoEConfig
 from ngram_jax.layers import moe as moe_lib
@@ -398,3 +399,15 @@ def test_few_tokens_run_every_expert_with_the_dropless_outputs():
     gf, gt = (nnx.grad(lambda m: jnp.sum(m(x) ** 2))(layer) for layer in (few, tiled))
     for name in ("router", "gate", "up", "down"):
         np.testing.assert_allclose(np.asarray(gf[name][...]), np.asarray(gt[name][...]), rtol=1e-4, atol=1e-5)
+
+
+def test_few_tokens_read_the_expert_weights_in_place():
+    """The every-expert pass of a few tokens is a matmul batched over experts on the weights as stored: the
+    compiled program copies none of them (``nd,edf->nef`` had XLA transpose every expert weight at every
+    decoding step)."""
+    layer = make(grouped_matmul="tiled", few_tokens_dense=True)
+    graphdef, state = nnx.split(layer)
+    hlo = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x)).lower(state, x_in(5, (1, 3, D))).compile().as_text()
+    weights = {p[...].size for p in (layer.gate, layer.up, layer.down)}
+    assert weights == {4 * D * 8}
+    assert not weights & copied_sizes(hlo)
