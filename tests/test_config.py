@@ -37,6 +37,16 @@ def test_tiny_configs_follow_the_papers_rules():
             load_config(CONFIGS / "models" / f"{name}.yaml")
 
 
+@pytest.mark.parametrize("target, draft", [("spec_target", "draft_tiny"), ("spec_target_large", "draft_tiny"),
+                                           ("spec_target_large", "draft_small")])
+def test_speculative_pairs_share_the_vocabulary_and_keep_the_size_ratio(target, draft):
+    """benchmarks/speculative.py's pairs (issue 12: a target of at least 10x the draft's activated parameters)."""
+    t, d = (load_config(CONFIGS / f"{n}.yaml") for n in (target, draft))
+    assert (t.model.vocab_size, t.data.path) == (d.model.vocab_size, d.data.path)
+    assert d.model.ngram.enabled is False  # the paper's draft: a plain token embedding
+    assert closed_form_budget(t.model)["activated_min"] >= 10 * closed_form_budget(d.model)["activated_max"]
+
+
 def test_inheritance_and_overrides(tmp_path):
     write(tmp_path, "parent.yaml", "model:\n  d_model: 96\n  ngram:\n    enabled: true\n    max_n: 4\n    splits: 1\n")
     child = write(tmp_path, "child.yaml", "base: parent.yaml\nname: child\nmodel:\n  ngram:\n    ratio: 1.37\n")
