@@ -14,8 +14,9 @@ first, then timed in ``--repeats`` interleaved rounds (each round runs every var
 shared machine's load changes hit them alike. Per row: tokens/s (all rows' new tokens over the median
 wall time), vs plain (the median over rounds of the per-round ratio to plain decoding), acceptance
 (accepted / verified drafts), verified drafts per verification and accepted drafts per verification
-(per row-step: tokens per target pass = that + 1), and repeats: the share of the generated tokens that
-complete a 4-gram already in the prompt or the earlier output (what prompt lookup can copy).
+(per row-step: tokens per target pass = that + 1). A line above each table gives the share of the
+generated tokens that complete a 4-gram already in the prompt or the earlier output (what prompt lookup can
+copy).
 Per length a line ``speculative_speedup_new<N>=<best drafter at batch 1>``; the last line:
 ``speculative_speedup=<best drafter tokens/s / plain tokens/s at batch 1, over the lengths>``.
 """

@@ -82,10 +82,11 @@ def closed_form_budget(m: ModelConfig) -> dict[str, int]:
     n_ffn = 2 * nb  # dense FFN layers, each with its own per-layer embedding
     counts = dict.fromkeys(("embedding", "ngram", "ple", "dense", "lm_head", "experts", "router", "draft"), 0)
     counts["embedding"] = v * d
-    if m.draft_head == "ngram":  # RMSNorm, SwiGLU D x ffn_dim, RMSNorm, linear D x V
-        counts["draft"] = 2 * d + 3 * d * f + d * v
-    if m.draft_head == "mtp":  # 2 input norms, projection 2D x D, attention, 3 norms, SwiGLU D x ffn_dim
-        counts["draft"] = 5 * d + 2 * d * d + attention_params(m.attention, d) + 3 * d * f
+    fd = m.draft_ffn_dim
+    if m.draft_head == "ngram":  # RMSNorm, SwiGLU D x draft_ffn_dim, RMSNorm, linear D x V
+        counts["draft"] = 2 * d + 3 * d * fd + d * v
+    if m.draft_head == "mtp":  # 2 input norms, projection 2D x D, attention, 3 norms, SwiGLU D x draft_ffn_dim
+        counts["draft"] = 5 * d + 2 * d * d + attention_params(m.attention, d) + 3 * d * fd
     if m.ngram.enabled:
         counts["ngram"] += sum(ngram_table_params(v, d, m.ngram.max_n, m.ngram.splits, m.ngram.ratio,
                                                   m.ngram.row_multiple))

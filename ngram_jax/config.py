@@ -143,15 +143,23 @@ class ModelConfig:
     ple: PLEConfig = field(default_factory=PLEConfig)
     # Speculative-decoding draft head trained with the model (ngram_jax/speculative.py). ngram: the
     # N-gram Embedding output alone (no transformer blocks) through a small head (RMSNorm, residual
-    # SwiGLU of width ffn_dim, RMSNorm, linear to the vocabulary) predicts the next token. Its input is
+    # SwiGLU of width draft_ffn_dim, RMSNorm, linear to the vocabulary) predicts the next token. Its input is
     # the NE output under stop_gradient: no gradient of the head reaches the target (only the global-norm
     # gradient clipping is shared). Needs model.ngram.enabled.
     # mtp: a one-block MTP (NEXTN, DeepSeek-V3 style) head predicts token t+2 from the target's last hidden
     # state at t and the input embedding of token t+1 (the target's own embedding: its N-gram Embedding
     # with NE), through a projection, one decoder block (attention as model.attention, dense SwiGLU of
-    # width ffn_dim, its own KV cache when drafting), its own RMSNorm and the target's output head. Trained
+    # width draft_ffn_dim, its own KV cache when drafting), its own RMSNorm and the target's output head. Trained
     # jointly (its loss reaches the target, as in DeepSeek-V3) or on a frozen target (train.freeze_target).
     draft_head: Literal["none", "ngram", "mtp"] = "none"
+    # Width of the draft head's SwiGLU (either head); 0: model.ffn_dim. Every draft step reads the head's
+    # weights: a narrower head drafts faster and may accept less (docs/BENCHMARKS.md, the narrower head).
+    draft_head_ffn_dim: int = 0
+
+    @property
+    def draft_ffn_dim(self) -> int:
+        """The draft head's SwiGLU width: ``draft_head_ffn_dim``, or ``ffn_dim`` when that is 0."""
+        return self.draft_head_ffn_dim or self.ffn_dim
 
 
 # The activations a ScMoE block tags with jax.ad_checkpoint.checkpoint_name (model.py, layers/attention.py),
@@ -548,6 +556,8 @@ def validate(cfg: Config) -> None:
         _check_ngram_shape("model.ple", "model.ffn_dim", m.ffn_dim, p.max_n, p.splits, p.ratio)
         _warn_simple_ratio("model.ple.ratio", p.ratio, m.vocab_size)
 
+    _require(m.draft_head_ffn_dim >= 0, f"model.draft_head_ffn_dim must be >= 0 (0: model.ffn_dim), got "
+             f"{m.draft_head_ffn_dim}")
     if m.draft_head == "ngram":
         _require(n.enabled, "model.draft_head=ngram drafts from the N-gram Embedding: set model.ngram.enabled=true")
     d, t = cfg.data, cfg.train

@@ -117,13 +117,13 @@ class Block(nnx.Module):
 
 class NgramDraftHead(nnx.Module):
     """Speculative-decoding drafter on the N-gram Embedding alone (``model.draft_head: ngram``):
-    NE output e_t [B, S, D] -> next-token logits [B, S, V] through RMSNorm, a residual SwiGLU, RMSNorm
-    and a linear map; no transformer block, no KV cache."""
+    NE output e_t [B, S, D] -> next-token logits [B, S, V] through RMSNorm, a residual SwiGLU (width
+    ``draft_ffn_dim``), RMSNorm and a linear map; no transformer block, no KV cache."""
 
     def __init__(self, m: ModelConfig, *, rngs: nnx.Rngs):
         dt, pdt = jnp.dtype(m.dtype), jnp.dtype(m.param_dtype)
         self.norm = RMSNorm(m.d_model, eps=m.norm_eps, name="norm", dtype=dt, param_dtype=pdt)
-        self.mlp = SwiGLU(m.d_model, m.ffn_dim, dtype=dt, param_dtype=pdt, rngs=rngs)
+        self.mlp = SwiGLU(m.d_model, m.draft_ffn_dim, dtype=dt, param_dtype=pdt, rngs=rngs)
         self.out_norm = RMSNorm(m.d_model, eps=m.norm_eps, name="norm", dtype=dt, param_dtype=pdt)
         self.out = Linear(m.d_model, m.vocab_size, ("embed", "vocab"), dtype=dt, param_dtype=pdt,
                           out_dtype=jnp.float32, rngs=rngs)
@@ -153,7 +153,7 @@ class MTPHead(nnx.Module):
         self.proj = Linear(2 * m.d_model, m.d_model, (None, "embed"), **kw)
         self.attn_norm, self.ffn_norm, self.out_norm = norm(), norm(), norm()
         self.attn = build_attention(m, rngs=rngs)
-        self.ffn = SwiGLU(m.d_model, m.ffn_dim, **kw)
+        self.ffn = SwiGLU(m.d_model, m.draft_ffn_dim, **kw)
 
     def __call__(self, hidden: jax.Array, emb: jax.Array, positions: jax.Array,
                  segment_ids: jax.Array | None = None, cache=None):

@@ -38,7 +38,8 @@ def test_tiny_configs_follow_the_papers_rules():
 
 
 @pytest.mark.parametrize("target, draft", [("spec_target", "draft_tiny"), ("spec_target_large", "draft_tiny"),
-                                           ("spec_target_large", "draft_small")])
+                                           ("spec_target_large", "draft_small"),
+                                           ("spec_target_large_narrow", "draft_tiny")])
 def test_speculative_pairs_share_the_vocabulary_and_keep_the_size_ratio(target, draft):
     """benchmarks/speculative.py's pairs (issue 12: a target of at least 10x the draft's activated parameters)."""
     t, d = (load_config(CONFIGS / f"{n}.yaml") for n in (target, draft))
@@ -105,6 +106,7 @@ def test_frozen_and_round_trip():
         (["model.draft_head=mtp", "train.freeze_target=true", "train.draft_head_weight=0"],
          r"train\.freeze_target=true trains only the draft head's loss: set train\.draft_head_weight > 0"),
         (["train.draft_head_weight=-1"], r"train\.draft_head_weight must be >= 0"),
+        (["model.draft_head_ffn_dim=-1"], r"model\.draft_head_ffn_dim must be >= 0 \(0: model\.ffn_dim\)"),
     ],
 )
 def test_bad_values_name_the_key(overrides, pattern):

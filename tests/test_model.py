@@ -203,6 +203,23 @@ def test_moe_baseline_needs_experts_and_ngrams():
         moe_baseline(cfg("tiny_plain"))
 
 
+@pytest.mark.parametrize("head", ["ngram", "mtp"])
+def test_draft_head_width(head):
+    """model.draft_head_ffn_dim sets the width of either head's SwiGLU (0: model.ffn_dim); both budgets follow."""
+    for width, expect in ((0, 256), (48, 48)):
+        c = cfg("tiny_ne", f"model.draft_head={head}", f"model.draft_head_ffn_dim={width}")
+        model = nnx.eval_shape(lambda c=c: build_model(c, nnx.Rngs(0)))
+        ffn = model.draft_head.mlp if head == "ngram" else model.draft_head.ffn
+        assert c.model.ffn_dim == 256
+        assert ffn.gate.kernel.shape == (128, expect) and ffn.down.kernel.shape == (expect, 128)
+        assert parameter_budget(c) == closed_form_budget(c.model)
+    wide, narrow = (closed_form_budget(cfg("tiny_ne", f"model.draft_head={head}",
+                                           f"model.draft_head_ffn_dim={w}").model) for w in (0, 48))
+    assert wide["draft"] - narrow["draft"] == 3 * 128 * (256 - 48)
+    assert {k: v for k, v in wide.items() if k != "draft" and "total" not in k} == \
+        {k: v for k, v in narrow.items() if k != "draft" and "total" not in k}
+
+
 def test_budgets_agree_with_layernorm_amplification_and_ple():
     """The closed form and the abstract count agree on every category, activated counts included,
     for the combinations no shipped config uses (amplification layernorm, tied head, plain PLE)."""
