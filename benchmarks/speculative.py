@@ -72,8 +72,8 @@ def repeated_share(prompt: list[int], new: list[int], n: int = 4) -> float:
         seen.add(tuple(seq[j - n : j]))
     for tok in new:
         seq.append(tok)
-        gram = tuple(seq[-n:])
-        hits += len(seq) >= n and gram in seen
+        gram = tuple(seq[-n:])  # shorter than n for the first tokens of a short prompt: never in seen
+        hits += gram in seen
         seen.add(gram)
     return hits / max(len(new), 1)
 
@@ -114,12 +114,10 @@ def main() -> None:
         drafters["mtp"] = S.MTPDrafter(cache_embeddings=True)
         drafters["mtp_nocache"] = S.MTPDrafter(cache_embeddings=False)
     best_b1: dict[int, float] = {}
-    header = (f"{'batch':>5} {'new':>4} {'decoder':<34} {'tokens/s':>9} {'vs plain':>8} {'accept':>7} "
-              f"{'verified/step':>13} {'accepted/step':>13}")
     for new in args.new:
         for b in args.batches:
             prompts = held_out_prompts(tcfg, b, args.prompt)
-            best = run_table(target, prompts, new, b, drafters, head, args, header)
+            best = run_table(target, prompts, new, b, drafters, head, args)
             if b == 1:
                 best_b1[new] = best
     for new, best in best_b1.items():
@@ -127,7 +125,7 @@ def main() -> None:
     print(f"speculative_speedup={max(best_b1.values(), default=0.0):.2f}")
 
 
-def run_table(target, prompts, new: int, b: int, drafters: dict, head: str, args, header: str) -> float:
+def run_table(target, prompts, new: int, b: int, drafters: dict, head: str, args) -> float:
     """One table: every variant compiled and checked, then timed in interleaved rounds; returns the best
     drafter's ratio to plain decoding."""
     compiled: dict = {}
@@ -159,7 +157,8 @@ def run_table(target, prompts, new: int, b: int, drafters: dict, head: str, args
     repeats = statistics.mean(repeated_share(p, r) for p, r in zip(prompts, plain, strict=True))
     print(f"# batch {b}, {new} new tokens: {repeats:.0%} of the greedy output completes a 4-gram seen before")
     base = times["plain (jitted loop)"]
-    print(header)
+    print(f"{'batch':>5} {'new':>4} {'decoder':<34} {'tokens/s':>9} {'vs plain':>8} {'accept':>7} "
+          f"{'verified/step':>13} {'accepted/step':>13}")
     best = 0.0
     for label, (_, st) in variants.items():
         rate = total / statistics.median(times[label])

@@ -153,7 +153,7 @@ class ModelConfig:
     # jointly (its loss reaches the target, as in DeepSeek-V3) or on a frozen target (train.freeze_target).
     draft_head: Literal["none", "ngram", "mtp"] = "none"
     # Width of the draft head's SwiGLU (either head); 0: model.ffn_dim. Every draft step reads the head's
-    # weights: a narrower head drafts faster and may accept less (docs/BENCHMARKS.md, the narrower head).
+    # weights: a narrower head reads fewer and may accept less (docs/BENCHMARKS.md, the narrower head).
     draft_head_ffn_dim: int = 0
 
     @property
