@@ -98,9 +98,11 @@ class MoEConfig:
     dispatch: Literal["dropless", "capacity", "dense"] = "dropless"
     capacity_factor: float = 1.25  # capacity dispatch: slots per expert = factor * tokens * top_k / E
     # the grouped matmul of dropless (and expert-parallel) dispatch (layers/grouped_matmul.py):
-    # auto (ragged_dot on TPU, tiled elsewhere) | ragged_dot (jax.lax.ragged_dot; dense in the number of
-    # experts on XLA:CPU) | tiled (groups padded to grouped_matmul_tile rows, one batched matmul over tiles)
-    grouped_matmul: Literal["auto", "ragged_dot", "tiled"] = "auto"
+    # auto (megablox on TPU, tiled elsewhere) | megablox (JAX's Pallas TPU gmm/tgmm kernels) | ragged_dot
+    # (jax.lax.ragged_dot: dense in the number of experts on XLA:CPU, and on TPU its weight gradient costs
+    # about experts/2 times the matmul, docs/TPU.md) | tiled (groups padded to grouped_matmul_tile rows,
+    # one batched matmul over tiles)
+    grouped_matmul: Literal["auto", "megablox", "ragged_dot", "tiled"] = "auto"
     grouped_matmul_tile: int = 64  # rows per tile of the tiled grouped matmul (docs/BENCHMARKS.md)
     # dropless with the tiled grouped matmul: run every expert on every token instead when that is no more
     # rows (N * E) than the tiled layout's bound, as in decoding and verification passes of a few tokens
@@ -238,6 +240,10 @@ class TrainConfig:
     extend: bool = False
     lr: float = 3e-3
     warmup_steps: int = 100
+    # the learning rate after the linear warmup: cosine (decays to lr * min_lr_ratio at train.steps) | constant
+    # (lr from the end of warmup on, so that the loss at any step is the loss a shorter run of the same
+    # schedule would end with: what a loss-vs-tokens curve, train.eval_at_tokens, compares)
+    schedule: Literal["cosine", "constant"] = "cosine"
     min_lr_ratio: float = 0.1  # cosine decays to lr * this
     weight_decay: float = 0.1
     b1: float = 0.9
@@ -253,6 +259,10 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 200
     eval_batches: int = 8
+    # a held-out loss curve: also evaluate (and checkpoint) at the first step whose training tokens (steps x
+    # data.batch_size x data.seq_len) reach each of these counts, e.g. [250000, 500000, 1000000]; metrics.jsonl
+    # records each as eval_loss with its step. Needs train.schedule=constant (comparable points).
+    eval_at_tokens: tuple[int, ...] = ()
     checkpoint_every: int = 200
     keep_checkpoints: int = 3
     peak_flops_per_device: float = 0.0  # for MFU; 0: looked up from the device kind when known
@@ -574,12 +584,33 @@ def validate(cfg: Config) -> None:
              "train.steps >= 1, train.lr > 0, 0 <= train.min_lr_ratio <= 1, train.warmup_steps >= 0")
     for key in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "eval_batches"):
         _require(getattr(t, key) >= 1, f"train.{key} must be >= 1, got {getattr(t, key)}")
+    if t.eval_at_tokens:
+        points, last = t.eval_at_tokens, t.steps * d.batch_size * d.seq_len
+        _require(all(p >= 1 for p in points) and all(a < b for a, b in zip(points, points[1:], strict=False)),
+                 f"train.eval_at_tokens must be positive and increasing, got {list(points)}")
+        _require(points[-1] <= last,
+                 f"train.eval_at_tokens: {points[-1]:,} tokens is beyond the run's end (train.steps x data.batch_size "
+                 f"x data.seq_len = {t.steps} x {d.batch_size} x {d.seq_len} = {last:,} tokens); raise train.steps to "
+                 f"{-(-points[-1] // (d.batch_size * d.seq_len))} or drop the point")
+        steps = [eval_step_for_tokens(p, d.batch_size, d.seq_len) for p in points]
+        _require(len(set(steps)) == len(steps),
+                 f"train.eval_at_tokens: {list(points)} fall on the steps {steps} (a step trains "
+                 f"{d.batch_size * d.seq_len:,} tokens), some twice; space the points at least one step apart")
+        _require(t.schedule == "constant",
+                 f"train.eval_at_tokens asks for a loss-vs-tokens curve, whose points are comparable only under "
+                 f"train.schedule=constant: the {t.schedule} schedule decays over train.steps={t.steps}, so its loss "
+                 "at an intermediate step is not the loss of a shorter run; set train.schedule=constant")
     for key, sizes in (("mesh.ici", cfg.mesh.ici), ("mesh.dcn", cfg.mesh.dcn)):
         values = [getattr(sizes, a) for a in MESH_AXES]
         _require(all(v == -1 or v >= 1 for v in values) and values.count(-1) <= 1,
                  f"{key}: axis sizes must be >= 1, with at most one -1 (fill), got "
                  f"{dict(zip(MESH_AXES, values, strict=True))}")
 
+
+
+def eval_step_for_tokens(tokens: int, batch_size: int, seq_len: int) -> int:
+    """The first training step whose tokens (step x batch_size x seq_len) reach ``tokens``."""
+    return -(-tokens // (batch_size * seq_len))
 
 
 def nearest_simple_fraction(ratio: float, max_denominator: int = 4) -> Fraction:

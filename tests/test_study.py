@@ -269,3 +269,79 @@ def test_killed_runner_resumes_from_the_last_checkpoint(tmp_path, data_dir):
     assert [r["name"] for r in recs] == ["ratio=1.37-s0", "ratio=1.37-moe-s0"]
     again = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert "2 finished, 0 to go" in again.stderr and "0 runs recorded" in again.stdout
+
+
+CURVE = {**TINY, "train.schedule": "constant", "train.steps": 4, "train.eval_at_tokens": [64, 128, 256],
+         "data.batch_size": 8, "data.seq_len": 8, "model.ngram.row_multiple": 8}  # 8 test devices: 64 tokens a step
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"train.eval_at_tokens": [64, 512]}, r"512 tokens is beyond the run's end .* 4 x 8 x 8 = 256 tokens"),
+    ({"train.schedule": "cosine"}, r"comparable only under train.schedule=constant"),
+    ({"train.eval_at_tokens": [65, 100]}, r"fall on the steps \[2, 2\]"),
+    ({"train.eval_at_tokens": [128, 64]}, r"positive and increasing"),
+])
+def test_a_bad_curve_is_refused_before_training(tmp_path, change, match):
+    path = sweep_file(tmp_path, set={**CURVE, **change})
+    with pytest.raises(ConfigError, match=match):
+        expand(path)
+
+
+def test_curve_points_are_recorded_and_checked_on_resume(tmp_path, data_dir):
+    """A run evaluates (and checkpoints) at each curve point; its record carries eval_curve and its training
+    speed; a run directory missing a point it resumes past, or a record of another curve, is refused."""
+    path = sweep_file(tmp_path, data_dir, set={**CURVE, "data.path": str(data_dir)})
+    sw = expand(path, out=tmp_path / "o")
+    assert runner.curve_steps(sw.runs[0].config) == [(1, 64), (2, 128), (4, 256)]
+    assert runner.curve_steps(expand(path, sets=["train.eval_at_tokens=[64,100]"]).runs[0].config) == [
+        (1, 64), (2, 128)]  # 100 tokens: the first step that reaches them
+    (rec,) = runner.run_sweep(sw, tmp_path / "o", log=lambda m: None)
+    curve = rec["eval_curve"]
+    assert [p[0] for p in curve] == [64, 128, 256] and all(0 < p[1] < 10 for p in curve)
+    assert abs(curve[-1][1] - rec["eval_loss"]) < 1e-4  # the last point is the run's final evaluation
+    assert rec["train_tokens_per_s"] > 0
+    run_dir = Path(sw.runs[0].config.train.run_dir)
+    assert {int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()} >= {2, 4}
+
+    results = tmp_path / "o" / runner.RESULTS
+    good = results.read_text()
+    results.write_text(json.dumps({**rec, "eval_curve": curve[:2]}) + "\n")
+    with pytest.raises(DataError, match=r"recorded its curve at \[64, 128\] tokens, its config asks for \[64, 128, 256\]"):
+        runner.read_results(tmp_path / "o", sw)
+    results.unlink()
+    metrics = run_dir / "metrics.jsonl"
+    lines = [x for x in metrics.read_text().splitlines() if json.loads(x)["step"] != 2]
+    metrics.write_text("".join(x + "\n" for x in lines))  # the point at step 2 lost (another curve, or lost metrics)
+    with pytest.raises(DataError, match=r"resumes from step 4, but its metrics.jsonl has no held-out loss at step 2 "
+                                        r"\(128 tokens\)"):
+        runner.run_sweep(sw, tmp_path / "o", train_fn=lambda cfg: pytest.fail("trained"), log=lambda m: None)
+    results.write_text(good)
+
+
+def test_sign_change_of_the_paired_curve():
+    t = [1, 2, 4, 8]
+    flips = {0: np.array([0.2, 0.1, -0.01, -0.05]), 1: np.array([0.3, -0.1, -0.02, -0.04])}
+    cross, text = report.sign_change(t, flips)
+    assert cross == 4 and "MoE better at 1 tokens on every seed; from 4 tokens on, NE better on every seed" in text
+    cross, text = report.sign_change(t, {0: np.array([0.2, 0.1, -0.01, 0.01]), 1: flips[1]})  # seed 0 flips back
+    assert cross is None and "no sign change on every seed up to 8 tokens" in text and "the seeds disagree" in text
+    assert report.sign_change(t, {0: flips[0]}) == (None, "fewer than 2 seeds with curves: no call")
+
+
+def test_report_draws_the_loss_vs_tokens_curves(tmp_path):
+    tokens = [100, 200, 400]
+    ne = {0: [5.0, 4.0, 3.0], 1: [5.1, 4.1, 3.1]}
+    moe = {0: [4.9, 4.0, 3.2], 1: [5.0, 4.2, 3.15]}  # NE - MoE: +0.1/+0.1, 0/-0.1, -0.2/-0.05
+    recs = _records([("a", [3.0, 3.1], {}), ("a-moe", [3.2, 3.15], {"baseline_of": "a", "ngram_share": 0.0})])
+    for r in recs:
+        curve = (moe if r["baseline_of"] else ne)[r["seed"]]
+        r.update(eval_curve=[[t, v] for t, v in zip(tokens, curve, strict=True)], train_tokens_per_s=1234.0,
+                 wall_s=10.0)
+    (tmp_path / runner.RESULTS).write_text("".join(json.dumps(r) + "\n" for r in recs))
+    path, figures = report.write_report(tmp_path)
+    text = path.read_text()
+    assert "### Loss vs tokens: a against a-moe" in text
+    assert "from 400 tokens on, NE better on every seed" in text
+    assert "| 200 | 4.0500 (4.0000-4.1000) | 4.1000 (4.0000-4.2000) | -0.0500 (+0.0000, -0.1000) |" in text
+    assert "| a | 1,000 | 1,234 | 10 | 10 |" in text  # training speed
+    assert (tmp_path / "curve_a.png") in figures and (tmp_path / "curve_a.png").stat().st_size > 1000

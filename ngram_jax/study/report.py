@@ -112,6 +112,98 @@ def _fmt_spread(g: Group) -> str:
     return "-" if g.spread is None else f"{g.spread:.4f}"
 
 
+def baseline_pairs(groups: list[Group]) -> list[tuple[Group, Group]]:
+    """(NE group, its parameter-equivalent MoE baseline group) for every baseline in the results."""
+    by_name = {g.name: g for g in groups}
+    return [(by_name[g.first("baseline_of")], g) for g in groups
+            if g.first("baseline_of") and g.first("baseline_of") in by_name]
+
+
+def curves(g: Group) -> tuple[list[int], dict[int, np.ndarray]]:
+    """(token counts, {seed: held-out losses at them}) of a group's ``eval_curve`` records (the token counts
+    every seed recorded)."""
+    by_seed = {r["seed"]: dict((int(t), float(v)) for t, v in r["eval_curve"]) for r in g.records
+               if r.get("eval_curve")}
+    if not by_seed:
+        return [], {}
+    tokens = sorted(set.intersection(*(set(c) for c in by_seed.values())))
+    return tokens, {s: np.array([c[t] for t in tokens]) for s, c in sorted(by_seed.items())}
+
+
+def paired_curve(ne: Group, moe: Group) -> tuple[list[int], dict[int, np.ndarray]]:
+    """(token counts, {seed: NE - MoE held-out loss at them}) over the seeds and points both groups share."""
+    t_ne, c_ne = curves(ne)
+    t_moe, c_moe = curves(moe)
+    tokens = sorted(set(t_ne) & set(t_moe))
+    seeds = sorted(c_ne.keys() & c_moe.keys())
+    pick = lambda ts, c: c[[ts.index(t) for t in tokens]]  # noqa: E731
+    return tokens, {s: pick(t_ne, c_ne[s]) - pick(t_moe, c_moe[s]) for s in seeds}
+
+
+def sign_change(tokens: list[int], diffs: dict[int, np.ndarray]) -> tuple[int | None, str]:
+    """Where the paired difference NE - MoE changes sign on every seed: the first token count from which
+    every seed, at every later point, has the sign opposite to the one every seed had at the first point.
+    Returns (that token count or None, a sentence saying what the curves show)."""
+    if len(diffs) < 2 or not tokens:
+        return None, "fewer than 2 seeds with curves: no call"
+    d = np.stack(list(diffs.values()))  # [seeds, points]
+    side = lambda v: "NE better" if v < 0 else "MoE better"  # noqa: E731
+    first = np.sign(d[:, 0])
+    if not (first == first[0]).all() or first[0] == 0:
+        start = "the seeds disagree at the first point"
+        ref = np.sign(d[:, 0].mean())
+    else:
+        start = f"{side(first[0])} at {tokens[0]:,} tokens on every seed"
+        ref = first[0]
+    flipped = (np.sign(d) == -ref).all(axis=0)  # [points]: every seed on the other side
+    for i in range(len(tokens)):
+        if flipped[i:].all() and ref != 0:
+            return tokens[i], (f"{start}; from {tokens[i]:,} tokens on, {side(-ref)} on every seed (paired "
+                               f"difference {d[:, -1].mean():+.4f} at {tokens[-1]:,})")
+    last = np.sign(d[:, -1])
+    end = (f"{side(last[0])} on every seed" if (last == last[0]).all() and last[0] != 0 else "the seeds disagree")
+    return None, (f"{start}; no sign change on every seed up to {tokens[-1]:,} tokens (at the last point: {end}, "
+                  f"paired difference {d[:, -1].mean():+.4f})")
+
+
+def curve_markdown(groups: list[Group]) -> list[str]:
+    """Per NE / MoE-baseline pair with curves: the held-out loss at each token count and the paired difference."""
+    lines = []
+    for ne, moe in baseline_pairs(groups):
+        tokens, diffs = paired_curve(ne, moe)
+        if not tokens:
+            continue
+        (t_ne, c_ne), (t_moe, c_moe) = curves(ne), curves(moe)
+        _, sentence = sign_change(tokens, diffs)
+        lines += ["", f"### Loss vs tokens: {ne.name} against {moe.name}", "",
+                  f"Total/activated {ne.first('total_over_activated'):.1f} (NE) and "
+                  f"{moe.first('total_over_activated'):.1f} (MoE). Sign: {sentence}.", "",
+                  "| tokens | NE loss (seed range) | MoE loss (seed range) | paired NE - MoE (per seed) |",
+                  "|---|---|---|---|"]
+        for j, t in enumerate(tokens):
+            a = np.array([c[t_ne.index(t)] for c in c_ne.values()])
+            b = np.array([c[t_moe.index(t)] for c in c_moe.values()])
+            per_seed = ", ".join(f"{v[j]:+.4f}" for v in diffs.values())
+            lines.append(f"| {t:,} | {a.mean():.4f} ({a.min():.4f}-{a.max():.4f}) | {b.mean():.4f} "
+                         f"({b.min():.4f}-{b.max():.4f}) | {np.mean([v[j] for v in diffs.values()]):+.4f} "
+                         f"({per_seed}) |")
+    return lines
+
+
+def speed_markdown(groups: list[Group]) -> list[str]:
+    """Training tokens/s of each group on the machine that ran it (to size a rerun)."""
+    rows = [g for g in groups if g.values("train_tokens_per_s").size]
+    if not rows:
+        return []
+    lines = ["", "## Training speed", "", "Median training tokens/s of each run's logged windows (`metrics.jsonl`), "
+             "mean over seeds, on the machine that ran the sweep; wall time per run includes evaluations.", "",
+             "| group | total params | tokens/s | wall s per run | tokens per run |", "|---|---|---|---|---|"]
+    for g in rows:
+        lines.append(f"| {g.name} | {g.first('total_params'):,} | {g.mean('train_tokens_per_s'):,.0f} | "
+                     f"{g.mean('wall_s'):,.0f} | {g.first('tokens'):,} |")
+    return lines
+
+
 def markdown(records: list[dict]) -> str:
     groups = groups_of(records)
     sweep, scale = records[0]["sweep"], records[0].get("scale")
@@ -133,9 +225,7 @@ def markdown(records: list[dict]) -> str:
             f"{g.mean('eval_bits_per_byte'):.4f} | {g.mean('embedding_norm'):.3g} | "
             f"{g.mean('attention_out_norm'):.3g} | {vs} | "
             f"{'best' if g is best else _fmt_paired(g, best, ('better', 'worse'))} |")
-    by_name = {g.name: g for g in groups}
-    pairs = [(by_name[g.first("baseline_of")], g) for g in groups
-             if g.first("baseline_of") and g.first("baseline_of") in by_name]
+    pairs = baseline_pairs(groups)
     if pairs:
         lines += ["", "## NE vs its parameter-equivalent MoE baseline", "",
                   "| NE group | NE loss | MoE loss | NE - MoE | total NE / MoE | activated NE / MoE | call "
@@ -148,6 +238,7 @@ def markdown(records: list[dict]) -> str:
                          f"{ne.first('total_params'):,} / {moe.first('total_params'):,} | "
                          f"{ne.first('activated_params'):,} / {moe.first('activated_params'):,} | {call} | "
                          f"{_fmt_paired(ne, moe, ('NE better', 'MoE better'))} |")
+    lines += curve_markdown(groups) + speed_markdown(groups)
     return "\n".join(lines) + "\n"
 
 
@@ -233,6 +324,36 @@ def plots(records: list[dict], out: Path) -> list[Path]:
         ax.grid(alpha=0.3)
         fig.tight_layout()
         path = out / f"loss_vs_{key.replace('.', '_')}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    for ne, moe in baseline_pairs(groups):  # loss vs tokens: seed bands, and the paired difference per seed
+        tokens, diffs = paired_curve(ne, moe)
+        if not tokens:
+            continue
+        fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
+        for g, kind in ((ne, "NE"), (moe, "MoE baseline")):
+            ts, by_seed = curves(g)
+            c = np.stack(list(by_seed.values()))
+            color = {"NE": "C1", "MoE baseline": "C0"}[kind]
+            ax.plot(ts, c.mean(0), "o-", color=color, label=f"{kind} ({g.name}, {len(by_seed)} seeds)")
+            ax.fill_between(ts, c.min(0), c.max(0), color=color, alpha=0.25)
+        for seed, d in diffs.items():
+            bx.plot(tokens, d, "o-", label=f"seed {seed}")
+        bx.axhline(0, color="k", lw=0.8)
+        cross, _ = sign_change(tokens, diffs)
+        if cross is not None:
+            bx.axvline(cross, color="C3", ls="--", label=f"sign change on every seed: {cross:,}")
+        for a, title, ylabel in ((ax, "held-out loss vs tokens (band: seed range)", "held-out loss (nats/token)"),
+                                 (bx, "paired difference NE - MoE per seed", "NE - MoE (nats/token)")):
+            a.set_xscale("log")
+            a.set_xlabel("training tokens")
+            a.set_ylabel(ylabel)
+            a.set_title(f"{sweep}, {ne.name}: {title}", fontsize=8)
+            a.grid(alpha=0.3)
+            a.legend(fontsize=7)
+        fig.tight_layout()
+        path = out / f"curve_{ne.name}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ngram_jax.config import Config, ConfigError, to_dict
+from ngram_jax.config import Config, ConfigError, eval_step_for_tokens, to_dict
 from ngram_jax.errors import DataError
 from ngram_jax.study.sweep import Run, Sweep
 
@@ -28,6 +28,69 @@ IGNORED_DIFFERENCES = ("train.run_dir", "train.progress", "name")
 def run_tokens(cfg: Config) -> int:
     """Tokens a run trains on: train.steps x data.batch_size x data.seq_len (row slots; padding included)."""
     return cfg.train.steps * cfg.data.batch_size * cfg.data.seq_len
+
+
+def curve_steps(cfg: Config) -> list[tuple[int, int]]:
+    """``(step, tokens)`` of every point of the run's held-out loss curve (``train.eval_at_tokens``): the
+    first step reaching each token count, and the tokens trained by then."""
+    per_step = cfg.data.batch_size * cfg.data.seq_len
+    steps = [eval_step_for_tokens(n, cfg.data.batch_size, cfg.data.seq_len) for n in cfg.train.eval_at_tokens]
+    return [(s, s * per_step) for s in steps]
+
+
+def _metrics(cfg: Config) -> list[dict]:
+    path = Path(cfg.train.run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a kill
+            continue
+    return out
+
+
+def recorded_evals(cfg: Config) -> dict[int, float]:
+    """Held-out losses in the run's metrics.jsonl by step (a resumed run's later record of a step wins)."""
+    return {int(r["step"]): float(r["eval_loss"]) for r in _metrics(cfg) if "eval_loss" in r}
+
+
+def read_curve(run: Run) -> list[list[float]]:
+    """``[[tokens, held-out loss], ...]`` of a trained run, from its metrics.jsonl."""
+    evals = recorded_evals(run.config)
+    missing = [tok for step, tok in curve_steps(run.config) if step not in evals]
+    if missing:
+        raise DataError(f"run {run.name}: {run.config.train.run_dir}/metrics.jsonl records no held-out loss at "
+                        f"{missing[0]:,} tokens of its curve (train.eval_at_tokens); rerun it in a new --out")
+    return [[tok, evals[step]] for step, tok in curve_steps(run.config)]
+
+
+def training_speed(cfg: Config) -> float | None:
+    """Median training tokens/s over the run's logged windows (``tokens_per_s`` in metrics.jsonl)."""
+    speeds = sorted(float(r["tokens_per_s"]) for r in _metrics(cfg) if "tokens_per_s" in r)
+    return speeds[len(speeds) // 2] if speeds else None
+
+
+def _saved_steps(cfg: Config) -> list[int]:
+    ckpt = Path(cfg.train.run_dir) / "checkpoints"
+    return sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) if ckpt.is_dir() else []
+
+
+def check_resumable(run: Run) -> None:
+    """A run directory about to be resumed has recorded every curve point up to the step it resumes from
+    (its checkpoint's config is compared by the training loop itself); otherwise the curve it would
+    finish could not be trusted: a :class:`DataError` naming the point, before training."""
+    saved = _saved_steps(run.config)
+    if not saved:
+        return
+    evals = recorded_evals(run.config)
+    for step, tok in curve_steps(run.config):
+        if step <= saved[-1] and step not in evals:
+            raise DataError(f"run {run.name}: {run.config.train.run_dir} resumes from step {saved[-1]}, but its "
+                            f"metrics.jsonl has no held-out loss at step {step} ({tok:,} tokens), a point of the "
+                            "curve its config asks for (train.eval_at_tokens): it was trained with another curve "
+                            "or its metrics were lost; use another --out or remove the run directory")
 
 
 def check_data(sweep: Sweep) -> None:
@@ -87,6 +150,11 @@ def read_results(out: Path, sweep: Sweep) -> dict[str, dict]:
             if diffs:
                 raise DataError(f"{path}: run {run.name} was recorded with another configuration ("
                                 + "; ".join(diffs[:3]) + "); use another --out, or the same --set/--scale")
+        if run is not None and rec.get("eval_curve") is not None:
+            want = [tok for _, tok in curve_steps(run.config)]
+            if [int(p[0]) for p in rec["eval_curve"]] != want:
+                raise DataError(f"{path}: run {run.name} recorded its curve at {[p[0] for p in rec['eval_curve']]} "
+                                f"tokens, its config asks for {want}; use another --out")
         done[rec["name"]] = rec
     return done
 
@@ -138,6 +206,7 @@ def record_for(sweep: Sweep, run: Run, ev: dict, wall_s: float) -> dict:
         "sweep": sweep.name, "scale": sweep.scale, "name": run.name, "group": run.group, "seed": run.seed,
         "variant": run.variant, "grid": run.grid, "overrides": run.overrides, "derived": run.derived,
         "baseline_of": run.baseline_of, **ev, "tokens": run_tokens(run.config), "steps": run.config.train.steps,
+        "train_tokens_per_s": training_speed(run.config),
         "total_params": b["total"], "activated_params": b["activated_max"], "activated_params_min": b["activated_min"],
         "ngram_params": b["ngram"], "ngram_share": b["ngram"] / b["total"],
         "total_over_activated": b["total"] / b["activated_max"], "budget": b, "wall_s": round(wall_s, 1),
@@ -154,6 +223,8 @@ def run_sweep(sweep: Sweep, out: str | Path, *, max_runs: int | None = None,
     check_data(sweep)
     done = read_results(out, sweep)  # refuses a results file of another sweep before any training
     todo = [r for r in sweep.runs if r.name not in done]
+    for run in todo:  # every resumed run's recorded curve agrees with its config, before any training
+        check_resumable(run)
     log(f"{sweep.name} ({sweep.scale}): {len(sweep.runs)} runs, {len(done)} finished, {len(todo)} to go")
     if train_fn is None:
         from ngram_jax.train.loop import train as train_fn
@@ -172,6 +243,8 @@ def run_sweep(sweep: Sweep, out: str | Path, *, max_runs: int | None = None,
         ev = evaluate_run(run)
         if not math.isfinite(ev["eval_loss"]):
             raise DataError(f"run {run.name}: held-out loss is {ev['eval_loss']}")
+        if run.config.train.eval_at_tokens:
+            ev["eval_curve"] = read_curve(run)
         rec = record_for(sweep, run, ev, time.perf_counter() - t0)
         with open(out / RESULTS, "a") as f:
             f.write(json.dumps(rec) + "\n")

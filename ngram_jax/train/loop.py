@@ -23,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 
 from ngram_jax.budget import check_config, parameter_budget
 from ngram_jax.checkpoint import Checkpointer, DataState, config_differences, row_chunked_paths, warm_start
-from ngram_jax.config import Config, ConfigError, to_dict
+from ngram_jax.config import Config, ConfigError, eval_step_for_tokens, to_dict
 from ngram_jax.data.pipeline import make_dataset
 from ngram_jax.data.prepare import ensure_bundled, read_metadata
 from ngram_jax.errors import DataError
@@ -201,9 +201,10 @@ def log_metrics(cfg: Config, out: dict, window: TrainWindow) -> dict:
 def check_resumed_steps(saved_steps: int, cfg: Config, start: int) -> None:
     """Resuming with another ``train.steps`` would silently change the learning-rate schedule (the
     cosine decays over ``train.steps``): refused unless ``train.extend`` is true, which takes the
-    schedule of the new ``train.steps`` for the remaining steps."""
+    schedule of the new ``train.steps`` for the remaining steps. A constant schedule does not depend on
+    ``train.steps``: any number of steps resumes it."""
     steps = cfg.train.steps
-    if steps == saved_steps or cfg.train.extend:
+    if steps == saved_steps or cfg.train.extend or cfg.train.schedule == "constant":  # constant: no change
         return
     old, new = schedule(dataclasses.replace(cfg.train, steps=saved_steps)), schedule(cfg.train)
     raise ConfigError(
@@ -288,6 +289,7 @@ def train(cfg: Config) -> dict:
     lr_at = schedule(t)
     writer = MetricsWriter(run_dir, enabled=lead)
     result: dict = {"step": start}
+    curve_steps = {eval_step_for_tokens(n, d.batch_size, d.seq_len) for n in t.eval_at_tokens}
 
     with param_context(mesh, rules), _StopFlag() as stop:
         step_fn = make_train_step(cfg, model, opt)
@@ -319,7 +321,7 @@ def train(cfg: Config) -> dict:
                     record.update(log_metrics(cfg, out, window))
                     if progress is not None:
                         progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
-                if step % t.eval_every == 0 or step == t.steps:
+                if step % t.eval_every == 0 or step == t.steps or step in curve_steps:
                     record["eval_loss"] = evaluate(cfg, sharding, step_fn.eval)
                     record["eval_ppl"] = math.exp(min(record["eval_loss"], 50.0))
                     result.update(eval_loss=record["eval_loss"], eval_ppl=record["eval_ppl"])
@@ -327,7 +329,8 @@ def train(cfg: Config) -> dict:
                 result.update(step=step, loss=loss)
                 if progress is not None:
                     progress.update(1)
-                if step % t.checkpoint_every == 0 or step == t.steps or stop.signal is not None:
+                if (step % t.checkpoint_every == 0 or step == t.steps or step in curve_steps
+                        or stop.signal is not None):  # a curve point is saved: a resumed run never redoes it
                     step_fn.sync()
                     ckpt.save(step, {"model": nnx.to_pure_dict(nnx.state(model)),
                                      "opt": nnx.to_pure_dict(nnx.state(opt))}, data_state,

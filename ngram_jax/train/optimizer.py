@@ -34,6 +34,8 @@ from ngram_jax.sharding import logical_axes, row_sharded_update
 
 def schedule(t: TrainConfig, multiplier: float = 1.0) -> optax.Schedule:
     peak = t.lr * multiplier
+    if t.schedule == "constant":
+        return optax.warmup_constant_schedule(0.0, peak, max(t.warmup_steps, 1))
     return optax.warmup_cosine_decay_schedule(0.0, peak, max(t.warmup_steps, 1), max(t.steps, t.warmup_steps + 1),
                                               end_value=peak * t.min_lr_ratio)
 
