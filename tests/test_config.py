@@ -94,7 +94,7 @@ def test_frozen_and_round_trip():
         (["model.moe.real_experts_per_token=many"], r"model\.moe\.real_experts_per_token: expected a number"),
         (["model.moe.bias_update_rate=-1"], r"model\.moe\.bias_update_rate must be >= 0"),
         (["model.moe.grouped_matmul=megablocks"],
-         r"model\.moe\.grouped_matmul: 'megablocks' is not one of 'auto', 'ragged_dot', 'tiled'"),
+         r"model\.moe\.grouped_matmul: 'megablocks' is not one of 'auto', 'megablox', 'ragged_dot', 'tiled'"),
         (["model.moe.grouped_matmul_tile=0"], r"model\.moe\.grouped_matmul_tile must be >= 1 .*got 0"),
         (["model.attention.kind=gqa", "model.attention.num_kv_heads=3"], r"num_kv_heads=3 must divide"),
         (["model"], r"must look like key\.path=value"),

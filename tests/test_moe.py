@@ -378,12 +378,18 @@ def _layer_primitives(layer, x) -> set[str]:
     return _primitives(jax.make_jaxpr(lambda state, x: nnx.merge(graphdef, state)(x))(state, x).jaxpr)
 
 
-@pytest.mark.parametrize("setting, backend, uses_ragged_dot", [("auto", "cpu", False), ("auto", "tpu", True),
-                                                               ("ragged_dot", "cpu", True), ("tiled", "tpu", False)])
-def test_grouped_matmul_setting_selects_the_implementation(monkeypatch, setting, backend, uses_ragged_dot):
-    """``model.moe.grouped_matmul``: auto is ragged_dot on TPU only (the backend is faked for tracing)."""
-    monkeypatch.setattr(moe_lib.jax, "default_backend", lambda: backend)
-    assert ("ragged_dot_general" in _layer_primitives(make(grouped_matmul=setting), x_in())) == uses_ragged_dot
+@pytest.mark.parametrize("setting, backend, primitive", [
+    ("auto", "cpu", None), ("auto", "tpu", "pallas_call"), ("ragged_dot", "cpu", "ragged_dot_general"),
+    ("megablox", "cpu", "pallas_call"), ("tiled", "tpu", None)])
+def test_grouped_matmul_setting_selects_the_implementation(setting, backend, primitive):
+    """``model.moe.grouped_matmul``: auto is megablox (JAX's Pallas TPU grouped matmul) when the compile target
+    is TPU (``ngram_jax.backend.compile_target``, as tools.aot compiles), the tiled layout elsewhere."""
+    from ngram_jax.backend import compile_target
+
+    with compile_target(backend):
+        prims = _layer_primitives(make(grouped_matmul=setting), x_in())
+    for p in ("pallas_call", "ragged_dot_general"):
+        assert (p in prims) == (p == primitive), (p, sorted(prims))
 
 
 def test_few_tokens_run_every_expert_with_the_dropless_outputs():

@@ -59,13 +59,22 @@ def compile_grad_hlo(model, mesh, tokens) -> str:
         return nnx.jit(nnx.value_and_grad(loss_fn)).lower(model, tokens).compile().as_text()
 
 
-@pytest.mark.parametrize("spec", MESHES)
-def test_model_forward_and_gradients_equal_single_device(spec, reference, tokens):
+@pytest.mark.parametrize("spec,chunked", [(m, False) for m in MESHES] + [("data=2,fsdp=2,expert=2", True)])
+def test_model_forward_and_gradients_equal_single_device(spec, chunked, reference, tokens, monkeypatch):
+    """chunked: a lookup over axes that split both rows and batch in chunks of one position at a time
+    (sharding.LOOKUP_CHUNK_BYTES; a large batch's default), against the whole batch at once."""
+    if chunked:
+        import ngram_jax.sharding
+
+        monkeypatch.setattr(ngram_jax.sharding, "LOOKUP_CHUNK_BYTES", 1)
     cfg, want_loss, want_grads = reference
     mesh = make_mesh_from_spec(spec)
     model = create_sharded(lambda: build_model(cfg, nnx.Rngs(0)), mesh)
     with param_context(mesh):
-        loss, grads = nnx.jit(nnx.value_and_grad(loss_fn))(model, tokens)
+        step = nnx.jit(nnx.value_and_grad(loss_fn))
+        loss, grads = step(model, tokens)
+        if chunked:  # 16 positions per device, one per chunk: the lookups loop over them
+            assert "while" in step.lower(model, tokens).as_text()
     assert abs(float(loss) - want_loss) < 1e-5
     flat_want = dict(nnx.to_flat_state(want_grads))
     for path, g in nnx.to_flat_state(grads):

@@ -3,10 +3,14 @@
 ``grouped_matmul(x [R, D], w [G, D, F], group_sizes [G]) -> [R, F]`` is what
 ``jax.lax.ragged_dot`` computes: rows ``start_g .. start_g + group_sizes[g]`` (``start`` the
 exclusive prefix sum) use ``w[g]``; rows past ``sum(group_sizes)`` are in no group and give 0.
-Two implementations, selected by name (``model.moe.grouped_matmul``):
+Three implementations, selected by name (``model.moe.grouped_matmul``):
 
-- ``ragged_dot``: ``jax.lax.ragged_dot``. The grouped-matmul path of TPU compilers; XLA:CPU lowers
-  it densely, so its cost there grows with the number of groups (docs/BENCHMARKS.md).
+- ``megablox``: JAX's own Pallas TPU kernels (``jax.experimental.pallas.ops.tpu.megablox``: ``gmm``
+  forward and input gradient, ``tgmm`` weight gradient), the TPU default. The cost follows the rows.
+- ``ragged_dot``: ``jax.lax.ragged_dot``. XLA:CPU lowers it densely, so its cost there grows with the
+  number of groups (docs/BENCHMARKS.md); on TPU (libtpu 0.0.42.1) its forward is a grouped matmul, but
+  its weight gradient is not: about G/2 times the matmul's FLOPs (64 groups: 5.6e11 against 1.7e10 for
+  8192 x 1024 x 512, by the compiler's count; docs/TPU.md).
 - ``tiled``: each group padded to a multiple of a row tile ``m``, a tile -> group map, and one
   batched matmul over tiles against each tile's own weight matrix
   (``einsum('tmd,tdf->tmf', x_tiles, w[tile_group])``). The cost follows the rows (plus at most
@@ -38,17 +42,37 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-Impl = Literal["ragged_dot", "tiled"]
-IMPLS: tuple[str, ...] = ("ragged_dot", "tiled")
+from ngram_jax.backend import target_backend
+
+Impl = Literal["megablox", "ragged_dot", "tiled"]
+IMPLS: tuple[str, ...] = ("megablox", "ragged_dot", "tiled")
 
 
 def resolve_impl(name: str, backend: str | None = None) -> Impl:
-    """``auto`` -> ``ragged_dot`` on TPU, ``tiled`` elsewhere (CPU, GPU); a concrete name passes through."""
+    """``auto`` -> ``megablox`` on TPU, ``tiled`` elsewhere (CPU, GPU); a concrete name passes through."""
     if name == "auto":
-        return "ragged_dot" if (backend or jax.default_backend()) == "tpu" else "tiled"
+        return "megablox" if (backend or target_backend()) == "tpu" else "tiled"
     if name not in IMPLS:
-        raise ValueError(f"unknown grouped matmul {name!r}; use 'auto', 'ragged_dot' or 'tiled'")
+        raise ValueError(f"unknown grouped matmul {name!r}; use 'auto', 'megablox', 'ragged_dot' or 'tiled'")
     return name  # type: ignore[return-value]
+
+
+def megablox_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """JAX's Pallas TPU grouped matmul (``jax.experimental.pallas.ops.tpu.megablox``: ``gmm``, and ``tgmm``
+    for the weight gradient): x [R, D] sorted by group, w [G, D, F] -> [R, F]. Tiles of 128 in each
+    dimension (the TPU's block rule): R, D and F are zero-padded to multiples of 128 where they are not
+    (small models; LongCat-Flash-Lite's 3072 and 1024 need none). Off TPU it runs in the Pallas interpreter."""
+    from jax.experimental.pallas.ops.tpu.megablox import ops as megablox
+
+    (r, d), f = x.shape, w.shape[-1]
+    up = lambda n: -(-n // 128) * 128  # noqa: E731
+    # rows past the groups: the kernels leave their outputs (and input gradients) unwritten; zero both ways
+    inside = (jnp.arange(r) < jnp.sum(group_sizes))[:, None]
+    xp = jnp.pad(jnp.where(inside, x, 0), ((0, up(r) - r), (0, up(d) - d)))
+    wp = jnp.pad(w.astype(x.dtype), ((0, 0), (0, up(d) - d), (0, up(f) - f)))
+    y = megablox.gmm(xp, wp, group_sizes, jnp.result_type(x, w), (128, 128, 128),
+                     interpret=target_backend() != "tpu")
+    return jnp.where(inside, y[:r, :f], 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -136,7 +160,7 @@ class Grouping:
         self.layout = tile_layout(group_sizes, rows, tile) if impl == "tiled" else None
 
     def enter(self, x: jax.Array) -> jax.Array:
-        """[R, D] -> ragged_dot: [R, D]; tiled: [T, m, D] (padding rows 0)."""
+        """[R, D] -> megablox, ragged_dot: [R, D]; tiled: [T, m, D] (padding rows 0)."""
         if self.layout is None:
             return x
         t = self.layout.tile_group.shape[0]
@@ -144,6 +168,8 @@ class Grouping:
 
     def matmul(self, h: jax.Array, w: jax.Array) -> jax.Array:
         """h in the layout (last dim D), w [G, D, F] -> the layout with last dim F."""
+        if self.impl == "megablox":
+            return megablox_matmul(h, w, self.group_sizes)
         if self.layout is None:
             return jax.lax.ragged_dot(h, w, self.group_sizes)
         return tiled_matmul(h, w, self.layout.tile_group)

@@ -304,6 +304,8 @@ class MoE(nnx.Module):
                         and mesh.shape[a] > 1)
         if ep_axes:
             y, sums = self._expert_parallel(flat, mask, params, mesh, ep_axes)
+        elif mesh is not None and self._kernel_dispatch():
+            y, sums = self._per_batch_shard(flat, mask, params, mesh)
         else:
             y, sums = self._local(flat, mask, *params)
         self.counts[...] = sums.counts
@@ -333,6 +335,35 @@ class MoE(nnx.Module):
             y = combine_dropless(flat, routing, gate, up, down, mask, impl=c.grouped_matmul,
                                  tile=c.grouped_matmul_tile)
         return y, routing_sums(routing, mask)
+
+    def _kernel_dispatch(self) -> bool:
+        """Whether :meth:`_local` runs a Pallas kernel (megablox), which must run inside ``shard_map``."""
+        c = self.cfg
+        return c.dispatch == "dropless" and resolve_impl(c.grouped_matmul) == "megablox"
+
+    def _per_batch_shard(self, flat, mask, params, mesh):
+        """:meth:`_local` on each device's batch shard inside ``shard_map`` (a Mosaic kernel cannot be partitioned
+        by the compiler), with every expert's weights on each device (gathered over the axes that split them,
+        as the compiler would for the matmuls); routing totals summed over the batch shards."""
+        from jax.sharding import PartitionSpec as P
+
+        from ngram_jax.sharding import mesh_axes
+
+        batch_axes = tuple(a for a in mesh_axes("batch") if a in mesh.axis_names and mesh.shape[a] > 1)
+        n_batch = math.prod(mesh.shape[a] for a in batch_axes)
+        if flat.shape[0] % n_batch:
+            from ngram_jax.config import ConfigError
+
+            raise ConfigError(f"{flat.shape[0]} tokens cannot be split over the {n_batch} batch shards")
+
+        def local(x, m, *p):
+            y, sums = self._local(x, m, *p)
+            return y, RoutingSums(*(jax.lax.psum(v, batch_axes) for v in sums)) if batch_axes else sums
+
+        b = batch_axes or None
+        return jax.shard_map(local, mesh=mesh, check_vma=False,
+                             in_specs=(P(b, None), P(b), *(P() for _ in params)),
+                             out_specs=(P(b, None), RoutingSums(P(), P(), P(), P())))(flat, mask, *params)
 
     def _expert_parallel(self, flat, mask, params, mesh, ep_axes: tuple[str, ...]):
         from jax.sharding import PartitionSpec as P

@@ -29,10 +29,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ngram_jax.backend import target_backend
 from ngram_jax.config import ConfigError
-from ngram_jax.kernels.ngram_gather.api import IMPLEMENTATIONS, unavailable_reason
+from ngram_jax.kernels.ngram_gather.api import BY_ID, IMPLEMENTATIONS, unavailable_reason
 from ngram_jax.kernels.ngram_gather.pallas_tpu import check_interpret_mesh
-from ngram_jax.kernels.ngram_gather.reference import masked_rows
 from ngram_jax.kernels.ngram_gather.xla import gather_rows
 from ngram_jax.ngram import hashing
 from ngram_jax.sharding import logical_axes, row_sharded_lookup, row_sharded_update, row_sharding
@@ -69,7 +69,7 @@ def resolve_kernel(name: str, key: str = "model.ngram.kernel", backend: str | No
     (on GPU no Mosaic GPU kernel has been shown to beat XLA's gather). Raises a ConfigError (a ValueError)
     naming ``key`` for an unknown name or one that cannot run here (pallas_tpu off TPU runs only under
     ``pltpu.force_tpu_interpret_mode()``)."""
-    backend = backend or jax.default_backend()
+    backend = backend or target_backend()
     if name not in KERNELS:
         raise ConfigError(f"{key}={name!r} is not a kernel; choose one of {', '.join(KERNELS)}")
     if name == "auto":
@@ -165,23 +165,32 @@ class HashedTables(nnx.Module):
 
     def gather(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None,
                history: jax.Array | None = None) -> jax.Array:
-        """The table rows of every position, [B, S, T, L*d_e], on each row shard where the rows live."""
+        """The table rows of every position, [B, S, T, L*d_e], on each row shard where the rows live.
+
+        The ids are hashed where the tokens are: in the fused kernel (tokens in, ids computed in it) when the
+        rows are not split over a batch axis; otherwise (the default rules on any data/fsdp/expert mesh, and
+        decoding's N-gram cache) by :meth:`row_ids` on each device's own positions, and the kernel gathers
+        by id on the shards that own the rows (``sharding.row_sharded_lookup``): hashing the whole batch on
+        every row shard would cost O(global batch) per device."""
         table = self.ngram_table[...]
-        if history is None:
+        kernel = self.kernel == "pallas_tpu"
+        kw = {"interpret": _forced_interpret() or False} if kernel else {}
+        rs = row_sharding("ngram_rows")
+        if kw.get("interpret") and rs is not None:
+            check_interpret_mesh(rs.mesh)
+        if history is None and (rs is None or not rs.shared):
             impl, lay, eos = IMPLEMENTATIONS[self.kernel], self.layout, self.eos_id
-            kw = {"interpret": _forced_interpret() or False} if self.kernel == "pallas_tpu" else {}
-            if kw.get("interpret") and (rs := row_sharding("ngram_rows")) is not None:
-                check_interpret_mesh(rs.mesh)
             seg = jnp.ones_like(tokens) if segment_ids is None else segment_ids
 
             def local(tab, start, tok, sg):
                 return impl(tok, tab, layout=lay, eos_id=eos, segment_ids=sg, row_start=start, **kw)
 
-            rows = row_sharded_lookup(local, table, tokens, seg, out_ndim=4, check_vma=self.kernel != "pallas_tpu")
+            rows = row_sharded_lookup(local, table, tokens, seg, out_ndim=4, kernel=kernel, positionwise=False)
         else:
-            ids = self.row_ids(tokens, history=history)
-            fn = masked_rows if self.kernel == "reference" else gather_rows
-            rows = row_sharded_lookup(lambda tab, start, i: fn(tab, i, start), table, ids, out_ndim=4)
+            ids = self.row_ids(tokens, segment_ids=segment_ids, history=history)
+            by_id = BY_ID[self.kernel]
+            rows = row_sharded_lookup(lambda tab, start, i: by_id(tab, i, start, **kw), table, ids, out_ndim=4,
+                                      kernel=kernel)
         delta = _PERTURBATIONS.get(id(self))
         if delta is not None:
             rows = rows + delta

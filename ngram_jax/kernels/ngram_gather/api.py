@@ -10,15 +10,16 @@ from __future__ import annotations
 import functools
 import logging
 
-import jax
-
-from ngram_jax.kernels.ngram_gather.pallas_tpu import ngram_gather_pallas_tpu
-from ngram_jax.kernels.ngram_gather.reference import ngram_gather_reference
-from ngram_jax.kernels.ngram_gather.xla import ngram_gather_xla
+from ngram_jax.backend import target_backend
+from ngram_jax.kernels.ngram_gather.pallas_tpu import gather_by_id_pallas_tpu, ngram_gather_pallas_tpu
+from ngram_jax.kernels.ngram_gather.reference import masked_rows, ngram_gather_reference
+from ngram_jax.kernels.ngram_gather.xla import gather_rows, ngram_gather_xla
 
 log = logging.getLogger(__name__)
 
 IMPLEMENTATIONS = {"reference": ngram_gather_reference, "xla": ngram_gather_xla, "pallas_tpu": ngram_gather_pallas_tpu}
+# the same rows by flattened row id, hashed elsewhere: (table, ids [..., T], row_start) -> [..., T, d_e]
+BY_ID = {"reference": masked_rows, "xla": gather_rows, "pallas_tpu": gather_by_id_pallas_tpu}
 PREFERENCE = {"tpu": ("pallas_tpu", "xla"), "gpu": ("xla",), "cpu": ("xla",)}
 
 
@@ -32,7 +33,7 @@ def unavailable_reason(name: str, backend: str, interpret: bool) -> str | None:
 
 
 def available_implementations(backend: str | None = None, interpret: bool = False) -> list[str]:
-    backend = backend or jax.default_backend()
+    backend = backend or target_backend()
     return [n for n in IMPLEMENTATIONS if unavailable_reason(n, backend, interpret) is None]
 
 
@@ -51,7 +52,7 @@ def ngram_gather(tokens, table, *, layout, eos_id, segment_ids=None, row_start=0
 
     ``interpret``: run the Pallas TPU kernel in the simulator (``True`` or ``pltpu.InterpretParams()``).
     """
-    backend = jax.default_backend()
+    backend = target_backend()
     if implementation is not None:
         reason = unavailable_reason(implementation, backend, bool(interpret))
         if reason:

@@ -11,25 +11,37 @@ token is ``min(t - segment_start, N-1)``, how many of its predecessors belong to
 segment-id resets), and -1 for the padding tokens that fill the last block (they fetch nothing). The row
 reaches SMEM through a ``BlockSpec(memory_space=SMEM)``, i.e. one small pipelined DMA per grid step, so
 what a step holds in SMEM does not grow with the token count: 2 x W words for the double-buffered token
-row (W = 128 for TB = 32 and N <= 65), TB*T words of row-id scratch, and the scalar-prefetched
-constants, all sized by T = K*(N-1): hash constants [T*(N-1)], sub-table sizes [T], row offsets [T] and
-the shard's ``row_start`` [1]. For LongCat-Flash-Lite (N=4, K=4, T=12) that is 256 + 384 + 61 = 701
-words (2.7 KiB) per step at any batch size (1280 words, 5 KiB, once Mosaic pads each 1-D SMEM array
-to 128-word tiles); ``tests/test_kernels.py`` checks this on a 1M-token batch. The packed rows
-cost W/TB = 4 int32 words of HBM traffic per token, small next to the T rows of d_e values it fetches.
+row (W = 128 for TB = 32 and N <= 65), 2 x TB*T words for the double-buffered block of row ids the kernel
+writes out, and the scalar-prefetched constants, all sized by T = K*(N-1): hash constants [T*(N-1)],
+sub-table sizes [T], row offsets [T] and the shard's ``row_start`` [1]. For LongCat-Flash-Lite (N=4, K=4,
+T=12) that is 256 + 768 + 61 = 1085 words (4.2 KiB) per step at any batch size (1792 words, 7 KiB, once
+Mosaic pads each 1-D SMEM array to 128-word tiles); ``tests/test_kernels.py`` checks this on a 1M-token
+batch. The packed rows cost W/TB = 4 int32 words of HBM traffic per token, small next to the T rows of d_e
+values it fetches.
 
 Per grid step the scalar core loops over the block's tokens and hashes each (token, sub-table) pair
 with exact int32 arithmetic (modular multiply by doubling, never above 2^31 - 1), then starts one row
-DMA per pair -- all of the block's copies in flight at once, on one DMA semaphore (every copy is one
-row, so each wait retires one copy) -- and waits for them. Ids outside this shard's rows
+DMA per pair -- all of the block's copies in flight at once, on one DMA semaphore (every copy is the same
+size, so each wait retires one copy) -- and waits for them. Ids outside this shard's rows
 ``[row_start, row_start + R)`` write zeros instead, so the kernel runs unchanged on one shard inside
-``shard_map``. The output block ``[TB, T, d_e]`` spans the full last two dimensions, which satisfies the
-TPU tiling rule. The backward pass (a custom VJP) scatter-adds row gradients into the shard with XLA.
+``shard_map``. The row ids go out too ([B, S, T], SMEM blocks): the backward pass (a custom VJP) scatter-adds
+the row gradients into the shard with XLA at those ids, hashing nothing again.
+
+Packed dtypes. The TPU lays a bfloat16 table out with 2 rows in each 32-bit word (tiles of 16 x 128), and
+Mosaic refuses a DMA of one such row into or out of a tiled dimension ("Slice sizes along tiled dimensions
+must be aligned to tiles"). The kernel moves whole words instead: the aligned slab of ``rows_per_word``
+rows that holds the row (rows ``r & -p .. (r & -p) + p - 1``, ``p = 2`` for bfloat16) into an output block
+``[TB, T, p, d_e]``, whose slabs span its last two dimensions; the caller keeps slice ``r mod p`` of each
+slab (an XLA select over the gathered rows, never over the table). Float32 tables move single rows into
+``[TB, T, d_e]``. The table is read in place, never copied or re-laid out. The real compiler (libtpu, ahead of
+time, ``tests/test_tpu_compile.py``) accepts both for v5e, v5p and v6e, any N, K and d_e (lane-padded to
+128 in VMEM when smaller).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -37,11 +49,12 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from ngram_jax.kernels.ngram_gather.reference import flat_rows
 from ngram_jax.kernels.ngram_gather.xla import scatter_add_rows
 from ngram_jax.ngram import hashing
 
 TOKENS_PER_STEP = 32
+KERNEL_NAME = "ngram_gather"  # the Mosaic kernels' names in compiled TPU modules (tools.aot counts them)
+IDS_KERNEL_NAME = "ngram_gather_by_id"
 
 
 def check_interpret_mesh(mesh) -> None:
@@ -90,18 +103,64 @@ def _mulmod(a, c, m):
     return jax.lax.fori_loop(0, TOKEN_BITS, body, jnp.int32(0))
 
 
-def _kernel(c_ref, m_ref, off_ref, rs_ref, blk_ref, table_ref, out_ref, rows_sc, sem, *,
-            num_tables: int, splits: int, hist: int, tb: int):
-    """One grid step: ``blk_ref`` (SMEM, [1, W]) = [hist halo tokens | tb tokens | tb history counts | pad]."""
+def _fetcher(ids_ref, table_ref, out_ref, sem, row_start, pack: int):
+    """``(fetch, wait)`` for the rows named in ``ids_ref`` (SMEM, [1, tb*T]; flattened row ids, -1: none):
+    ``fetch(i, idx, k)`` starts the DMA of pair k's row into output slot (i, idx), or writes zeros for a row
+    outside this shard ``[row_start, row_start + R)``; ``wait(i, idx, k)`` retires it. ``pack`` rows share a
+    32-bit word of the table's tiled layout (1 for float32, 2 for bfloat16): the DMA moves the ``pack`` rows
+    that hold the row (an aligned slab ``[pack, d_e]``, whole 32-bit words, which Mosaic accepts where a
+    single 16-bit row is not tile-aligned) and the caller keeps the row's own slice."""
     shard_rows = table_ref.shape[0]
-    row_start = rs_ref[0]
+
+    def local(k):
+        return ids_ref[0, k] - row_start
 
     def inside(k):
-        return (rows_sc[k] >= 0) & (rows_sc[k] < shard_rows)
+        return (ids_ref[0, k] >= 0) & (local(k) >= 0) & (local(k) < shard_rows)
 
     def copy(i, idx, k):
-        return pltpu.make_async_copy(table_ref.at[pl.ds(rows_sc[k], 1), :], out_ref.at[i, pl.ds(idx, 1), :],
-                                     sem.at[0])
+        if pack == 1:
+            return pltpu.make_async_copy(table_ref.at[pl.ds(local(k), 1), :], out_ref.at[i, pl.ds(idx, 1), :],
+                                         sem.at[0])
+        first = pl.multiple_of(local(k) & -pack, pack)  # the aligned slab holding the row
+        return pltpu.make_async_copy(table_ref.at[pl.ds(first, pack), :], out_ref.at[i, idx], sem.at[0])
+
+    def fetch(i, idx, k):
+        @pl.when(inside(k))
+        def _start():
+            copy(i, idx, k).start()
+
+        @pl.when(jnp.logical_not(inside(k)))
+        def _zero():
+            if pack == 1:
+                out_ref[i, pl.ds(idx, 1), :] = jnp.zeros((1, out_ref.shape[-1]), out_ref.dtype)
+            else:
+                out_ref[i, idx] = jnp.zeros(out_ref.shape[2:], out_ref.dtype)
+
+    def wait(i, idx, k):
+        @pl.when(inside(k))
+        def _wait():
+            copy(i, idx, k).wait()
+
+    return fetch, wait
+
+
+def _wait_all(wait, tb: int, num_tables: int) -> None:
+    def body(i, carry):
+        for idx in range(num_tables):
+            wait(i, idx, i * num_tables + idx)
+        return carry
+
+    jax.lax.fori_loop(0, tb, body, 0)
+
+
+def _kernel(c_ref, m_ref, off_ref, rs_ref, blk_ref, table_ref, out_ref, ids_ref, sem, *,
+            num_tables: int, splits: int, hist: int, tb: int, pack: int):
+    """One grid step: ``blk_ref`` (SMEM, [1, W]) = [hist halo tokens | tb tokens | tb history counts | pad].
+
+    ``ids_ref`` (SMEM, [1, tb*T]) receives each (token, sub-table) pair's flattened row id (-1: padding),
+    which :func:`_fetcher` then fetches."""
+    fetch, wait = _fetcher(ids_ref, table_ref, out_ref, sem, rs_ref[0], pack)
 
     def hash_and_start(i, carry):
         x = blk_ref[0, hist + i]  # the token; its j-th predecessor is blk_ref[hist + i - j] (halo for i < j)
@@ -116,30 +175,34 @@ def _kernel(c_ref, m_ref, off_ref, rs_ref, blk_ref, table_ref, out_ref, rows_sc,
                 d = m - term
                 h = jnp.where(h >= d, h - d, h + term)
             k = i * num_tables + idx
-            rows_sc[k] = jnp.where(valid >= 0, off_ref[idx] + h - row_start, -1)
-
-            @pl.when(inside(k))
-            def _start(idx=idx, k=k):
-                copy(i, idx, k).start()
-
-            @pl.when(jnp.logical_not(inside(k)))
-            def _zero(idx=idx):
-                out_ref[i, pl.ds(idx, 1), :] = jnp.zeros((1, out_ref.shape[-1]), out_ref.dtype)
-
-        return carry
-
-    def wait(i, carry):
-        for idx in range(num_tables):
-            k = i * num_tables + idx
-
-            @pl.when(inside(k))
-            def _wait(idx=idx, k=k):
-                copy(i, idx, k).wait()
-
+            ids_ref[0, k] = jnp.where(valid >= 0, off_ref[idx] + h, -1)
+            fetch(i, idx, k)
         return carry
 
     jax.lax.fori_loop(0, tb, hash_and_start, 0)
-    jax.lax.fori_loop(0, tb, wait, 0)
+    _wait_all(wait, tb, num_tables)
+
+
+def _ids_kernel(rs_ref, ids_ref, table_ref, out_ref, sem, *, num_tables: int, tb: int, pack: int):
+    """One grid step of the gather by row id: ``ids_ref`` (SMEM, [1, tb*T]) names the rows (hashed elsewhere)."""
+    fetch, wait = _fetcher(ids_ref, table_ref, out_ref, sem, rs_ref[0], pack)
+
+    def start(i, carry):
+        for idx in range(num_tables):
+            fetch(i, idx, i * num_tables + idx)
+        return carry
+
+    jax.lax.fori_loop(0, tb, start, 0)
+    _wait_all(wait, tb, num_tables)
+
+
+def rows_per_word(dtype) -> int:
+    """Table rows that share one 32-bit word of the TPU's tiled layout: 1 (32-bit), 2 (16-bit), 4 (8-bit)."""
+    size = jnp.dtype(dtype).itemsize
+    if size > 4 or 4 % size:
+        raise ValueError(f"ngram_gather pallas_tpu: tables of {jnp.dtype(dtype).name} are not supported; use float32, "
+                         "bfloat16 or float16")
+    return 4 // size
 
 
 def _token_blocks(tokens, layout: hashing.NgramLayout, eos_id, segment_ids, tb: int):
@@ -169,30 +232,106 @@ def _prefetch_args(layout: hashing.NgramLayout, row_start):
             jnp.asarray(row_start, jnp.int32).reshape(1))
 
 
-def gather_rows_pallas(tokens, table, layout: hashing.NgramLayout, eos_id, segment_ids=None, row_start=0,
-                       interpret=False) -> jax.Array:
-    """Forward only: [B, S, T, d_e] rows of ``table`` (a shard starting at ``row_start``)."""
-    b, s = tokens.shape
-    t, d_e = layout.num_tables, table.shape[1]
-    tb = TOKENS_PER_STEP
-    blocks, num_blocks, width = _token_blocks(tokens, layout, eos_id, segment_ids, tb)
-    prefetch = _prefetch_args(layout, row_start)
-    kernel = functools.partial(_kernel, num_tables=t, splits=layout.splits, hist=layout.max_n - 1, tb=tb)
-    out = pl.pallas_call(
-        kernel,
-        out_shape=jax.ShapeDtypeStruct((num_blocks * tb, t, d_e), table.dtype),
+def _check_shard(table) -> int:
+    """Rows per 32-bit word of the table's dtype, after checking that the shard splits into such slabs."""
+    rows = table.shape[0]
+    pack = rows_per_word(table.dtype)
+    if rows % pack:
+        raise ValueError(f"ngram_gather pallas_tpu: a {table.dtype} table shard of {rows} rows is fetched in aligned "
+                         f"slabs of {pack} rows, which {rows} is not a multiple of; set model.ngram.row_multiple "
+                         f"(or model.ple.row_multiple) to a multiple of {pack} x the row shards")
+    return pack
+
+
+def _keep_rows(out, ids, row_start, pack: int):
+    """out [P, T, d_e] or, for packed dtypes, [P, T, pack, d_e] slabs -> each row's own slice [P, T, d_e]
+    (a padding id -1 keeps slice 0 of its all-zero slab)."""
+    if pack == 1:
+        return out
+    sub = (ids - row_start) & (pack - 1)
+    return jnp.take_along_axis(out, sub[:, :, None, None], axis=2)[:, :, 0]
+
+
+def _call(kernel, prefetch, first_block, first_spec, table, num_blocks: int, tb: int, t: int, ids_out: bool,
+          interpret, name: str):
+    """The ``pallas_call`` both kernels share: a grid over blocks of ``tb`` positions, the table in HBM (``pl.ANY``),
+    rows out in ``[tb, T, (pack,) d_e]`` blocks and, with ``ids_out``, the row ids out in SMEM blocks."""
+    d_e = table.shape[1]
+    pack = rows_per_word(table.dtype)
+    slab = (t, d_e) if pack == 1 else (t, pack, d_e)
+    out_shape = [jax.ShapeDtypeStruct((num_blocks * tb, *slab), table.dtype)]
+    out_specs = [pl.BlockSpec((tb, *slab), lambda blk, *_: (blk,) + (0,) * len(slab))]
+    if ids_out:
+        out_shape.append(jax.ShapeDtypeStruct((num_blocks, 1, tb * t), jnp.int32))
+        out_specs.append(pl.BlockSpec((None, 1, tb * t), lambda blk, *_: (blk, 0, 0), memory_space=pltpu.SMEM))
+    return pl.pallas_call(
+        functools.partial(kernel, num_tables=t, tb=tb, pack=pack),
+        out_shape=tuple(out_shape),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=len(prefetch),
             grid=(num_blocks,),
-            in_specs=[pl.BlockSpec((None, 1, width), lambda blk, *_: (blk, 0, 0), memory_space=pltpu.SMEM),
-                      pl.BlockSpec(memory_space=pl.ANY)],
-            out_specs=pl.BlockSpec((tb, t, d_e), lambda blk, *_: (blk, 0, 0)),
-            scratch_shapes=[pltpu.SMEM((tb * t,), jnp.int32), pltpu.SemaphoreType.DMA((1,))],
+            in_specs=[first_spec, pl.BlockSpec(memory_space=pl.ANY)],
+            out_specs=out_specs,
+            scratch_shapes=[pltpu.SemaphoreType.DMA((1,))],
         ),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
         interpret=interpret,
-    )(*prefetch, blocks, table)
-    return out[: b * s].reshape(b, s, t, d_e)
+        name=name,
+    )(*prefetch, first_block, table)
+
+
+def gather_rows_pallas(tokens, table, layout: hashing.NgramLayout, eos_id, segment_ids=None, row_start=0,
+                       interpret=False) -> tuple[jax.Array, jax.Array]:
+    """Forward only: ([B, S, T, d_e] rows of ``table``, a shard starting at ``row_start``; int32 [B, S, T] their
+    flattened row ids, computed in the kernel)."""
+    b, s = tokens.shape
+    t, d_e = layout.num_tables, table.shape[1]
+    pack = _check_shard(table)
+    tb = TOKENS_PER_STEP
+    blocks, num_blocks, width = _token_blocks(tokens, layout, eos_id, segment_ids, tb)
+    kernel = functools.partial(_kernel, splits=layout.splits, hist=layout.max_n - 1)
+    spec = pl.BlockSpec((None, 1, width), lambda blk, *_: (blk, 0, 0), memory_space=pltpu.SMEM)
+    out, ids = _call(kernel, _prefetch_args(layout, row_start), blocks, spec, table, num_blocks, tb, t, True,
+                     interpret, KERNEL_NAME)
+    ids = ids.reshape(-1, t)[: b * s]  # [B*S, T]
+    out = _keep_rows(out[: b * s], ids, row_start, pack)
+    return out.reshape(b, s, t, d_e), ids.reshape(b, s, t)
+
+
+def rows_by_id_pallas(table, ids, row_start=0, interpret=False) -> jax.Array:
+    """Forward only: the rows ``ids`` [..., T] (flattened row ids, hashed elsewhere) name in ``table`` (a shard
+    starting at ``row_start``; other ids give zeros) -> [..., T, d_e]."""
+    *lead, t = ids.shape
+    d_e = table.shape[1]
+    pack = _check_shard(table)
+    tb = TOKENS_PER_STEP
+    p = math.prod(lead)
+    num_blocks = max(1, -(-p // tb))
+    flat = jnp.pad(ids.reshape(p, t).astype(jnp.int32), ((0, num_blocks * tb - p), (0, 0)), constant_values=-1)
+    start = jnp.asarray(row_start, jnp.int32).reshape(1)
+    spec = pl.BlockSpec((None, 1, tb * t), lambda blk, *_: (blk, 0, 0), memory_space=pltpu.SMEM)
+    (out,) = _call(_ids_kernel, (start,), flat.reshape(num_blocks, 1, tb * t), spec, table, num_blocks, tb, t, False,
+                   interpret, IDS_KERNEL_NAME)
+    out = _keep_rows(out[:p], flat[:p], row_start, pack)
+    return out.reshape(*lead, t, d_e)
+
+
+def gather_by_id_pallas_tpu(table, ids, row_start=0, interpret=False) -> jax.Array:
+    """:func:`rows_by_id_pallas`, differentiable w.r.t. ``table`` (the segment-sum backward of the XLA path)."""
+
+    @jax.custom_vjp
+    def gather(tab, i, start):
+        return rows_by_id_pallas(tab, i, start, interpret)
+
+    def fwd(tab, i, start):
+        return gather(tab, i, start), (i, start)
+
+    def bwd(res, ct):
+        i, start = res
+        return scatter_add_rows(table.shape, table.dtype, i, start, ct), None, None
+
+    gather.defvjp(fwd, bwd)
+    return gather(table, ids, jnp.asarray(row_start, jnp.int32))
 
 
 def ngram_gather_pallas_tpu(tokens, table, *, layout, eos_id, segment_ids=None, row_start=0, proj=None,
@@ -207,14 +346,15 @@ def ngram_gather_pallas_tpu(tokens, table, *, layout, eos_id, segment_ids=None, 
     # holds no tracer of an enclosing transformation (shard_map, grad)
     @jax.custom_vjp
     def gather(tab, tok, seg, start):
-        return gather_rows_pallas(tok, tab, layout, eos_id, seg, start, interpret)
+        return gather_rows_pallas(tok, tab, layout, eos_id, seg, start, interpret)[0]
 
     def fwd(tab, tok, seg, start):
-        return gather(tab, tok, seg, start), (tok, seg, start)
+        rows, ids = gather_rows_pallas(tok, tab, layout, eos_id, seg, start, interpret)
+        return rows, (ids, start)  # the kernel's row ids: the backward pass hashes nothing
 
     def bwd(res, ct):
-        tok, seg, start = res
-        return scatter_add_rows(shape, dtype, flat_rows(tok, layout, eos_id, seg), start, ct), None, None, None
+        ids, start = res
+        return scatter_add_rows(shape, dtype, ids, start, ct), None, None, None
 
     gather.defvjp(fwd, bwd)
     rows = gather(table, tokens, segment_ids, jnp.asarray(row_start, jnp.int32))
