@@ -67,6 +67,10 @@ class PLEConfig:
 @dataclass(frozen=True)
 class AttentionConfig:
     kind: Literal["mla", "gqa"] = "mla"
+    # the attention core of training and prefill: auto (splash on TPU for sequences >= 1024 that 128 divides,
+    # xla elsewhere) | xla (causal attention in query blocks, layers/attention.py) | splash (JAX's TPU splash
+    # attention kernel; in the Pallas interpreter off TPU)
+    kernel: Literal["auto", "xla", "splash"] = "auto"
     num_heads: int = 4
     # GQA
     num_kv_heads: int = 4

@@ -71,3 +71,29 @@ def test_block_count():
         assert s % n == 0 and (n == 1 or s // n >= MIN_QUERY_BLOCK) and n <= MAX_QUERY_BLOCKS
     with pytest.raises(ValueError, match="3 query blocks do not divide a sequence of 16"):
         causal_attention(*qkv(), None, SCALE, blocks=3)
+
+
+@pytest.mark.parametrize("heads", [(2, 2), (4, 2)], ids=["mha", "gqa"])
+def test_splash_attention_equals_causal_attention(heads):
+    """JAX's TPU splash attention kernel (model.attention.kernel=splash, the TPU default for long sequences) in
+    the Pallas interpreter: MLA's unequal head sizes (Dq != Dv), packed documents, values and gradients."""
+    from ngram_jax.layers.attention import attention_kernel, splash_causal_attention
+
+    h, hk = heads
+    b, s, dq, dv = 2, 256, 48, 32
+    kq, kk, kv, kc = jax.random.split(jax.random.key(3), 4)
+    q, k = jax.random.normal(kq, (b, s, h, dq)), jax.random.normal(kk, (b, s, hk, dq))
+    v, cot = jax.random.normal(kv, (b, s, hk, dv)), jax.random.normal(kc, (b, s, h, dv))
+    seg = jnp.asarray(np.repeat([[1, 2], [1, 1]], [100, 156], axis=1), jnp.int32)
+    scale = dq ** -0.5
+
+    def loss(fn):
+        return jax.value_and_grad(lambda q, k, v: jnp.sum(fn(q, k, v, seg, scale) * cot), argnums=(0, 1, 2))(q, k, v)
+
+    (lv, grads), (lw, want) = loss(splash_causal_attention), loss(causal_attention)
+    np.testing.assert_allclose(float(lv), float(lw), rtol=1e-4)
+    for g, w in zip(grads, want, strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-3, atol=2e-3)
+    assert attention_kernel("auto", 4096) == "xla"  # this process compiles for CPU
+    with pytest.raises(ValueError, match="divisible by 128"):
+        splash_causal_attention(q[:, :100], k[:, :100], v[:, :100], None, scale)

@@ -306,7 +306,8 @@ def test_curve_points_are_recorded_and_checked_on_resume(tmp_path, data_dir):
     results = tmp_path / "o" / runner.RESULTS
     good = results.read_text()
     results.write_text(json.dumps({**rec, "eval_curve": curve[:2]}) + "\n")
-    with pytest.raises(DataError, match=r"recorded its curve at \[64, 128\] tokens, its config asks for \[64, 128, 256\]"):
+    with pytest.raises(DataError, match=r"recorded its curve at \[64, 128\] tokens, its config asks for "
+                                        r"\[64, 128, 256\]"):
         runner.read_results(tmp_path / "o", sw)
     results.unlink()
     metrics = run_dir / "metrics.jsonl"

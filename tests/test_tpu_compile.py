@@ -7,6 +7,9 @@ each (config, mesh) step is compiled once per module (``compiled`` below).
 """
 
 import functools
+import math
+import re
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +22,7 @@ from ngram_jax import cli
 from ngram_jax.config import load_config
 from ngram_jax.kernels.ngram_gather.pallas_tpu import KERNEL_NAME, ngram_gather_pallas_tpu
 from ngram_jax.ngram import hashing
-from ngram_jax.ngram.lookup import NgramTable, Table
+from ngram_jax.ngram.lookup import Table
 from ngram_jax.tools import aot
 
 GENERATIONS = {"v5e": "v5e:2x2", "v5p": "v5p:2x2x1", "v6e": "v6e:2x2"}
@@ -155,3 +158,59 @@ def test_cli_without_libtpu_names_the_extra(capsys, monkeypatch):
     monkeypatch.setattr(aot.importlib.util, "find_spec", lambda name: None if name == "libtpu" else real(name))
     status, err = run_cli(capsys, "configs/train_tiny.yaml", "--topology", "v5e:2x2")
     assert status == 1 and len(err) == 1 and "pip install -e '.[tpu]'" in err[0], err
+
+
+def test_splash_attention_compiles_for_mla_head_sizes():
+    """model.attention.kernel=auto is JAX's splash attention on TPU for long sequences; MLA's query/key head
+    (nope + rope = 192) and value head (128) differ, which splash allows: forward and backward compile."""
+    from ngram_jax.backend import compile_target
+    from ngram_jax.layers.attention import attention_kernel, splash_causal_attention
+
+    mesh = Mesh(np.array(devices("v5p:2x2x1")[:1]), ("x",))
+    sds = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16, sharding=NamedSharding(mesh, P()))  # noqa: E731
+    seg = jax.ShapeDtypeStruct((1, 1024), jnp.int32, sharding=NamedSharding(mesh, P()))
+
+    def fwd_bwd(q, k, v, sg):
+        out, vjp = jax.vjp(lambda q, k, v: splash_causal_attention(q, k, v, sg, 192 ** -0.5), q, k, v)
+        return out, vjp(jnp.ones_like(out))
+
+    with compile_target("tpu"):
+        assert attention_kernel("auto", 4096) == "splash" and attention_kernel("auto", 512) == "xla"
+        hlo = jax.jit(fwd_bwd).lower(sds(1, 1024, 2, 192), sds(1, 1024, 2, 192), sds(1, 1024, 2, 128),
+                                     seg).compile().as_text()
+    assert aot.kernel_calls(hlo, "splash") >= 2  # the forward kernel and the backward (dq, dkv) kernels
+
+
+def test_plan_tool_reports_the_compilers_figure(capsys):
+    from ngram_jax.tools.plan import main
+
+    assert main(["configs/train_tiny.yaml", "--mesh", "data=4", "--batch", "16", "--seq", "128",
+                 "--topology", "v5e:2x2"]) == 0
+    out = capsys.readouterr().out
+    assert "the estimate; the compiler's figure follows" in out
+    assert re.search(r"compiled\s+[\d.]+ GiB per device \(v5e:2x2, libtpu [\d.]+: .* fits in 15.75 GiB; estimate "
+                     r"[+-]\d+%\)", out), out
+
+
+def documented_pod() -> str:
+    (pod,) = re.findall(r"^aot-pod: (v5p:\d+x\d+x\d+)$", Path("docs/TPU.md").read_text(), re.M)
+    return pod
+
+
+def test_the_documented_pod_is_the_configs_pod():
+    """docs/TPU.md names the smallest v5p slice where LongCat-Flash-Lite's training step fits (``aot-pod:``);
+    configs/models/longcat_flash_lite.yaml carries the mesh, batch (>= 1M tokens per step) and remat that fit
+    it, so that the AOT tool with only --topology compiles exactly that case (the slow test below)."""
+    from ngram_jax.sharding import make_mesh
+
+    cfg = load_config("configs/models/longcat_flash_lite.yaml")
+    assert cfg.data.batch_size * cfg.data.seq_len >= 1 << 20 and cfg.model.remat == "block"
+    mesh = make_mesh(cfg.mesh, devices(documented_pod()))
+    assert mesh.size == math.prod(int(d) for d in documented_pod().split(":")[1].split("x"))
+    assert mesh.shape["expert"] == 4 and cfg.data.batch_size % (mesh.shape["fsdp"] * mesh.shape["expert"]) == 0
+
+
+@pytest.mark.slow  # about 17 minutes and 13 GB of memory on 2 cores: make test-all runs it
+def test_longcat_flash_lite_fits_the_documented_pod(capsys):
+    status, _ = run_cli(capsys, "configs/models/longcat_flash_lite.yaml", "--topology", documented_pod())
+    assert status == 0

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from ngram_jax.backend import target_backend
 from ngram_jax.config import AttentionConfig, ModelConfig
 from ngram_jax.layers.linear import Linear, RMSNorm
 from ngram_jax.layers.rope import apply_rope, inv_frequencies, yarn_attention_factor, yarn_mscale
@@ -127,10 +128,71 @@ def rope_frequencies(cfg: AttentionConfig, dim: int):
                            cfg.yarn_beta_fast, cfg.yarn_beta_slow)
 
 
-def _attend(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None, scale: float) -> jax.Array:
-    """:func:`causal_attention`, with q, k, v tagged ``qkv`` and the output ``attn_ctx`` for
-    ``model.remat=names``."""
+SPLASH_MIN_SEQ = 1024  # kernel auto: splash attention for sequences at least this long (a multiple of 128)
+
+
+def attention_kernel(name: str, seq: int) -> str:
+    """What ``model.attention.kernel`` means for a sequence of ``seq``: ``auto`` is ``splash`` when compiling
+    for TPU (``ngram_jax.backend.target_backend``) a sequence of >= SPLASH_MIN_SEQ tokens that 128 divides,
+    ``xla`` (:func:`causal_attention`) otherwise."""
+    if name == "auto":
+        return "splash" if target_backend() == "tpu" and seq >= SPLASH_MIN_SEQ and seq % 128 == 0 else "xla"
+    return name
+
+
+def splash_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None,
+                            scale: float) -> jax.Array:
+    """:func:`causal_attention` by JAX's TPU splash attention kernel (``jax.experimental.pallas.ops.tpu.
+    splash_attention``: flash attention with a block-sparse causal mask, its own backward kernels; nothing of
+    size S x S is kept). q [B, S, H, Dq], k [B, S, Hk, Dq], v [B, S, Hk, Dv] (Dq and Dv may differ: MLA's 192
+    and 128), segment_ids [B, S] -> [B, S, H, Dv]. On a mesh it runs per device inside ``shard_map`` (batch
+    over the batch axes, heads over the head axes); off TPU in the Pallas interpreter."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+    from jax.sharding import PartitionSpec as P
+
+    from ngram_jax.sharding import current_mesh, mesh_axes
+
+    b, s, h, _ = q.shape
+    if s % 128:
+        raise ValueError(f"splash attention needs a sequence length divisible by 128, got {s}; set "
+                         "model.attention.kernel=xla")
+    if k.shape[2] != h:  # GQA: every query head its own key and value head
+        k, v = (jnp.repeat(t, h // k.shape[2], axis=2) for t in (k, v))
+    seg = jnp.ones((b, s), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+    interpret = target_backend() != "tpu"
+
+    def local(q, k, v, seg):  # [b, S, h, D] on one device
+        n = min(512, s)
+        sizes = splash.BlockSizes(block_q=n, block_kv=n, block_kv_compute=n, block_q_dkv=n, block_kv_dkv=n,
+                                  block_kv_dkv_compute=n, block_q_dq=n, block_kv_dq=n)
+        kernel = splash.make_splash_mha(masks.MultiHeadMask([masks.CausalMask((s, s))] * q.shape[2]),
+                                        block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+
+        def one(q, k, v, sg):  # the kernel takes [H, S, D] of one sequence
+            out = kernel((q * scale).astype(k.dtype).swapaxes(0, 1), k.swapaxes(0, 1), v.swapaxes(0, 1),
+                         segment_ids=splash.SegmentIds(sg, sg))
+            return out.swapaxes(0, 1)
+
+        return jax.vmap(one)(q, k, v, seg)
+
+    mesh = current_mesh()
+    if mesh is None:
+        return local(q, k, v, seg).astype(q.dtype)
+    live = lambda names: tuple(a for a in names if a in mesh.axis_names and mesh.shape[a] > 1) or None  # noqa: E731
+    bx, hx = live(mesh_axes("batch")), live(mesh_axes("heads"))
+    spec = P(bx, None, hx, None)
+    return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, P(bx, None)), out_specs=spec,
+                         check_vma=False)(q, k, v, seg).astype(q.dtype)
+
+
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None, scale: float,
+            kernel: str = "auto") -> jax.Array:
+    """Causal attention (``model.attention.kernel``, :func:`attention_kernel`), with q, k, v tagged ``qkv`` and
+    the output ``attn_ctx`` for ``model.remat=names``."""
     q, k, v = (checkpoint_name(t, "qkv") for t in (q, k, v))
+    if attention_kernel(kernel, q.shape[1]) == "splash":
+        return checkpoint_name(splash_causal_attention(q, k, v, segment_ids, scale), "attn_ctx")
     return checkpoint_name(causal_attention(q, k, v, segment_ids, scale), "attn_ctx")
 
 
@@ -172,7 +234,7 @@ class MLA(nnx.Module):
             valid = jnp.ones((b, s), bool) if segment_ids is None else segment_ids != 0
             out, cache = _attend_cached(q, k, v, valid, cache, self.softmax_scale)
             return self.o(out.reshape(b, s, -1)), cache
-        out = _attend(q, k, v, segment_ids, self.softmax_scale)
+        out = _attend(q, k, v, segment_ids, self.softmax_scale, self.cfg.kernel)
         return self.o(out.reshape(b, s, -1))
 
     def _qkv(self, x: jax.Array, positions: jax.Array):
@@ -229,7 +291,7 @@ class GQA(nnx.Module):
             valid = jnp.ones((b, s), bool) if segment_ids is None else segment_ids != 0
             out, cache = _attend_cached(q, k, v, valid, cache, self.softmax_scale)
             return self.o(out.reshape(b, s, -1)), cache
-        out = _attend(q, k, v, segment_ids, self.softmax_scale)
+        out = _attend(q, k, v, segment_ids, self.softmax_scale, c.kernel)
         return self.o(out.reshape(b, s, c.num_heads * c.head_dim))
 
     def empty_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:

@@ -57,11 +57,23 @@ def resolve_impl(name: str, backend: str | None = None) -> Impl:
     return name  # type: ignore[return-value]
 
 
+def megablox_tiling(rows: int, d: int, f: int) -> tuple[int, int, int]:
+    """Tile sizes (rows, D, F) of the megablox kernels for 128-multiples rows, D, F: the largest divisors of
+    each that are multiples of 128 and at most 512, 1024, 1024. The kernels re-read a tile of rows once per
+    F tile and a weight tile once per row tile: 128-wide tiles read LongCat-Flash-Lite's expert inputs 8
+    times per matmul; these about 1 (their VMEM, double-buffered: under 10 MiB)."""
+    def tile(n: int, most: int) -> int:
+        return max(t for t in range(128, min(n, most) + 1, 128) if n % t == 0)
+
+    return tile(rows, 512), tile(d, 1024), tile(f, 1024)
+
+
 def megablox_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
     """JAX's Pallas TPU grouped matmul (``jax.experimental.pallas.ops.tpu.megablox``: ``gmm``, and ``tgmm``
-    for the weight gradient): x [R, D] sorted by group, w [G, D, F] -> [R, F]. Tiles of 128 in each
-    dimension (the TPU's block rule): R, D and F are zero-padded to multiples of 128 where they are not
-    (small models; LongCat-Flash-Lite's 3072 and 1024 need none). Off TPU it runs in the Pallas interpreter."""
+    for the weight gradient): x [R, D] sorted by group, w [G, D, F] -> [R, F]. R, D and F are zero-padded to
+    multiples of 128 where they are not (the TPU's block rule; small models only: LongCat-Flash-Lite's 3072
+    and 1024 need none). Tiles (rows, D, F) of up to (512, 1024, 1024), :func:`megablox_tiling`. Off TPU it
+    runs in the Pallas interpreter."""
     from jax.experimental.pallas.ops.tpu.megablox import ops as megablox
 
     (r, d), f = x.shape, w.shape[-1]
@@ -70,7 +82,7 @@ def megablox_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.A
     inside = (jnp.arange(r) < jnp.sum(group_sizes))[:, None]
     xp = jnp.pad(jnp.where(inside, x, 0), ((0, up(r) - r), (0, up(d) - d)))
     wp = jnp.pad(w.astype(x.dtype), ((0, 0), (0, up(d) - d), (0, up(f) - f)))
-    y = megablox.gmm(xp, wp, group_sizes, jnp.result_type(x, w), (128, 128, 128),
+    y = megablox.gmm(xp, wp, group_sizes, jnp.result_type(x, w), megablox_tiling(up(r), up(d), up(f)),
                      interpret=target_backend() != "tpu")
     return jnp.where(inside, y[:r, :f], 0)
 

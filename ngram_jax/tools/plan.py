@@ -18,6 +18,7 @@ pass keeps, for ``model.dtype`` and ``model.remat``). The prediction assumes a m
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import sys
@@ -167,14 +168,23 @@ def _ffn_terms(m, tensor: int) -> dict[str, float]:
 
 def _moe_terms(m, expert_shards: int, backend: str) -> dict[str, float]:
     """The MoE shortcut per token: router logits and probabilities (float32, counted as elements of 4 bytes
-    via ``router``), then per routed assignment (top_k of them) the gathered input and the expert SwiGLU.
-    On TPU/GPU ``ragged_dot`` is a grouped matmul (gate, up, hidden of width F_e, output D); XLA:CPU lowers
-    it densely, every row against every local expert: [rows, E_loc * F_e] for gate and up, [rows, E_loc * D]
-    for down."""
+    via ``router``), then per routed row the gathered input and the expert SwiGLU. On TPU/GPU the grouped
+    matmul's cost follows its rows (gate, up, hidden of width F_e, output D); XLA:CPU lowers ``ragged_dot``
+    densely, every row against every local expert: [rows, E_loc * F_e] for gate and up, [rows, E_loc * D]
+    for down. Rows per token: ``top_k`` (one per assignment); with experts split over ``expert_shards``
+    devices (expert parallelism, ``layers.moe.combine_expert_parallel``) every device sends and receives
+    fixed buffers of ``capacity`` rows per peer: ``top_k`` per token and peer when dropless (any assignment
+    could go to one device), ``capacity_factor * top_k / E_shards`` with capacity dispatch; each row of those
+    buffers is sent, received, run through the experts and sent back (4D + 3F_e)."""
     e = m.moe
     if not e.num_experts:
         return {}
     e_loc = e.num_experts / expert_shards
+    if expert_shards > 1:
+        per_peer = e.top_k if e.dispatch != "capacity" else e.capacity_factor * e.top_k / expert_shards
+        rows = expert_shards * per_peer
+        return {"router": 2 * (e.num_experts + e.num_zero_experts),
+                "experts": rows * (4 * m.d_model + 3 * e.expert_dim), "moe_out": m.d_model}
     if backend == "cpu":
         per_assignment = m.d_model + e_loc * (2 * e.expert_dim + m.d_model)
     else:
@@ -275,6 +285,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--measure", action="store_true",
                     help="also compile the training step on this machine's first device (one device: use a "
                          "mesh of 1) and print XLA's memory analysis next to the plan")
+    ap.add_argument("--topology", help="a TPU topology, e.g. v5p:4x4x8: compile the step for it with libtpu "
+                    "(python -m ngram_jax.tools.aot) and report the compiler's memory in place of the estimate")
     ap.add_argument("--json", action="store_true", help="print the plan (and the measurement) as one JSON object")
     args = ap.parse_args(argv)
     cfg = check_config(load_config(args.config, args.overrides))
@@ -285,8 +297,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     plan = step_plan(cfg, mesh, batch, args.seq, args.backend)
     if args.measure and n_dev != 1:
         raise ConfigError(f"--measure compiles on one device; use --mesh data=1 (got {args.mesh})")
+    compiled = None
+    if args.topology:  # the compiler's figure replaces the estimate (the estimate is printed beside it)
+        from ngram_jax.tools.aot import compile_for_tpu
+
+        compiled = compile_for_tpu(cfg, args.topology, mesh_spec=args.mesh, batch=batch, seq=args.seq)
     if args.json:
         out = {"plan": plan} | ({"measured": measure_step(cfg, batch, args.seq)} if args.measure else {})
+        if compiled is not None:
+            out["compiled"] = compiled.to_json()
         print(json.dumps(out))
         return 0
     act = plan["blocks"] + plan["recompute"] + plan["head"] + plan["embed"]
@@ -300,7 +319,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"  gradients        {gib(plan['gradients']):>14} per device (float32)")
     print(f"  activations      {gib(act):>14} per device (blocks {gib(plan['blocks'])}, recompute "
           f"{gib(plan['recompute'])}, logits {gib(plan['head'])}, embedding {gib(plan['embed'])}; {args.backend})")
-    print(f"  total            {gib(plan['total']):>14} per device (arguments + temporaries)")
+    print(f"  total            {gib(plan['total']):>14} per device (arguments + temporaries)"
+          + (" -- the estimate; the compiler's figure follows" if compiled is not None else ""))
+    if compiled is not None:
+        peak = compiled.peak_bytes
+        where = f"{compiled.topology}, libtpu {compiled.libtpu}"
+        if compiled.memory.get("peak"):
+            print(f"  compiled         {gib(peak):>14} per device ({where}: arguments "
+                  f"{gib(compiled.memory['arguments'])}, temporaries {gib(compiled.memory['temporaries'])}; "
+                  f"{'fits' if compiled.fits else 'does NOT fit'} in {gib(compiled.hbm_bytes)}; estimate "
+                  f"{(plan['total'] - peak) / peak:+.0%})")
+        else:
+            print(f"  compiled         needs {gib(peak)} of temporaries per device ({where}): does NOT fit in "
+                  f"{gib(compiled.hbm_bytes)}")
+    elif args.backend == "tpu" and importlib.util.find_spec("libtpu") is not None:
+        print("  (libtpu is installed: --topology GEN:AxB[xC] replaces this estimate with the compiler's figure)")
     if args.measure:
         got = measure_step(cfg, batch, args.seq)
         for key in ("arguments", "temporaries", "total"):
