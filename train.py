@@ -1,7 +1,7 @@
 """Train a model: ``python train.py configs/models/tiny_ne.yaml [key=value ...]``.
 
 Resumes from the latest checkpoint in ``train.run_dir``; SIGTERM/SIGINT save and exit. Bad input
-(config, data, checkpoint, mesh) prints one line ``error: ...`` and exits non-zero (README.md,
+(config, data, checkpoint, mesh) prints one line ``error: ...`` and exits non-zero (docs/TROUBLESHOOTING.md,
 "Troubleshooting").
 """
 

@@ -8,7 +8,7 @@ token and N-gram tables are never loaded whole. Their rows are read lazily from 
 tensorstore (training saves them in row chunks), only the rows the sample text needs; every other
 parameter is read whole. Whole-table statistics (row norms of every row of every sub-table) stream the
 tables in slabs of at most ``STREAM_BYTES``, and row reads take at most that much at a time, so a table
-never has to fit in host memory (tested with a table 3x the memory limit: README).
+never has to fit in host memory (tested with a table 3x the memory limit: docs/EVALUATION.md).
 ``bytes_read`` reports what the lazy reads cost. From Python: ``analyze(run_dir)`` returns the report;
 ``LazyCheckpoint(run_dir)`` reads arrays, rows (``rows``) and slabs (``row_slabs``) of a checkpoint.
 """

@@ -1,7 +1,7 @@
 """What every entry point shares: a user error is one line ``error: ...`` on stderr and a non-zero exit
 status; a bug keeps its traceback.
 
-User errors (see ``README.md``, "Troubleshooting"): :class:`~ngram_jax.config.ConfigError` and
+User errors (see ``docs/TROUBLESHOOTING.md``): :class:`~ngram_jax.config.ConfigError` and
 :class:`~ngram_jax.errors.UsageError` exit with 2 (as argparse does); :class:`~ngram_jax.errors.UserError`
 (data, tokenizer, checkpoint), a missing file or directory, and a diverged training run exit with 1.
 

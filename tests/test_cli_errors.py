@@ -1,7 +1,7 @@
 """Bad input: every entry point prints one line ``error: ...`` naming the key or file, exits non-zero
 (2 for config and usage errors), and shows no traceback. Each case runs the real command in a
 subprocess (one CPU device unless the case needs a mesh) and fails before any training step; the
-README's "Troubleshooting" section lists the same cases."""
+docs/TROUBLESHOOTING.md lists the same cases."""
 
 import json
 import os

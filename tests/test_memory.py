@@ -286,7 +286,7 @@ def test_the_planner_predicts_the_compiled_step_memory(measured, case):
       dense parameters + what every block keeps for the backward pass (``blocks``; under remat: its input,
       plus ``recompute``, the last block's activations and one sublayer's cotangent) + the float32 softmax
       of the logits and its cotangent (``head``) + the embedding output.
-    Each within 15% (arguments 1%), and their sum. Not predicted within 15% on CPU (README, Memory): block
+    Each within 15% (arguments 1%), and their sum. Not predicted within 15% on CPU (docs/TRAINING.md, Memory): block
     remat with more than 2 blocks (``deep_remat``, strict xfail: the gap is XLA:CPU's schedule), bf16
     compute (XLA:CPU keeps float32 buffers: measured 123 MiB of temporaries for tiny_plain 8 x 128 against
     82 MiB planned) and XLA:CPU's default concurrency-optimised scheduler."""

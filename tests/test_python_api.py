@@ -1,4 +1,4 @@
-"""The Python API on one device with no mesh: the README's examples run as written, and a model
+"""The Python API on one device with no mesh: the examples of docs/API.md run as written, and a model
 builds, saves, restores and runs without ``param_context`` or a mesh.
 
 Each check runs in a fresh interpreter with one CPU device, outside conftest's autouse fixture that
@@ -16,13 +16,13 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def readme_python(section: str) -> str:
-    """The ```python blocks of the README section titled ``section``."""
-    text = (ROOT / "README.md").read_text()
+def readme_python(section: str, page: str = "docs/API.md") -> str:
+    """The ```python blocks of the section titled ``section`` of a documentation page."""
+    text = (ROOT / page).read_text() + "\n## "
     match = re.search(rf"^## {re.escape(section)}\n(.*?)(?=^## )", text, re.S | re.M)
-    assert match, f"README has no section {section!r}"
+    assert match, f"{page} has no section {section!r}"
     blocks = re.findall(r"^```python\n(.*?)^```", match.group(1), re.S | re.M)
-    assert blocks, f"README section {section!r} has no python block"
+    assert blocks, f"{page} section {section!r} has no python block"
     return "\n".join(blocks)
 
 

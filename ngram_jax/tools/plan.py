@@ -12,7 +12,7 @@ the model's other variables (selection bias, routing statistics, N-gram row usag
 Temporaries are the float32 gradients and the activations of :func:`activation_plan` (what the backward
 pass keeps, for ``model.dtype`` and ``model.remat``). The prediction assumes a memory-minimising schedule
 (TPU, GPU); XLA:CPU's default concurrency-optimised scheduler trades memory for parallelism, so
-``--measure`` compiles with ``--xla_cpu_enable_concurrency_optimized_scheduler=false`` (README, Memory).
+``--measure`` compiles with ``--xla_cpu_enable_concurrency_optimized_scheduler=false`` (docs/TRAINING.md, Memory).
 """
 
 from __future__ import annotations
@@ -351,7 +351,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-# XLA:CPU's default scheduler optimises for concurrency, not memory (README, Memory): --measure compiles
+# XLA:CPU's default scheduler optimises for concurrency, not memory (docs/TRAINING.md, Memory): --measure compiles
 # with the memory-minimising one, which is what the plan predicts.
 MEMORY_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 

@@ -1,0 +1,92 @@
+"""Every command shown in the README and the docs pages runs as written: the short ones are run here; the
+long ones (training, evaluation of a run, sweeps, pod compiles) are checked for what can go stale: the script
+or module exists, the files they name exist, and their configs and overrides load."""
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from importlib.util import find_spec
+from pathlib import Path
+
+import pytest
+
+from ngram_jax.config import load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+# run for real (each a few seconds): tools that only read configs or make small computations
+SHORT = (r"-m ngram_jax\.study \S+ --list$", r"-m ngram_jax\.tools\.collisions --zipf ", r"^python -c ",
+         r"-m ngram_jax\.tools\.plan (?!.*--(measure|topology))", r"-m ngram_jax\.tools\.aot configs/train_tiny\.yaml")
+SKIP = ("pip ", "make ", "gcloud ", "for ", "cd ", "export ")  # installs, make targets (CI runs them), loops
+
+
+def commands() -> list[tuple[str, str]]:
+    """(page, command) for every command line of every ```bash block (continuations joined, comments cut)."""
+    out = []
+    for page in PAGES:
+        for block in re.findall(r"^```bash\n(.*?)^```", page.read_text(), re.S | re.M):
+            for line in block.replace("\\\n", " ").splitlines():
+                line = re.sub(r"\s+#.*$", "", line).strip()
+                if line and not line.startswith("#"):
+                    out.append((page.name, line))
+    return out
+
+
+def argv_of(command: str) -> list[str] | None:
+    """The python argv of a command (``.venv/bin/python`` / ``python`` / ``JAX...=x python``), or None."""
+    if command.startswith(SKIP) or ";" in command or "&" in command:
+        return None
+    words = shlex.split(command)
+    while words and re.match(r"^[A-Z_]+=", words[0]):
+        words = words[1:]
+    if not words or not re.match(r"^(\.venv/bin/)?python3?$", words[0]):
+        return None
+    return words[1:]
+
+
+def test_the_pages_show_commands():
+    """Every command is a python command (checked below) or an install, make target or shell loop."""
+    cmds = commands()
+    assert len(cmds) > 40 and {p for p, _ in cmds} >= {"README.md", "TPU.md", "TRAINING.md", "KERNELS.md"}
+    others = [c for _, c in cmds if argv_of(c) is None]
+    assert all(c.startswith(SKIP) or c.startswith("done") or "python" in c for c in others), others
+    makefile = (ROOT / "Makefile").read_text()
+    for c in others:
+        if c.startswith("make "):
+            assert re.search(rf"^{re.escape(c.split()[1])}:", makefile, re.M), c
+
+
+PYTHON = [(p, c) for p, c in commands() if argv_of(c) is not None]
+
+
+@pytest.mark.parametrize("page,command", PYTHON, ids=lambda v: v[:60] if isinstance(v, str) else v)
+def test_documented_command_is_current(page, command):
+    argv = argv_of(command)
+    if argv[0] == "-c":
+        return
+    if argv[0] == "-m":
+        assert find_spec(argv[1]) is not None, f"{page}: no module {argv[1]}"
+        rest = argv[2:]
+    else:
+        assert (ROOT / argv[0]).is_file(), f"{page}: no script {argv[0]}"
+        rest = argv[1:]
+    for word in rest:  # every file of the repository a command names exists
+        if re.match(r"^(configs|benchmarks|docs)/\S+\.(yaml|py|md|jsonl)$", word):
+            assert (ROOT / word).exists(), f"{page}: {word} does not exist ({command})"
+    configs = [w for w in rest if w.endswith(".yaml") and w.startswith("configs/") and "/paper/" not in w]
+    if configs:  # a model config and its key=value overrides load (validated keys and values)
+        overrides = [w for w in rest[rest.index(configs[0]) + 1:] if "=" in w and not w.startswith("-")
+                     and not re.match(r"^[a-z_]+=[\w.:/-]+,", w)]
+        load_config(ROOT / configs[0], [o for o in overrides if "." in o.split("=")[0]])
+
+
+@pytest.mark.parametrize("page,command", [(p, c) for p, c in PYTHON if any(re.search(s, c) for s in SHORT)],
+                         ids=lambda v: v[:60] if isinstance(v, str) else v)
+def test_short_documented_commands_run(page, command):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu",
+                                                                         "PYTHONPATH": str(ROOT)}
+    p = subprocess.run([sys.executable, *argv_of(command)], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, f"{page}: {command}\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}"
