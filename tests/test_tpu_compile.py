@@ -96,6 +96,23 @@ def test_tiny_train_steps_compile_with_the_kernel_and_no_table_all_gather(config
     assert r.collectives and r.flops > 0 and r.roofline_s > 0
 
 
+@pytest.mark.parametrize("optimizer", ["rowwise_adagrad", "lazy_adam"])
+def test_row_wise_table_optimizers_compile(optimizer):
+    """The sparse table optimizers (rows updated on the shards that own them, ``row_sharded_update``)."""
+    r = compiled("tiny_plne", "fsdp", "train", f"train.table_optimizer={optimizer}")
+    assert r.fits and r.ngram_gather_calls == 1
+    rows = table_rows("tiny_plne")
+    assert not [s for _, s in aot.gathered_shapes(r.hlo) if s and s[0] in rows]
+
+
+def test_multi_slice_compiles_with_the_hybrid_mesh():
+    """Two v5e:2x2 slices: data over DCN (between slices), fsdp over ICI (make_mesh's hybrid mesh)."""
+    cfg = load_config("configs/models/tiny_ne.yaml", ["data.batch_size=8", "data.seq_len=64"])
+    r = aot.compile_for_tpu(cfg, "v5e:2x2", mesh_spec="fsdp=4", slices=2)
+    assert r.fits and r.num_chips == 8 and r.mesh == {"data": 2, "fsdp": 4, "tensor": 1, "expert": 1}
+    assert r.ngram_gather_calls == 1
+
+
 def test_a_replicated_table_runs_the_kernel_inside_shard_map():
     """mesh.rules replicating the N-gram rows: the kernel still runs per chip on its batch shard (GSPMD cannot
     partition a Mosaic call: "Mosaic kernels cannot be automatically partitioned")."""
