@@ -34,6 +34,9 @@ CASES: dict[str, dict] = {
     "fl_pod_r39": {"config": FL, "topology": POD, "overrides": ["model.ngram.ratio=39.0"]},
     **{f"fl_decode_b{b}": {"config": FL, "topology": "v5p:2x2x1", "mesh": "expert=4", "step": "decode", "batch": b,
                           "seq": 4096, "overrides": SERVE} for b in (1, 2, 4, 8, 16, 32, 64)},
+    **{f"fl_decode_b64_8chips{x}": {"config": FL, "topology": "v5p:2x2x2", "mesh": "data=2,expert=4",
+                                   "step": "decode", "batch": 64, "seq": 4096, "overrides": [*SERVE, *o]}
+       for x, o in (("", []), ("_no_ne", ["model.ngram.enabled=false"]))},  # 4 chips do not hold batch 64
     **{f"fl_decode_b{b}_no_ne": {"config": FL, "topology": "v5p:2x2x1", "mesh": "expert=4", "step": "decode",
                                  "batch": b, "seq": 4096, "overrides": [*SERVE, "model.ngram.enabled=false"]}
        for b in (1, 64)},  # the same backbone without the N-gram Embedding: the NE share of the bytes
@@ -105,6 +108,49 @@ def tables(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def costs(records: list[dict]) -> str:
+    """Chip-hours at the roofline of the compiled study scales: one 300B-token run of each, and each sweep of
+    configs/paper at its gpu preset (its runs' training FLOPs at the MFU bound of the smallest compiled scale
+    on that generation, paper_280m: those models are smaller still, so the hours are a lower bound)."""
+    from ngram_jax.study.runner import run_tokens
+    from ngram_jax.study.sweep import expand
+    from ngram_jax.tools.aot import CHIPS
+    from ngram_jax.train.metrics import flops_per_token
+
+    last = {r["case"]: r for r in records}
+    study = [r for r in last.values() if r["config"].startswith("configs/models/paper_")]
+    lines = ["| case | total params | activated | fits on 8 chips | tokens/s per chip | MFU bound "
+             "| chip-hours for 300B tokens |",
+             "|---|---|---|---|---|---|---|"]
+    for r in study:
+        tps = r.get("tokens_per_s_per_chip")
+        hours = f"{300e9 / tps / 3600:,.0f}" if tps else "-"
+        lines.append(f"| {r['case']} | {r['total_params'] / 1e9:.2f}B | {r['activated_params'] / 1e6:.0f}M | "
+                     f"{'yes' if r['fits'] else 'no, ' + _gb(r['peak_bytes']) + ' GB needed'} | "
+                     f"{tps or 0:,.0f} | {(r.get('mfu_bound') or 0):.1%} | {hours} |")
+    gens = sorted({r["topology"].split(":")[0] for r in study})
+    head = " | ".join(f"{g} chip-hours" for g in gens)
+    lines += ["", f"| sweep (gpu preset) | runs | tokens | training FLOPs | {head} |",
+              "|---|---|---|---|" + "---|" * len(gens)]
+    for path in sorted((ROOT / "configs/paper").glob("*.yaml")):
+        sw = expand(path, scale="gpu")
+        flops = sum(run_tokens(r.config) * flops_per_token(r.config, _activated(r.config)) for r in sw.runs)
+        cells = []
+        for g in gens:
+            ref = last.get(f"280m_ne_{g}")
+            mfu = ref.get("mfu_bound") if ref else None
+            cells.append(f"{flops / (mfu * CHIPS[g].peak_flops) / 3600:,.1f}" if mfu else "-")
+        lines.append(f"| {sw.name} | {len(sw.runs)} | {sum(run_tokens(r.config) for r in sw.runs) / 1e9:.2f}B | "
+                     f"{flops:.3g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _activated(cfg) -> int:
+    from ngram_jax.budget import closed_form_budget
+
+    return closed_form_budget(cfg.model)["activated_max"]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", nargs="*", help="case names (default: all)")
@@ -123,7 +169,8 @@ def main() -> int:
         return 0
     out = Path(args.out)
     if args.table:
-        print(tables([json.loads(x) for x in out.read_text().splitlines()]))
+        records = [json.loads(x) for x in out.read_text().splitlines()]
+        print(tables(records) + "\n\n" + costs(records))
         return 0
     done = {json.loads(x)["case"] for x in out.read_text().splitlines()} if out.is_file() else set()
     names = args.only or list(CASES)

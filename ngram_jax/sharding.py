@@ -231,6 +231,13 @@ def _check_split(rs: RowSharding, rows: int, batch: int, logical: str) -> None:
                           f"{rs.batch_axes}; use a batch size divisible by {n_batch}")
 
 
+def _batch_axes_for(mesh: Mesh, axes: tuple[str, ...], batch: int) -> tuple[str, ...]:
+    """The batch axes that split a batch of ``batch`` rows: all of them, or none for a batch smaller than
+    their shard count (decoding a few sequences: every device holds them all). A larger batch they do not
+    divide keeps them, and ``_check_split`` names the fix."""
+    return () if batch < math.prod(mesh.shape[a] for a in axes) else axes
+
+
 def _spec(axes: tuple[str, ...], ndim: int) -> P:
     return P(axes if axes else None, *([None] * (ndim - 1)))
 
@@ -271,10 +278,12 @@ def row_sharded_lookup(fn: Callable, table: jax.Array, *batch_args: jax.Array, l
         if not kernel or mesh is None:
             return fn(table, jnp.int32(0), *batch_args)
         batch_axes = tuple(a for a in mesh_axes("batch") if a in mesh.axis_names and mesh.shape[a] > 1)
+        batch_axes = _batch_axes_for(mesh, batch_axes, batch_args[0].shape[0])
         _check_split(RowSharding(mesh, (), batch_axes), table.shape[0], batch_args[0].shape[0], logical)
         in_specs = (P(), *(_spec(batch_axes, a.ndim) for a in batch_args))
         return jax.shard_map(lambda tab, *args: fn(tab, jnp.int32(0), *args), mesh=mesh, in_specs=in_specs,
                              out_specs=_spec(batch_axes, out_ndim), check_vma=False)(table, *batch_args)
+    rs = rs._replace(batch_axes=_batch_axes_for(rs.mesh, rs.batch_axes, batch_args[0].shape[0]))
     _check_split(rs, table.shape[0], batch_args[0].shape[0], logical)
     shared, local_rows = rs.shared, table.shape[0] // rs.row_shards
     only_rows = tuple(a for a in rs.row_axes if a not in shared)

@@ -203,3 +203,17 @@ def test_plan_tool_for_longcat_flash_lite(capsys):
     table = next(p for p in plan_params(cfg, {"data": 64, "fsdp": 4, "tensor": 1, "expert": 8})
                  if p.path == "embed/ngram_table")
     assert "not divisible by 2048" in table.problem
+
+
+def test_a_batch_smaller_than_the_batch_shards_runs_on_every_device(tokens):
+    """Decoding one or two sequences on a mesh of 8: the lookups and the expert-parallel MoE hold the whole
+    (small) batch on every device; the logits equal one device's."""
+    cfg = small_cfg()
+    few = tokens[:2, :5]
+    with param_context():
+        want = np.asarray(build_model(cfg, nnx.Rngs(0))(few))
+    mesh = make_mesh_from_spec("data=2,fsdp=2,expert=2")
+    model = create_sharded(lambda: build_model(cfg, nnx.Rngs(0)), mesh)
+    with param_context(mesh):
+        got = np.asarray(nnx.jit(lambda m, t: m(t))(model, few))
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)

@@ -120,9 +120,10 @@ def test_a_replicated_table_runs_the_kernel_inside_shard_map():
     assert r.fits and r.ngram_gather_calls == 1
 
 
-@pytest.mark.parametrize("step", ["prefill", "decode", "verify"])
-def test_inference_steps_compile(step):
-    r = compiled("tiny_ne", "data_expert", step)
+@pytest.mark.parametrize("step,batch", [("prefill", 8), ("decode", 8), ("verify", 8), ("decode", 1)])
+def test_inference_steps_compile(step, batch):
+    """Batch 1 on 4 chips: fewer sequences than batch shards, held whole on every chip."""
+    r = compiled("tiny_ne", "data_expert", step, f"data.batch_size={batch}")
     assert r.fits and r.peak_bytes > 0 and r.roofline_s > 0
     assert r.ngram_gather_calls == 1  # decoding: the kernel gathers by the ids of its N-gram cache
 

@@ -303,9 +303,9 @@ class MoE(nnx.Module):
         ep_axes = tuple(a for a in mesh_axes("expert") if mesh is not None and a in mesh.axis_names
                         and mesh.shape[a] > 1)
         if ep_axes:
-            y, sums = self._expert_parallel(flat, mask, params, mesh, ep_axes)
+            y, sums = self._expert_parallel(flat, mask, params, mesh, ep_axes, shape[0])
         elif mesh is not None and self._kernel_dispatch():
-            y, sums = self._per_batch_shard(flat, mask, params, mesh)
+            y, sums = self._per_batch_shard(flat, mask, params, mesh, shape[0])
         else:
             y, sums = self._local(flat, mask, *params)
         self.counts[...] = sums.counts
@@ -341,7 +341,7 @@ class MoE(nnx.Module):
         c = self.cfg
         return c.dispatch == "dropless" and resolve_impl(c.grouped_matmul) == "megablox"
 
-    def _per_batch_shard(self, flat, mask, params, mesh):
+    def _per_batch_shard(self, flat, mask, params, mesh, batch: int):
         """:meth:`_local` on each device's batch shard inside ``shard_map`` (a Mosaic kernel cannot be partitioned
         by the compiler), with every expert's weights on each device (gathered over the axes that split them,
         as the compiler would for the matmuls); routing totals summed over the batch shards."""
@@ -350,6 +350,8 @@ class MoE(nnx.Module):
         from ngram_jax.sharding import mesh_axes
 
         batch_axes = tuple(a for a in mesh_axes("batch") if a in mesh.axis_names and mesh.shape[a] > 1)
+        if batch < math.prod(mesh.shape[a] for a in batch_axes):  # a few sequences (decoding): on every device
+            batch_axes = ()
         n_batch = math.prod(mesh.shape[a] for a in batch_axes)
         if flat.shape[0] % n_batch:
             from ngram_jax.config import ConfigError
@@ -365,7 +367,7 @@ class MoE(nnx.Module):
                              in_specs=(P(b, None), P(b), *(P() for _ in params)),
                              out_specs=(P(b, None), RoutingSums(P(), P(), P(), P())))(flat, mask, *params)
 
-    def _expert_parallel(self, flat, mask, params, mesh, ep_axes: tuple[str, ...]):
+    def _expert_parallel(self, flat, mask, params, mesh, ep_axes: tuple[str, ...], batch: int):
         from jax.sharding import PartitionSpec as P
 
         from ngram_jax.config import ConfigError
@@ -381,6 +383,8 @@ class MoE(nnx.Module):
                               f"mesh axis {axis!r}")
         live = lambda names: tuple(a for a in names if a in mesh.axis_names and mesh.shape[a] > 1)  # noqa: E731
         batch_axes, mlp_axes = live(mesh_axes("batch")), live(mesh_axes("expert_mlp"))
+        if batch < math.prod(mesh.shape[a] for a in batch_axes):  # a few sequences (decoding): on every device
+            batch_axes = ()
         n_batch = math.prod(mesh.shape[a] for a in batch_axes)
         if flat.shape[0] % n_batch:
             raise ConfigError(f"{flat.shape[0]} tokens cannot be split over the {n_batch} batch shards")
