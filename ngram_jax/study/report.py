@@ -258,6 +258,12 @@ def plots(records: list[dict], out: Path) -> list[Path]:
     written = []
     sweep = f"{records[0]['sweep']} ({records[0].get('scale')})"
 
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        written.append(out / name)
+
     def scatter(xkey: str, xlabel: str, fname: str, logx: bool):
         fig, ax = plt.subplots(figsize=(6, 4))
         variants = list(dict.fromkeys(g.first("variant") for g in groups))
@@ -283,11 +289,7 @@ def plots(records: list[dict], out: Path) -> list[Path]:
         ax.set_ylabel("held-out loss (nats/token), bars: seed range")
         ax.legend()
         ax.grid(alpha=0.3)
-        fig.tight_layout()
-        path = out / fname
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        save(fig, fname)
 
     scatter("total_params", "total parameters", "loss_vs_total_params.png", True)
     if all(g.first("total_over_activated") for g in groups):  # the paper's sparsity axis (finding 1)
@@ -322,11 +324,7 @@ def plots(records: list[dict], out: Path) -> list[Path]:
         ax.set_ylabel("held-out loss (nats/token), bars: seed range")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
-        fig.tight_layout()
-        path = out / f"loss_vs_{key.replace('.', '_')}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        save(fig, f"loss_vs_{key.replace('.', '_')}.png")
     for ne, moe in baseline_pairs(groups):  # loss vs tokens: seed bands, and the paired difference per seed
         tokens, diffs = paired_curve(ne, moe)
         if not tokens:
@@ -352,11 +350,7 @@ def plots(records: list[dict], out: Path) -> list[Path]:
             a.set_title(f"{sweep}, {ne.name}: {title}", fontsize=8)
             a.grid(alpha=0.3)
             a.legend(fontsize=7)
-        fig.tight_layout()
-        path = out / f"curve_{ne.name}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        save(fig, f"curve_{ne.name}.png")
     if all(g.first("embedding_norm") is not None for g in groups):
         fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(groups)), 4))
         x = np.arange(len(groups))
@@ -367,11 +361,7 @@ def plots(records: list[dict], out: Path) -> list[Path]:
         ax.set_ylabel("mean L2 norm per token")
         ax.set_title(f"{sweep}: input embedding and first attention output norms", fontsize=9)
         ax.legend()
-        fig.tight_layout()
-        path = out / "activation_norms.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        save(fig, "activation_norms.png")
     return written
 
 
