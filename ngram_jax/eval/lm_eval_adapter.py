@@ -11,8 +11,6 @@ a fixed batch size, so one jitted program serves each length bucket.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,6 +20,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from ngram_jax import generate as gen
+from ngram_jax import storage
 from ngram_jax.data.tokenizer import eos_id, load_tokenizer
 
 
@@ -50,7 +49,7 @@ class NgramJaxLM(LM):
             else:
                 raise ValueError("give checkpoint=RUN_DIR, hf_checkpoint=DIR, or model= and config=")
         self.model, self.config = model, config
-        tok_path = tokenizer or Path(config.data.path) / "tokenizer.json"
+        tok_path = tokenizer or storage.location(config.data.path, "data.path") / "tokenizer.json"
         self.tok = load_tokenizer(tok_path)
         self.eos = eos_id(self.tok)
         self.batch_size = int(batch_size)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ngram_jax import storage
 from ngram_jax.errors import DataError, MissingInputError
 from ngram_jax.study.runner import RESULTS
 
@@ -46,7 +47,7 @@ class Group:
 
 
 def load_records(out: str | Path) -> list[dict]:
-    path = Path(out) / RESULTS
+    path = storage.location(out, "DIR") / RESULTS
     if not path.is_file():
         raise MissingInputError(f"no {RESULTS} in {out} (run python -m ngram_jax.study SWEEP.yaml --out {out})")
     records = []
@@ -285,7 +286,7 @@ def plots(records: list[dict], out: Path) -> list[Path]:
         ax.grid(alpha=0.3)
         fig.tight_layout()
         path = out / fname
-        fig.savefig(path, dpi=110)
+        storage.write_figure(fig, path, dpi=110)
         plt.close(fig)
         written.append(path)
 
@@ -324,7 +325,7 @@ def plots(records: list[dict], out: Path) -> list[Path]:
         ax.grid(alpha=0.3)
         fig.tight_layout()
         path = out / f"loss_vs_{key.replace('.', '_')}.png"
-        fig.savefig(path, dpi=110)
+        storage.write_figure(fig, path, dpi=110)
         plt.close(fig)
         written.append(path)
     for ne, moe in baseline_pairs(groups):  # loss vs tokens: seed bands, and the paired difference per seed
@@ -354,7 +355,7 @@ def plots(records: list[dict], out: Path) -> list[Path]:
             a.legend(fontsize=7)
         fig.tight_layout()
         path = out / f"curve_{ne.name}.png"
-        fig.savefig(path, dpi=110)
+        storage.write_figure(fig, path, dpi=110)
         plt.close(fig)
         written.append(path)
     if all(g.first("embedding_norm") is not None for g in groups):
@@ -369,14 +370,14 @@ def plots(records: list[dict], out: Path) -> list[Path]:
         ax.legend()
         fig.tight_layout()
         path = out / "activation_norms.png"
-        fig.savefig(path, dpi=110)
+        storage.write_figure(fig, path, dpi=110)
         plt.close(fig)
         written.append(path)
     return written
 
 
 def write_report(out: str | Path) -> tuple[Path, list[Path]]:
-    out = Path(out)
+    out = storage.location(out, "DIR")  # a local path or a gs:// / s3:// URL
     records = load_records(out)
     figures = plots(records, out)
     text = markdown(records) + "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in figures) + "\n"
