@@ -13,18 +13,16 @@ import json
 import sys
 
 from ngram_jax import cli, storage
-from ngram_jax.errors import MissingInputError
+from ngram_jax.errors import MissingInputError, UsageError
 
 
-def run_tasks(model, cfg, tokenizer, tasks, include_path, limit, batch_size) -> dict:
+def run_tasks(model, cfg, tokenizer, tasks, task_manager, limit, batch_size) -> dict:
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
     from ngram_jax.eval.lm_eval_adapter import NgramJaxLM
 
     lm = NgramJaxLM(model=model, config=cfg, tokenizer=str(tokenizer), batch_size=batch_size)
-    out = lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit,
-                                  task_manager=TaskManager(include_path=include_path) if include_path else None)
+    out = lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit, task_manager=task_manager)
     return {task: {k: v for k, v in metrics.items() if isinstance(v, int | float | str)}
             for task, metrics in out["results"].items()}
 
@@ -59,6 +57,13 @@ def main(argv=None) -> int:
             with storage.reported(path, flag):
                 if not path.exists():
                     raise MissingInputError(f"{flag} {value}: no such file or directory")
+    tasks = args.tasks.split(",") if args.tasks else []
+    if tasks:  # task names are checked before any model is read
+        try:
+            from ngram_jax.eval.lm_eval_adapter import task_manager
+        except ImportError as err:
+            raise UsageError(f"--tasks needs lm-evaluation-harness ({err}): pip install -e '.[eval]'") from None
+        manager = task_manager(tasks, args.include_path)
     from ngram_jax.eval.perplexity import evaluate
 
     if args.checkpoint:
@@ -89,9 +94,8 @@ def main(argv=None) -> int:
             check_tokenizer(load_tokenizer(args.tokenizer), data)
     result = evaluate(model, data, seq_len=seq_len, batch_size=batch_size, tokenizer=tokenizer,
                       split=args.split, max_batches=args.batches)
-    if args.tasks:
-        result["tasks"] = run_tasks(model, cfg, tokenizer, args.tasks.split(","), args.include_path, args.limit,
-                                    batch_size)
+    if tasks:
+        result["tasks"] = run_tasks(model, cfg, tokenizer, tasks, manager, args.limit, batch_size)
     result.update(data=str(data), split=args.split, batch_size=batch_size, seq_len=seq_len)
     with storage.reported(out_dir, "--checkpoint"):
         (out_dir / "eval_results.json").write_text(json.dumps(result, indent=1))

@@ -11,6 +11,8 @@ a fixed batch size, so one jitted program serves each length bucket.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,6 +24,26 @@ from lm_eval.api.registry import register_model
 from ngram_jax import generate as gen
 from ngram_jax import storage
 from ngram_jax.data.tokenizer import eos_id, load_tokenizer
+
+
+def task_manager(tasks: list[str], include_path: str | None = None):
+    """lm-eval's ``TaskManager`` (reading ``include_path`` too), once every name in ``tasks`` is a task, group
+    or tag it knows, a pattern matching one, or a task YAML file: an unknown one is a :class:`UsageError`
+    naming it and how to list the available ones (before any model is read)."""
+    from lm_eval.tasks import TaskManager
+
+    from ngram_jax.errors import UsageError
+
+    tm = TaskManager(include_path=include_path) if include_path else TaskManager()
+    known = set(tm.all_tasks)
+    for name in tasks:
+        if name in known or tm.match_tasks([name]) or (name.endswith((".yaml", ".yml")) and Path(name).is_file()):
+            continue
+        where = f"in {include_path} or the harness" if include_path else "in lm-evaluation-harness"
+        listing = "lm-eval ls tasks" + (f" --include_path {include_path}" if include_path else "")
+        raise UsageError(f"--tasks {name}: no task, group or tag of that name {where}; list the available ones "
+                         f"with `{listing}`, or give --include-path DIR for a directory of task YAMLs")
+    return tm
 
 
 def token_logprobs(model, inputs, targets, segment_ids):
