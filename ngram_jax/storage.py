@@ -239,12 +239,11 @@ def check(path: str | os.PathLike, what: str, *, write: bool = False) -> epath.P
     scheme, bucket, _ = parts(path)
     root = epath.Path(f"{scheme}://{bucket}")
     with reported(path, what):
-        if not root.exists():  # s3fs says False for any failure: a listing raises the reason
-            try:
-                next(iter(root.iterdir()), None)
-            except FileNotFoundError:
-                raise StorageError(f"{what}={path}: bucket {scheme}://{bucket} does not exist at {endpoint(path)} "
-                                   "(create it, or fix the name)") from None
+        try:  # one listing request: the server answers, the bucket exists and we may read it (an exists() is
+            next(iter(root.iterdir()), None)  # no help: s3fs says False for any failure)
+        except FileNotFoundError:
+            raise StorageError(f"{what}={path}: bucket {scheme}://{bucket} does not exist at {endpoint(path)} "
+                               "(create it, or fix the name)") from None
         if write:
             probe = path / f".write-probe-{uuid.uuid4().hex}"
             probe.write_bytes(b"")
