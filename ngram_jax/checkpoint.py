@@ -531,7 +531,7 @@ class Checkpointer:
 
 def find_checkpoints(path: str | os.PathLike, what: str = "checkpoint"):
     """A run directory or its ``checkpoints`` directory (a local path or a URL) -> the checkpoints directory
-    (an ``epath.Path``). A bucket that does not exist or cannot be reached is a one-line error."""
+    (a :func:`ngram_jax.storage.location`). A bucket that does not exist or cannot be reached is a one-line error."""
     path = storage.check(path, what)
     with storage.reported(path, what):
         if (path / "checkpoints").is_dir():

@@ -2,9 +2,10 @@
 
 Everything a run reads or writes goes through here: prepared data (``data.path``, the output of
 ``ngram_jax.data.prepare``), run directories (metrics, TensorBoard, checkpoints), ``train.init_from``, the
-checkpoints that eval, generate and analyze read, and study directories. One path type,
-:class:`etils.epath.Path` (the one orbax uses; fsspec's gcsfs and s3fs under it), comes from :func:`location`,
-which refuses on one line what no backend serves (``s4://x``, ``gs:/one-slash``, a malformed bucket name).
+checkpoints that eval, generate and analyze read, and study directories. :func:`location` turns each into a
+path object with pathlib's interface: an :class:`etils.epath.Path` for a URL (the path type orbax uses;
+fsspec's gcsfs and s3fs under it), a :class:`pathlib.Path` for a local path (as before, ``stat().st_size``
+and all), and refuses on one line what no backend serves (``s4://x``, ``gs:/one-slash``, a bad bucket name).
 :func:`check` makes sure a bucket is reachable, exists and (for outputs) takes a write before anything runs:
 a missing bucket is never created and nothing is written locally in its place.
 
@@ -37,6 +38,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 from etils import epath
 
@@ -55,10 +57,14 @@ class StorageError(UserError):
     cannot be reached. The message names the URL (and the endpoint it tried)."""
 
 
-def location(value: str | os.PathLike, what: str = "path") -> epath.Path:
-    """``value`` as a path: a local path as given, a ``gs://`` or ``s3://`` URL normalised (no trailing
-    slash). ``what`` (e.g. ``train.run_dir``) names it in the :class:`StorageError` of a malformed one."""
-    if isinstance(value, epath.Path) and is_remote(value):
+Location = epath.Path | Path  # what location() returns: an epath.Path for a URL, a pathlib.Path for a local path
+
+
+def location(value: str | os.PathLike, what: str = "path") -> Location:
+    """``value`` as a path: a local path as given (a :class:`pathlib.Path`), a ``gs://`` or ``s3://`` URL
+    normalised, without a trailing slash (an :class:`etils.epath.Path`). ``what`` (e.g. ``train.run_dir``)
+    names it in the :class:`StorageError` of a malformed one."""
+    if isinstance(value, Path) and not isinstance(value, epath.Path):
         return value
     text = os.fspath(value)
     if not text:
@@ -79,13 +85,13 @@ def location(value: str | os.PathLike, what: str = "path") -> epath.Path:
         configure()
         key = key.rstrip("/")
         return epath.Path(f"{scheme}://{bucket}/{key}" if key else f"{scheme}://{bucket}")
-    return epath.Path(text)
+    return Path(text)
 
 
 CONFIG_KEYS = ("data.path", "train.run_dir", "train.init_from")  # the config keys that name a location
 
 
-def config_locations(cfg) -> dict[str, epath.Path]:
+def config_locations(cfg) -> dict[str, Location]:
     """The locations a config names (the keys of :data:`CONFIG_KEYS` that are set), parsed; a malformed one
     is a :class:`~ngram_jax.config.ConfigError` naming the key."""
     out = {}
@@ -229,7 +235,7 @@ def reported(path: str | os.PathLike, what: str) -> Iterator[None]:
         raise StorageError(f"{what}={path}: {why}") from err
 
 
-def check(path: str | os.PathLike, what: str, *, write: bool = False) -> epath.Path:
+def check(path: str | os.PathLike, what: str, *, write: bool = False) -> Location:
     """A remote ``path``'s bucket is reachable and exists (and, with ``write``, takes a small object, deleted
     again), else a :class:`StorageError` naming the URL; returns ``location(path)``. Local paths are not
     checked here (their own errors are clear)."""
@@ -251,7 +257,7 @@ def check(path: str | os.PathLike, what: str, *, write: bool = False) -> epath.P
     return path
 
 
-def output_dir(path: str | os.PathLike, what: str) -> epath.Path:
+def output_dir(path: str | os.PathLike, what: str) -> Location:
     """A directory outputs are written into: a bucket checked (:func:`check` with ``write``), a local
     directory created."""
     path = check(path, what, write=True)
@@ -328,8 +334,10 @@ def move_dir(src: str | os.PathLike, dst: str | os.PathLike) -> None:
 def remove(path: str | os.PathLike) -> None:
     """Delete a file or a directory tree if it exists."""
     path = location(path)
-    if path.is_dir():
+    if path.is_dir() and is_remote(path):
         path.rmtree()
+    elif path.is_dir():
+        shutil.rmtree(path)
     elif path.exists():
         path.unlink()
 
