@@ -345,6 +345,7 @@ class Checkpointer:
         remote = storage.is_remote(directory)
         self.directory = directory if remote else directory.absolute()
         if remote:
+            storage.check(directory, "checkpoint directory")  # before orbax's mkdir, which would create a bucket
             _orbax_s3_kvstores()
         self.mgr = ocp.CheckpointManager(
             self.directory,

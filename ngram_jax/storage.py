@@ -284,15 +284,14 @@ def readable_file(path: str | os.PathLike) -> str:
         info = fs.info(name)
         stamp = f"{info.get('ETag')} {info.get('size')}"
         marker = local + ".source"
-        if os.path.isfile(local) and os.path.isfile(marker) and open(marker).read() == stamp:
+        if os.path.isfile(local) and os.path.isfile(marker) and Path(marker).read_text() == stamp:
             return local
         os.makedirs(os.path.dirname(local), exist_ok=True)
         tmp = f"{local}.tmp-{uuid.uuid4().hex}"
         with path.open("rb") as src, open(tmp, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 22)
         os.replace(tmp, local)
-        with open(marker, "w") as f:
-            f.write(stamp)
+        Path(marker).write_text(stamp)
     return local
 
 
