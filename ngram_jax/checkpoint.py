@@ -10,7 +10,7 @@ naming the directory and the last complete checkpoint, which stays intact.
 
 The directory may be a ``gs://`` or ``s3://`` URL (:mod:`ngram_jax.storage`). There a checkpoint is complete
 when orbax has written its ``commit_success.txt`` (an object store has no atomic rename), and orbax's
-tensorstore specs for ``s3://`` come from :func:`ngram_jax.storage.kvstore` (:func:`_orbax_s3_kvstores`).
+tensorstore specs for ``s3://`` come from :func:`ngram_jax.storage.s3_kvstore` (:func:`_orbax_s3_kvstores`).
 """
 
 from __future__ import annotations
@@ -299,8 +299,8 @@ def _orbax_s3_kvstores() -> None:
     and ``gs://`` directories only: for ``s3://`` its OCDBT spec fails ("Checkpoint path should be absolute")
     and its plain spec would name a local file. Its one builder (``tensorstore_utils.build_kvstore_tspec``,
     which every array, OCDBT merge and sharding file goes through) is wrapped, once: an ``s3://`` directory is
-    built as the same ``gs://`` one and each GCS kvstore in the result replaced by :func:`storage.kvstore` of
-    the same bucket and path (with the endpoint, which tensorstore does not read from the environment)."""
+    built as the same ``gs://`` one and each GCS kvstore in the result replaced by :func:`storage.s3_kvstore` of
+    the same bucket and key (with the endpoint, which tensorstore does not read from the environment)."""
     from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 
     original = ts_utils.build_kvstore_tspec
@@ -309,7 +309,7 @@ def _orbax_s3_kvstores() -> None:
 
     def to_s3(spec):
         if isinstance(spec, dict) and spec.get("driver") in ("gcs", "gcs_grpc") and "bucket" in spec:
-            return storage.kvstore(f"s3://{spec['bucket']}/{spec.get('path', '')}")
+            return storage.s3_kvstore(spec["bucket"], spec.get("path", ""))  # the key as orbax gave it
         if isinstance(spec, dict):
             return {k: to_s3(v) for k, v in spec.items()}
         if isinstance(spec, list):

@@ -159,19 +159,24 @@ def endpoint(path: str | os.PathLike) -> str:
 
 
 def kvstore(path: str | os.PathLike) -> dict:
-    """The tensorstore kvstore spec of a directory: ``file``, ``gcs`` or ``s3`` (with the endpoint and
-    region, which tensorstore does not take from the environment)."""
+    """The tensorstore kvstore spec of a directory: ``file``, ``gcs`` or ``s3`` (:func:`s3_kvstore`)."""
     scheme, bucket, key = parts(path)
     if not scheme:
         return {"driver": "file", "path": os.path.abspath(key) + "/"}
-    spec = {"driver": "gcs" if scheme == "gs" else "s3", "bucket": bucket, "path": key + "/" if key else ""}
-    if scheme == "s3":
-        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-        if s3_endpoint():
-            spec["endpoint"] = s3_endpoint()
-            region = region or "us-east-1"
-        if region:
-            spec["aws_region"] = region
+    prefix = key + "/" if key else ""
+    return {"driver": "gcs", "bucket": bucket, "path": prefix} if scheme == "gs" else s3_kvstore(bucket, prefix)
+
+
+def s3_kvstore(bucket: str, path: str) -> dict:
+    """The tensorstore kvstore spec of ``path`` (a key, or a prefix ending in '/') in an S3 bucket, with the
+    endpoint and region, which tensorstore does not take from the environment."""
+    spec = {"driver": "s3", "bucket": bucket, "path": path}
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if s3_endpoint():
+        spec["endpoint"] = s3_endpoint()
+        region = region or "us-east-1"
+    if region:
+        spec["aws_region"] = region
     return spec
 
 

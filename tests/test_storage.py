@@ -275,12 +275,18 @@ def test_checkpoint_saved_restored_and_read_lazily_in_a_bucket(object_stores, lo
               {"config": to_dict(cfg), "step": 3}, row_chunked_paths(model, opt))
     ckpt.close()
     assert (run_dir / "checkpoints" / "3" / "commit_success.txt").exists()  # complete: its commit file is there
-    restored, rcfg = restore_model(run_dir)
-    assert rcfg == cfg
-    want = nnx.to_flat_state(nnx.state(model, nnx.Param))
-    got = dict(nnx.to_flat_state(nnx.state(restored, nnx.Param)))
-    for path, var in want:
-        np.testing.assert_array_equal(np.asarray(got[path][...]), np.asarray(var[...]), err_msg=str(path))
+    names = storage.files(run_dir / "checkpoints")
+    assert "3/state/_sharding" in names  # objects named as orbax names them (a key, not a "directory/")
+    copy = storage.location(unique(object_stores.bucket(scheme)))  # copied object by object (gsutil cp -r)
+    for name in names:
+        storage.copy_file(run_dir / "checkpoints" / name, copy / "checkpoints" / name)
+    for where in (run_dir, copy):
+        restored, rcfg = restore_model(where)
+        assert rcfg == cfg
+        want = nnx.to_flat_state(nnx.state(model, nnx.Param))
+        got = dict(nnx.to_flat_state(nnx.state(restored, nnx.Param)))
+        for path, var in want:
+            np.testing.assert_array_equal(np.asarray(got[path][...]), np.asarray(var[...]), err_msg=str(path))
     lazy = LazyCheckpoint(run_dir)
     table = np.asarray(model.embed.ngram_table[...])
     ids = np.array([0, 5, 31, 32, 33, table.shape[0] - 1])
