@@ -1,9 +1,10 @@
 """End to end in a bucket on a local server (tests/storage_servers.py): a corpus prepared into the bucket,
-training with its data and run directory there, SIGKILL and a bitwise resume from the bucket, then eval,
-generate and analyze reading from it; every command runs in an empty working directory that stays empty.
-s3:// (moto) runs by default, gs:// (the GCS emulator) with ``make test-all``, and so do the storage faults:
-the GCS server restarted during an asynchronous save (training goes on, the save lands), and gone through one
-(one-line error; the last complete checkpoint restores and a restart resumes from it, bitwise)."""
+training with its data and run directory there, SIGKILL and a bitwise resume from the bucket, a corrupt latest
+checkpoint skipped and moved aside, then eval, generate and analyze reading from it; every command runs in an
+empty working directory that stays empty. s3:// (moto) runs by default; gs:// (the GCS emulator), a SIGTERM
+save, a study and the storage faults with ``make test-all``: the GCS server restarted during an asynchronous
+save (training goes on, the save lands), and gone through one (one-line error; the last complete checkpoint
+restores and a restart resumes from it, bitwise)."""
 
 import json
 import os
@@ -47,9 +48,9 @@ def command(*args: str, cwd: Path, timeout: float = 300) -> subprocess.Completed
     return res
 
 
-def start(data, run_dir, cwd: Path, **extra_env) -> subprocess.Popen:
+def start(data, run_dir, cwd: Path, extra: list[str] = (), **extra_env) -> subprocess.Popen:
     cmd = [sys.executable, str(ROOT / "train.py"), CONFIG, *TINY, *STEPS, f"data.path={data}",
-           f"train.run_dir={run_dir}"]
+           f"train.run_dir={run_dir}", *extra]
     return subprocess.Popen(cmd, cwd=cwd, env=env(**extra_env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
 
@@ -161,6 +162,58 @@ def test_eval_generate_and_analyze_read_from_the_bucket(straight, data, workdir)
     assert f"plot: {run_dir / 'analysis' / 'row_norms.png'}" in res.stdout
 
 
+def _truncate_largest(directory) -> str:
+    """Cut the largest object under ``directory`` to a third (a damaged checkpoint); returns its name."""
+    name = max(storage.files(directory), key=lambda n: len((directory / n).read_bytes()))
+    data = (directory / name).read_bytes()
+    (directory / name).write_bytes(data[: len(data) // 3])
+    return name
+
+
+def test_corrupt_latest_checkpoint_in_the_bucket_falls_back(straight, data, bucket, workdir):
+    """A copy of the straight run with step 16's array data truncated and step 12's metadata deleted, and
+    its metrics cut back to step 8: both are named, moved aside (copied: no rename in a bucket), training
+    resumes from step 8 and steps 9-16 come out bit for bit as before."""
+    src, run_dir = straight[0], bucket / "corrupt"
+    for name in storage.files(src):
+        if name.startswith("checkpoints/"):
+            storage.copy_file(src / name, run_dir / name)
+    ckpt = run_dir / "checkpoints"
+    lines = (src / "metrics.jsonl").read_text().splitlines()
+    (run_dir / "metrics.jsonl").write_text("".join(x + "\n" for x in lines if json.loads(x)["step"] <= 8))
+    _truncate_largest(ckpt / "16" / "state")
+    (ckpt / "12" / "meta" / "metadata").unlink()
+    assert Checkpointer(ckpt).latest_step() == 16  # complete as far as orbax can tell
+    rc, out = train(data, run_dir, workdir)
+    assert rc == 0, out
+    assert f"checkpoint {ckpt / '16'} (step 16) is unreadable: its state does not read" in out, out
+    assert f"checkpoint {ckpt / '12'} (step 12) is unreadable: its metadata does not read" in out, out
+    assert f"resumed {run_dir} from step 8" in out
+    for step in (16, 12):
+        assert f"moved the unreadable checkpoint {ckpt / str(step)} to {ckpt / f'{step}.unreadable-0'}" in out
+        assert (ckpt / f"{step}.unreadable-0" / "commit_success.txt").exists()  # kept for inspection
+    assert Checkpointer(ckpt).mgr.all_steps() == [8, 12, 16]  # saved again
+    assert losses(run_dir) == losses(src)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_into_the_bucket_and_the_next_start_resumes(data, bucket, workdir):
+    run_dir = bucket / "term"
+    proc = start(data, run_dir, workdir, extra=["train.steps=2000", "train.checkpoint_every=4"])
+    assert wait_for(lambda: (run_dir / "checkpoints" / "4" / "commit_success.txt").exists(), proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    step = int(out.split("SIGTERM: saved step ")[1].split()[0])
+    assert f"SIGTERM: saved step {step} to {run_dir / 'checkpoints'}" in out
+    assert Checkpointer(run_dir / "checkpoints").latest_step() == step
+    p = start(data, run_dir, workdir, extra=[f"train.steps={step + 3}", "train.checkpoint_every=4",
+                                             "train.extend=true"])
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0 and f"resumed {run_dir} from step {step}" in out, out
+
+
+@pytest.mark.slow
 def test_study_runs_and_reports_into_the_bucket(data, bucket, workdir, tmp_path_factory):
     """python -m ngram_jax.study SWEEP --out URL: the run trains in URL/runs, its record goes to
     URL/results.jsonl, a rerun skips it, and the report (report.md, plots) is written there too."""
