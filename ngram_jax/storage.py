@@ -43,7 +43,7 @@ from pathlib import Path
 from etils import epath
 
 from ngram_jax.config import ConfigError
-from ngram_jax.errors import UserError
+from ngram_jax.errors import UsageError, UserError
 
 SCHEMES = ("gs", "s3")
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):(/*)(.*)$")  # scheme (2+ characters), slashes, the rest
@@ -57,6 +57,11 @@ class StorageError(UserError):
     cannot be reached. The message names the URL (and the endpoint it tried)."""
 
 
+class MalformedLocation(StorageError, UsageError):
+    """A path no backend serves (``s4://x``, ``gs:/one-slash``, a bad bucket name): exit status 2, as a
+    malformed command line (a config key's is a :class:`~ngram_jax.config.ConfigError`)."""
+
+
 Location = epath.Path | Path  # what location() returns: an epath.Path for a URL, a pathlib.Path for a local path
 
 
@@ -68,19 +73,19 @@ def location(value: str | os.PathLike, what: str = "path") -> Location:
         return value
     text = os.fspath(value)
     if not text:
-        raise StorageError(f"{what} is empty: give {_FORMS}")
+        raise MalformedLocation(f"{what} is empty: give {_FORMS}")
     m = _URL.match(text)
     if m and (m[2] or m[1] in SCHEMES):  # looks like a URL: "scheme:/..." or "gs:..."
         scheme, slashes, rest = m[1], m[2], m[3]
         if scheme not in SCHEMES:
-            raise StorageError(f"{what}={text}: unsupported URL scheme {scheme}:// (give {_FORMS})")
+            raise MalformedLocation(f"{what}={text}: unsupported URL scheme {scheme}:// (give {_FORMS})")
         if slashes != "//":
-            raise StorageError(f"{what}={text}: a {scheme} URL starts with {scheme}:// (two slashes), e.g. "
+            raise MalformedLocation(f"{what}={text}: a {scheme} URL starts with {scheme}:// (two slashes), e.g. "
                                f"{scheme}://{rest.lstrip('/') or 'BUCKET/PATH'}")
         bucket, _, key = rest.partition("/")
         if not _BUCKET[scheme].match(bucket):
             allowed = "'-', '.', '_'" if scheme == "gs" else "'-', '.'"
-            raise StorageError(f"{what}={text}: {bucket!r} is not a bucket name (3-63 lowercase letters, digits, "
+            raise MalformedLocation(f"{what}={text}: {bucket!r} is not a bucket name (3-63 lowercase letters, digits, "
                                f"{allowed}; give {scheme}://BUCKET/PATH)")
         configure()
         key = key.rstrip("/")
@@ -101,7 +106,7 @@ def config_locations(cfg) -> dict[str, Location]:
         if value:
             try:
                 out[key] = location(value, key)
-            except StorageError as err:
+            except MalformedLocation as err:
                 raise ConfigError(str(err)) from None
     return out
 

@@ -83,7 +83,7 @@ BAD = {
 
 @pytest.mark.parametrize("url", list(BAD))
 def test_malformed_locations_are_refused_with_the_key(url):
-    with pytest.raises(storage.StorageError) as err:
+    with pytest.raises(storage.MalformedLocation) as err:
         storage.location(url, "train.run_dir")
     assert str(err.value).startswith(f"train.run_dir={url}: ")
     for text in BAD[url]:
@@ -120,6 +120,12 @@ def test_train_refuses_a_malformed_url_before_anything_runs(key, value, tmp_path
     res = cli(str(ROOT / "train.py"), CONFIG, f"{key}={value}", cwd=tmp_path)
     one_error_line(res, 2, f"{key}={value}")
     assert list(tmp_path.iterdir()) == []  # no local directory with a strange name
+
+
+def test_eval_refuses_a_malformed_url_as_a_usage_error(tmp_path):
+    res = cli(str(ROOT / "eval.py"), "--checkpoint", "gs:/my-bucket/run", cwd=tmp_path)
+    one_error_line(res, 2, "--checkpoint=gs:/my-bucket/run", "gs://my-bucket/run")
+    assert list(tmp_path.iterdir()) == []
 
 
 # ------------------------------------------------------------------------------------------------
