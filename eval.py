@@ -5,26 +5,24 @@ prepared directory, or a raw .txt/.jsonl file. ``--hf-checkpoint DIR`` evaluates
 LongCat-Flash(-Lite) checkpoint instead (give --data and --tokenizer). Results are written as
 ``eval_results.json`` next to the checkpoint. ``--tasks a,b`` also runs lm-evaluation-harness tasks
 through the in-process ``ngram_jax`` adapter (``--include-path`` for local task YAMLs).
+``--checkpoint``, ``--data`` and ``--tokenizer`` may be ``gs://`` or ``s3://`` URLs.
 """
 
 import argparse
 import json
 import sys
-from pathlib import Path
 
-from ngram_jax import cli
-from ngram_jax.errors import MissingInputError
+from ngram_jax import cli, storage
+from ngram_jax.errors import MissingInputError, UsageError
 
 
-def run_tasks(model, cfg, tokenizer, tasks, include_path, limit, batch_size) -> dict:
+def run_tasks(model, cfg, tokenizer, tasks, task_manager, limit, batch_size) -> dict:
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
     from ngram_jax.eval.lm_eval_adapter import NgramJaxLM
 
     lm = NgramJaxLM(model=model, config=cfg, tokenizer=str(tokenizer), batch_size=batch_size)
-    out = lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit,
-                                  task_manager=TaskManager(include_path=include_path) if include_path else None)
+    out = lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit, task_manager=task_manager)
     return {task: {k: v for k, v in metrics.items() if isinstance(v, int | float | str)}
             for task, metrics in out["results"].items()}
 
@@ -54,25 +52,36 @@ def main(argv=None) -> int:
         ap.error("--hf-checkpoint needs --data (and --tokenizer for raw text)")
     for flag, value in (("--checkpoint", args.checkpoint), ("--hf-checkpoint", args.hf_checkpoint),
                         ("--data", args.data), ("--tokenizer", args.tokenizer)):
-        if value is not None and not Path(value).exists():
-            raise MissingInputError(f"{flag} {value}: no such file or directory")
+        if value is not None:
+            path = storage.check(value, flag)  # a gs:// or s3:// bucket: reachable and there
+            with storage.reported(path, flag):
+                if not path.exists():
+                    raise MissingInputError(f"{flag} {value}: no such file or directory")
+    tasks = args.tasks.split(",") if args.tasks else []
+    if tasks:  # task names are checked before any model is read
+        try:
+            from ngram_jax.eval.lm_eval_adapter import task_manager
+        except ImportError as err:
+            raise UsageError(f"--tasks needs lm-evaluation-harness ({err}): pip install -e '.[eval]'") from None
+        manager = task_manager(tasks, args.include_path)
     from ngram_jax.eval.perplexity import evaluate
 
     if args.checkpoint:
         from ngram_jax.checkpoint import find_checkpoints, restore_model
 
         model, cfg = restore_model(args.checkpoint, args.step)
-        out_dir = find_checkpoints(args.checkpoint).parent
+        out_dir = find_checkpoints(args.checkpoint, "--checkpoint").parent
         data = args.data or cfg.data.path
-        tokenizer = args.tokenizer or Path(cfg.data.path) / "tokenizer.json"
+        tokenizer = args.tokenizer or storage.location(cfg.data.path, "data.path") / "tokenizer.json"
         batch_size, seq_len = args.batch_size or cfg.data.batch_size, args.seq_len or cfg.data.seq_len
     else:
         from ngram_jax.convert.hf import load_hf_checkpoint
 
         model, cfg = load_hf_checkpoint(args.hf_checkpoint)
-        out_dir, data, tokenizer = Path(args.hf_checkpoint), args.data, args.tokenizer
+        out_dir, data, tokenizer = storage.location(args.hf_checkpoint), args.data, args.tokenizer
         batch_size, seq_len = args.batch_size or 8, args.seq_len or 512
-    if Path(data).is_dir():  # prepared data: checked against the model (and --tokenizer) before any compilation
+    # prepared data: checked against the model (and --tokenizer) before any compilation
+    if storage.location(data, "--data").is_dir():
         from ngram_jax.data.prepare import check_tokenizer, read_metadata
         from ngram_jax.data.tokenizer import load_tokenizer
         from ngram_jax.errors import DataError
@@ -85,11 +94,11 @@ def main(argv=None) -> int:
             check_tokenizer(load_tokenizer(args.tokenizer), data)
     result = evaluate(model, data, seq_len=seq_len, batch_size=batch_size, tokenizer=tokenizer,
                       split=args.split, max_batches=args.batches)
-    if args.tasks:
-        result["tasks"] = run_tasks(model, cfg, tokenizer, args.tasks.split(","), args.include_path, args.limit,
-                                    batch_size)
+    if tasks:
+        result["tasks"] = run_tasks(model, cfg, tokenizer, tasks, manager, args.limit, batch_size)
     result.update(data=str(data), split=args.split, batch_size=batch_size, seq_len=seq_len)
-    (out_dir / "eval_results.json").write_text(json.dumps(result, indent=1))
+    with storage.reported(out_dir, "--checkpoint"):
+        (out_dir / "eval_results.json").write_text(json.dumps(result, indent=1))
     for task, metrics in result.get("tasks", {}).items():
         print(f"{task}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
     print(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}  bits/byte {result['bits_per_byte']:.4f}"

@@ -25,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     from ngram_jax.config import load_config
 
     cfg = load_config(argv[0], argv[1:])  # config errors before JAX is even imported
+    from ngram_jax.storage import config_locations
+
+    config_locations(cfg)  # and malformed locations (s4://..., gs:/one-slash)
     from ngram_jax.train.loop import train
 
     result = train(cfg)

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +27,7 @@ import numpy as np
 import tensorstore as ts
 from flax import nnx
 
+from ngram_jax import storage
 from ngram_jax.budget import parameter_budget
 from ngram_jax.checkpoint import Checkpointer, find_checkpoints, is_blocked
 from ngram_jax.config import Config, from_dict
@@ -41,7 +42,7 @@ STREAM_BYTES = 16 << 20  # whole-table statistics read the tables in slabs of at
 class LazyCheckpoint:
     """Arrays of one saved training state, opened with tensorstore and read on demand."""
 
-    def __init__(self, path: str | Path, step: int | None = None):
+    def __init__(self, path: str | os.PathLike, step: int | None = None):
         ckpt = Checkpointer(find_checkpoints(path))
         try:
             self.step = ckpt.latest_step() if step is None else step
@@ -50,7 +51,7 @@ class LazyCheckpoint:
             self.config: Config = from_dict(ckpt.read_meta(self.step)["config"])
         finally:
             ckpt.close()
-        self.base = (ckpt.directory / str(self.step) / "state").absolute()
+        self.base = ckpt.directory / str(self.step) / "state"  # a local path or a URL
         self.bytes_read = 0  # whole arrays
         self.table_bytes_read = 0  # row chunks of lazily read tables
         self.stream_bytes_read = 0  # slabs of tables streamed whole (row_slabs)
@@ -80,7 +81,7 @@ class LazyCheckpoint:
 
     def open(self, path: Sequence[str]) -> ts.TensorStore:
         key = ".".join(("model", *map(str, path)))
-        spec = {"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": f"file://{self.base}", "path": key}}
+        spec = {"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": storage.kvstore(self.base), "path": key}}
         return ts.open(spec, read=True).result()
 
     def read(self, path: Sequence[str], shape: Sequence[int]) -> np.ndarray:
@@ -190,8 +191,10 @@ def sample_tokens(cfg: Config, text: str | None, max_tokens: int) -> np.ndarray:
     if text is not None:
         from ngram_jax.data.tokenizer import load_tokenizer
 
-        tokenizer = Path(cfg.data.path) / "tokenizer.json"
-        ids = load_tokenizer(tokenizer).encode(Path(text).read_text()).ids
+        tokenizer = storage.location(cfg.data.path, "data.path") / "tokenizer.json"
+        with storage.reported(text, "--text"):
+            sample = storage.location(text, "--text").read_text()
+        ids = load_tokenizer(tokenizer).encode(sample).ids
         ids = np.asarray(ids[: max(seq, max_tokens // seq * seq)], np.int32)
         if ids.size and int(ids.max()) >= cfg.model.vocab_size:
             raise DataError(f"{tokenizer} (the run's data.path) gives token ids up to {int(ids.max())}, the model "
@@ -209,10 +212,11 @@ def sample_tokens(cfg: Config, text: str | None, max_tokens: int) -> np.ndarray:
     return np.stack(rows)
 
 
-def analyze(path: str | Path, *, step: int | None = None, text: str | None = None, max_tokens: int = 4096,
-            out: str | Path | None = None, plots: bool = True, row_norms: bool = True) -> dict:
+def analyze(path: str | os.PathLike, *, step: int | None = None, text: str | None = None, max_tokens: int = 4096,
+            out: str | os.PathLike | None = None, plots: bool = True, row_norms: bool = True) -> dict:
     """The report (also saved as ``analysis.json``). ``row_norms=False`` skips the whole-table streamed
-    statistics, which read every block of every table."""
+    statistics, which read every block of every table. ``path`` and ``out`` may be ``gs://`` / ``s3://``
+    URLs (the table rows are then read lazily from the bucket)."""
     lazy = LazyCheckpoint(path, step)
     cfg, m = lazy.config, lazy.config.model
     budget = parameter_budget(cfg)
@@ -282,15 +286,15 @@ def analyze(path: str | Path, *, step: int | None = None, text: str | None = Non
         report["expert_load_max_over_mean"] = (real.max(1) / np.maximum(real.mean(1), 1e-9)).tolist()
     report["bytes_read"] = {"table_rows": lazy.table_bytes_read, "table_stream": lazy.stream_bytes_read,
                             "other_parameters": lazy.bytes_read}
-    out = Path(out) if out is not None else find_checkpoints(path).parent / "analysis"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "analysis.json").write_text(json.dumps(report, indent=1))
+    out = storage.output_dir(out if out is not None else find_checkpoints(path).parent / "analysis", "--out")
+    with storage.reported(out, "--out"):
+        (out / "analysis.json").write_text(json.dumps(report, indent=1))
     if plots:
         report["plots"] = _plots(report, out)
     return report
 
 
-def _plots(report: dict, out: Path) -> list[str]:
+def _plots(report: dict, out) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -333,9 +337,9 @@ def _plots(report: dict, out: Path) -> list[str]:
     return files
 
 
-def _save(fig, path: Path) -> str:
+def _save(fig, path) -> str:
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    storage.write_figure(fig, path, dpi=100)
     import matplotlib.pyplot as plt
 
     plt.close(fig)
@@ -358,7 +362,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.max_tokens < 1:
         ap.error(f"--max-tokens {args.max_tokens} must be >= 1")
-    if args.text is not None and not Path(args.text).is_file():
+    if args.text is not None and not storage.check(args.text, "--text").is_file():
         from ngram_jax.errors import MissingInputError
 
         raise MissingInputError(f"--text {args.text}: no such file (give a text file to analyse, or leave --text "

@@ -7,6 +7,10 @@ so a crash or a kill at any moment leaves the latest *complete* checkpoint reada
 checkpoint damaged afterwards (a truncated or deleted file) is reported and skipped when resuming
 (:meth:`Checkpointer.restore_latest`); a full disk during a save is a :class:`CheckpointError`
 naming the directory and the last complete checkpoint, which stays intact.
+
+The directory may be a ``gs://`` or ``s3://`` URL (:mod:`ngram_jax.storage`). There a checkpoint is complete
+when orbax has written its ``commit_success.txt`` (an object store has no atomic rename), and orbax's
+tensorstore specs for ``s3://`` come from :func:`ngram_jax.storage.s3_kvstore` (:func:`_orbax_s3_kvstores`).
 """
 
 from __future__ import annotations
@@ -18,7 +22,6 @@ import logging
 import os
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
 import grain
 import jax
@@ -26,6 +29,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from ngram_jax import storage
 from ngram_jax.config import Config, ConfigError, from_dict, to_dict
 from ngram_jax.errors import CheckpointError
 from ngram_jax.train.state import build_train_state, train_state_target
@@ -290,6 +294,38 @@ def _install_slow_save_hook() -> None:
     ocp.JsonCheckpointHandler._save_fn = slow
 
 
+def _orbax_s3_kvstores() -> None:
+    """Let orbax write and read ``s3://`` checkpoints. orbax 0.12.8 builds tensorstore kvstore specs for local
+    and ``gs://`` directories only: for ``s3://`` its OCDBT spec fails ("Checkpoint path should be absolute")
+    and its plain spec would name a local file. Its one builder (``tensorstore_utils.build_kvstore_tspec``,
+    which every array, OCDBT merge and sharding file goes through) is wrapped, once: an ``s3://`` directory is
+    built as the same ``gs://`` one and each GCS kvstore in the result replaced by :func:`storage.s3_kvstore` of
+    the same bucket and key (with the endpoint, which tensorstore does not read from the environment)."""
+    from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
+
+    original = ts_utils.build_kvstore_tspec
+    if getattr(original, "_ngram_jax_s3", False):
+        return
+
+    def to_s3(spec):
+        if isinstance(spec, dict) and spec.get("driver") in ("gcs", "gcs_grpc") and "bucket" in spec:
+            return storage.s3_kvstore(spec["bucket"], spec.get("path", ""))  # the key as orbax gave it
+        if isinstance(spec, dict):
+            return {k: to_s3(v) for k, v in spec.items()}
+        if isinstance(spec, list):
+            return [to_s3(v) for v in spec]
+        return spec
+
+    def build_kvstore_tspec(directory, *args, **kwargs):
+        text = os.fspath(directory)
+        if text.startswith("s3:/"):  # orbax normalises s3://b/p to s3:/b/p before some calls
+            return to_s3(original("gs://" + text[len("s3:/"):].lstrip("/"), *args, **kwargs))
+        return original(directory, *args, **kwargs)
+
+    build_kvstore_tspec._ngram_jax_s3 = True
+    ts_utils.build_kvstore_tspec = build_kvstore_tspec
+
+
 class DataState:
     """A data iterator's state taken at one moment, saved in the iterator's place: the training loop
     reads the next batch while a step runs, so the iterator itself is one batch ahead of the step being
@@ -304,14 +340,23 @@ class DataState:
 
 
 class Checkpointer:
-    def __init__(self, directory: str | Path, keep: int = 3):
-        self.directory = Path(directory).absolute()
+    def __init__(self, directory: str | os.PathLike, keep: int = 3):
+        directory = storage.location(directory, "checkpoint directory")
+        remote = storage.is_remote(directory)
+        self.directory = directory if remote else directory.absolute()
+        if remote:
+            storage.check(directory, "checkpoint directory")  # before orbax's mkdir, which would create a bucket
+            _orbax_s3_kvstores()
         self.mgr = ocp.CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep, enable_async_checkpointing=True,
+                # no atomic rename in a bucket: a checkpoint is complete once its commit_success.txt is written
+                temporary_path_class=ocp.path.atomicity.CommitFileTemporaryPath if remote else None),
             item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler(),
                            "meta": ocp.JsonCheckpointHandler()},
         )
+        self._saving: int | None = None  # the step of the latest save, which may still be in flight
         _install_slow_save_hook()
 
     def latest_step(self) -> int | None:
@@ -330,14 +375,19 @@ class Checkpointer:
             lambda path, leaf: ocp.SaveArgs(shard_axes=(0,)) if blocked(path, leaf) else ocp.SaveArgs(), state)
         state = jax.tree_util.tree_map_with_path(
             lambda path, leaf: to_blocks(leaf) if blocked(path, leaf) else leaf, state)
-        with self._disk_full_is_an_error(f"step {step}"):
-            # raises here the error of an earlier asynchronous save too (orbax checks before saving)
+        if self._saving is not None:  # orbax first waits for the previous save: a failure there is that step's
+            with self._save_errors(f"step {self._saving}"):
+                self.mgr.wait_until_finished()
+        self._saving = step
+        with self._save_errors(f"step {step}"):
             self.mgr.save(step, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state, save_args=save_args),
                 data=grain.checkpoint.CheckpointSave(data_iter), meta=ocp.args.JsonSave(meta)), force=True)
 
-    def _disk_full_is_an_error(self, what: str):
-        """A context mapping ENOSPC (raised at once or by an asynchronous save) to a :class:`CheckpointError`."""
+    def _save_errors(self, what: str):
+        """A context mapping a failed save (raised at once or by an asynchronous save) to a one-line
+        :class:`CheckpointError` naming the directory and the last complete checkpoint: ENOSPC, and, in a
+        bucket, a storage failure (the server unreachable, a refused request). Other errors propagate."""
         import contextlib
 
         @contextlib.contextmanager
@@ -347,15 +397,23 @@ class Checkpointer:
             except CheckpointError:
                 raise
             except Exception as err:
-                if not _is_disk_full(err):
+                full = _is_disk_full(err)
+                reason = None if full or not storage.is_remote(self.directory) else storage.failure(err, self.directory)
+                if not full and reason is None:
                     raise
-                self.mgr.reload()  # the steps actually complete on disk
+                try:
+                    self.mgr.reload()  # the steps actually complete there
+                except Exception:  # noqa: BLE001 - the storage is gone: the steps this process knows of
+                    pass
                 last = self.mgr.latest_step()
                 intact = (f"the last complete checkpoint, step {last} ({self.directory / str(last)}), is intact"
                           if last is not None else "no earlier checkpoint exists")
-                raise CheckpointError(f"disk full (no space left on device) while saving {what} to "
-                                      f"{self.directory}: {_brief(err)}; {intact}. Free space (or lower "
-                                      "train.keep_checkpoints) and run again to resume") from err
+                if full:
+                    raise CheckpointError(f"disk full (no space left on device) while saving {what} to "
+                                          f"{self.directory}: {_brief(err)}; {intact}. Free space (or lower "
+                                          "train.keep_checkpoints) and run again to resume") from err
+                raise CheckpointError(f"saving {what} to {self.directory} failed: {reason}; {intact}. Run again "
+                                      "to resume from it once the storage answers") from err
 
         return ctx()
 
@@ -448,7 +506,7 @@ class Checkpointer:
             n = 0
             while (target := path.with_name(f"{step}.unreadable-{n}")).exists():
                 n += 1
-            path.rename(target)
+            storage.move_dir(path, target)
             log(f"moved the unreadable checkpoint {path} to {target}")
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
@@ -457,7 +515,7 @@ class Checkpointer:
         self.mgr.reload()
 
     def wait(self) -> None:
-        with self._disk_full_is_an_error("a checkpoint"):
+        with self._save_errors("a checkpoint" if self._saving is None else f"step {self._saving}"):
             self.mgr.wait_until_finished()
 
     def close(self) -> None:
@@ -472,17 +530,19 @@ class Checkpointer:
         self.mgr.close()
 
 
-def find_checkpoints(path: str | Path) -> Path:
-    """A run directory or its ``checkpoints`` directory -> the checkpoints directory."""
-    path = Path(path)
-    if (path / "checkpoints").is_dir():
-        return path / "checkpoints"
-    if path.is_dir():
-        return path
+def find_checkpoints(path: str | os.PathLike, what: str = "checkpoint"):
+    """A run directory or its ``checkpoints`` directory (a local path or a URL) -> the checkpoints directory
+    (a :func:`ngram_jax.storage.location`). A bucket that does not exist or cannot be reached is a one-line error."""
+    path = storage.check(path, what)
+    with storage.reported(path, what):
+        if (path / "checkpoints").is_dir():
+            return path / "checkpoints"
+        if path.is_dir():
+            return path
     raise FileNotFoundError(f"no checkpoints at {path}")
 
 
-def read_config(path: str | Path, step: int | None = None) -> Config:
+def read_config(path: str | os.PathLike, step: int | None = None) -> Config:
     """The config a checkpoint was trained with (no weights read): for checks before restoring."""
     ckpt = Checkpointer(find_checkpoints(path))
     try:
@@ -494,7 +554,7 @@ def read_config(path: str | Path, step: int | None = None) -> Config:
         ckpt.close()
 
 
-def warm_start(model: nnx.Module, path: str | Path, mesh=None) -> list[str]:
+def warm_start(model: nnx.Module, path: str | os.PathLike, mesh=None) -> list[str]:
     """``train.init_from``: copy the parameters and MoE selection biases of run ``path``'s latest checkpoint
     into ``model`` wherever both have them, in ``model``'s shardings (a draft head only when it is of the
     same kind). Returns the paths the run lacks (they keep their initialization, e.g. an MTP head added to a
@@ -528,7 +588,7 @@ def warm_start(model: nnx.Module, path: str | Path, mesh=None) -> list[str]:
     return kept
 
 
-def restore_model(path: str | Path, step: int | None = None, mesh=None):
+def restore_model(path: str | os.PathLike, step: int | None = None, mesh=None):
     """``(model, config)`` from a training checkpoint, onto ``mesh`` (resharded) or one device.
 
     ``path`` is a run directory or its ``checkpoints`` directory; ``step`` defaults to the latest. Every

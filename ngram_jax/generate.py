@@ -101,15 +101,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error(f"--top-p {args.top_p} must be in (0, 1]")
     if not args.prompt:
         ap.error("--prompt is empty: give at least one character to continue")
-    from pathlib import Path
-
+    from ngram_jax import storage
     from ngram_jax.checkpoint import find_checkpoints, restore_model
     from ngram_jax.data.prepare import check_tokenizer
     from ngram_jax.data.tokenizer import load_tokenizer
 
-    find_checkpoints(args.checkpoint)  # a missing run directory fails before JAX starts restoring
+    find_checkpoints(args.checkpoint, "--checkpoint")  # a missing run directory fails before JAX starts restoring
     if args.draft_checkpoint:
-        find_checkpoints(args.draft_checkpoint)
+        find_checkpoints(args.draft_checkpoint, "--draft-checkpoint")
     if args.tokenizer is not None:
         tok = load_tokenizer(args.tokenizer)
     if args.draft is not None:  # every check before any weights are read or anything compiles
@@ -131,15 +130,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.draft_checkpoint:
             check_draft_config(cfg, read_config(args.draft_checkpoint), args.draft_checkpoint)
         if args.tokenizer is None:
-            tok = load_tokenizer(Path(cfg.data.path) / "tokenizer.json")
+            tok = load_tokenizer(storage.location(cfg.data.path, "data.path") / "tokenizer.json")
         from ngram_jax.speculative import check_request
 
         max_new = check_request([len(tok.encode(args.prompt, add_special_tokens=False).ids)], args.max_new_tokens,
                                 args.num_draft, args.max_len)
     model, cfg = restore_model(args.checkpoint, args.step)
+    data = storage.location(cfg.data.path, "data.path")
     if args.tokenizer is None:
-        tok = load_tokenizer(Path(cfg.data.path) / "tokenizer.json")
-    elif (Path(cfg.data.path) / "metadata.json").is_file():
+        tok = load_tokenizer(data / "tokenizer.json")
+    elif (data / "metadata.json").is_file():
         check_tokenizer(tok, cfg.data.path, what=f"--tokenizer {args.tokenizer}")
     if tok.get_vocab_size() > cfg.model.vocab_size:
         from ngram_jax.errors import DataError

@@ -31,3 +31,32 @@ def _unsharded_params():
     """Modules built in tests get plain (unsharded) parameters unless a test sets a mesh."""
     with nnx.use_eager_sharding(False):
         yield
+
+
+@pytest.fixture(scope="session")
+def object_stores(tmp_path_factory):
+    """An S3-compatible server (moto) and a GCS emulator on 127.0.0.1 for this test process, with the
+    buckets ``s3://ngram-s3`` and ``gs://ngram-gcs``; the clients of this process (and of the commands it
+    starts, which inherit the environment) point at them until the session ends (tests/storage_servers.py)."""
+    from storage_servers import GcsServer, ObjectStores, S3Server, client_env
+
+    root = tmp_path_factory.mktemp("object_stores")
+    s3, gcs = S3Server(root / "s3.log"), GcsServer(root / "gcs.log", root / "gcs_objects", "ngram-gcs")
+    try:
+        s3.start()
+        s3.create_bucket("ngram-s3")
+        gcs.start()
+        env = client_env(s3, gcs, root / "s3_cache")
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            yield ObjectStores(s3, gcs, env, "s3://ngram-s3", "gs://ngram-gcs")
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    finally:
+        s3.stop()
+        gcs.stop()

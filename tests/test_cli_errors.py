@@ -235,6 +235,27 @@ def test_eval_text_without_any_document(run, tmp_path):
     assert_user_error(res, INPUT, str(blank), "0 document(s)", "give a file with some text")
 
 
+def test_eval_unknown_lm_eval_task(run):
+    """A task name lm-eval does not know is refused before the model is read, naming the task and how to
+    list the available ones (lm-eval indexes its tasks in about 10 s)."""
+    pytest.importorskip("lm_eval", reason="eval extra not installed: pip install -e '.[eval]'")
+    res = cli("eval.py", "--checkpoint", str(run), "--tasks", "no_such_task_anywhere")
+    assert_user_error(res, USAGE, "--tasks no_such_task_anywhere", "lm-eval ls tasks", "--include-path")
+
+
+@pytest.mark.slow
+def test_eval_unknown_lm_eval_task_next_to_a_local_one(run, tmp_path):
+    """With --include-path, a task defined there passes the check and the unknown one names the directory."""
+    pytest.importorskip("lm_eval", reason="eval extra not installed: pip install -e '.[eval]'")
+    from test_eval_analysis import write_task
+
+    tasks = write_task(tmp_path)
+    res = cli("eval.py", "--checkpoint", str(run), "--tasks", "ngram_jax_tiny_mc,no_such_task_anywhere",
+              "--include-path", str(tasks))
+    assert_user_error(res, USAGE, "--tasks no_such_task_anywhere", f"in {tasks} or the harness",
+                      f"lm-eval ls tasks --include_path {tasks}")
+
+
 def test_eval_bad_argument():
     assert_user_error(cli("eval.py", "--checkpoint", "x", "--batches", "0"), USAGE, "--batches 0", ">= 1")
 

@@ -8,6 +8,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from ngram_jax import storage
 from ngram_jax.errors import DataError
 
 
@@ -26,20 +27,22 @@ def bundled_corpus_files() -> list[Path]:
     return files
 
 
-def read_text(path: Path) -> str:
-    data = Path(path).read_bytes()
+def read_text(path: str | os.PathLike) -> str:
+    """A text file (local or in a bucket) as UTF-8, or latin-1 when it is not UTF-8."""
+    with storage.reported(path, "text file"):
+        data = storage.location(path, "text file").read_bytes()
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
         return data.decode("latin-1")
 
 
-def documents(path: str | Path, doc_chars: int = 4000) -> Iterator[str]:
+def documents(path: str | os.PathLike, doc_chars: int = 4000) -> Iterator[str]:
     """Documents of a file: each ``text`` field of a ``.jsonl``; for plain text, runs of paragraphs
     (split at blank lines) of about ``doc_chars`` characters, so that documents keep their context."""
-    path = Path(path)
+    path = storage.location(path, "text file")
     if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
+        with storage.reported(path, "text file"), path.open("r", encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue

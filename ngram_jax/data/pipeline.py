@@ -18,12 +18,13 @@ document.
 from __future__ import annotations
 
 import bisect
-from pathlib import Path
+import os
 
 import grain
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordReader
 
+from ngram_jax import storage
 from ngram_jax.data.prepare import read_metadata
 from ngram_jax.errors import DataError
 
@@ -31,12 +32,15 @@ from ngram_jax.errors import DataError
 class TokenSource(grain.sources.RandomAccessDataSource):
     """Documents of one split as int32 arrays; an id outside [0, V) raises naming file and position."""
 
-    def __init__(self, data_dir: str | Path, split: str, vocab_size: int):
+    def __init__(self, data_dir: str | os.PathLike, split: str, vocab_size: int):
         meta = read_metadata(data_dir)
         if split not in meta["splits"]:
             raise DataError(f"{data_dir}: no split {split!r} (have {', '.join(meta['splits'])})")
-        self.files = [str(Path(data_dir) / f) for f in meta["splits"][split]["files"]]
-        counts = [ArrayRecordReader(f).num_records() for f in self.files]
+        directory = storage.location(data_dir, "data directory")
+        # gs:// shards are read where they are, s3:// ones from a local copy (storage.readable_file)
+        self.files = [storage.readable_file(directory / f) for f in meta["splits"][split]["files"]]
+        with storage.reported(directory, "data directory"):
+            counts = [ArrayRecordReader(f).num_records() for f in self.files]
         self.starts = list(np.cumsum([0] + counts))
         self.vocab_size = vocab_size
         self._src = grain.sources.ArrayRecordDataSource(self.files)
@@ -101,7 +105,7 @@ def _to_example(row: dict) -> dict:
     }
 
 
-def make_dataset(data_dir: str | Path, split: str, *, seq_len: int, batch_size: int, vocab_size: int, seed: int,
+def make_dataset(data_dir: str | os.PathLike, split: str, *, seq_len: int, batch_size: int, vocab_size: int, seed: int,
                  process_index: int = 0, process_count: int = 1, repeat: bool = True) -> grain.IterDataset:
     """The pipeline as a grain ``IterDataset``; ``iter()`` it for a checkpointable iterator.
 

@@ -12,7 +12,9 @@ the n-gram history and positions restart at such a record boundary (rare: raise 
 the pipeline itself splits long records into rows without a reset). ``metadata.json`` records the
 tokenizer hash, vocabulary size, EOS id (1 for a BPE trained here; 0 is its padding token), and record
 and token counts per split; ``tokenizer.json`` is copied beside it. The output directory appears
-atomically, complete or not at all.
+atomically, complete or not at all. ``--out`` (and ``--input``, ``--tokenizer``) may be a ``gs://`` or
+``s3://`` URL (:mod:`ngram_jax.storage`): the shards are written locally (array_record writes local files
+only), then uploaded, ``metadata.json`` last, so that a directory without it is not prepared data.
 """
 
 from __future__ import annotations
@@ -20,15 +22,17 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import shutil
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from ngram_jax import cli
+from ngram_jax import cli, storage
 from ngram_jax.data import corpus
 from ngram_jax.data.tokenizer import TRAINED_EOS_ID, eos_id, load_tokenizer, tokenizer_hash, train_bpe
 from ngram_jax.errors import DataError, MissingInputError, UsageError
@@ -44,12 +48,14 @@ def prepare(inputs: Sequence[str | Path], out: str | Path, *, tokenizer: str | P
     BPE trained here sees every document. ``split="hash"``: a document is held out when the hash of its
     text falls below ``heldout_fraction`` (identical texts land in the same split; the split of a
     document does not depend on the others), and the BPE is trained on the training split only."""
-    out = Path(out)
+    out = storage.check(out, "--out", write=True)  # a bucket that is missing or refuses writes fails first
     if (tokenizer is None) == (train_bpe_vocab is None):
         raise UsageError("give exactly one of --tokenizer (a tokenizer.json) or --train-bpe VOCAB")
     docs: list[tuple[str, int, str]] = []  # (file, index in file, text)
     for path in inputs:
-        if not Path(path).is_file():
+        with storage.reported(path, "--input"):
+            found = storage.location(path, "--input").is_file()
+        if not found:
             raise MissingInputError(f"input file not found: {path} (give existing .txt or .jsonl files to --input)")
         docs += [(str(path), i, text) for i, text in enumerate(corpus.documents(path, doc_chars))]
     eval_only = heldout_fraction >= 1.0  # everything held out (evaluation data)
@@ -80,9 +86,11 @@ def prepare(inputs: Sequence[str | Path], out: str | Path, *, tokenizer: str | P
             print(f"training a {train_bpe_vocab}-token BPE on {len(bpe_docs):,} documents", file=sys.stderr, flush=True)
         tok = train_bpe((d[2] for d in bpe_docs), train_bpe_vocab)
     vocab, eos = tok.get_vocab_size(), eos_id(tok)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    remote = storage.is_remote(out)
+    tmp = Path(tempfile.mkdtemp(prefix="ngram_jax_prepare_")) if remote else Path(out).with_name(out.name + ".tmp")
+    if not remote:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
     meta = {"tokenizer_hash": tokenizer_hash(tok), "vocab_size": vocab, "eos_id": eos,
             "sources": sorted({d[0] for d in docs}), "max_doc_tokens": max_doc_tokens, "split": split,
             **(extra_meta or {}), "splits": {}}
@@ -109,10 +117,27 @@ def prepare(inputs: Sequence[str | Path], out: str | Path, *, tokenizer: str | P
         meta["splits"][name] = {"files": files, "records": n_records, "tokens": n_tokens, "documents": len(texts)}
     tok.save(str(tmp / "tokenizer.json"))
     (tmp / "metadata.json").write_text(json.dumps(meta, indent=1))
-    if out.exists():
+    if remote:
+        try:
+            _upload(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return meta
+    if os.path.exists(out):
         shutil.rmtree(out)
     tmp.rename(out)
     return meta
+
+
+def _upload(local: Path, out) -> None:
+    """Publish a prepared directory into a bucket: the old ``metadata.json`` goes first (a reader never pairs
+    it with new shards), then the old files, then the new ones, ``metadata.json`` last."""
+    with storage.reported(out, "--out"):
+        storage.remove(out / "metadata.json")
+        storage.remove(out)
+        names = sorted(os.listdir(local), key=lambda n: n == "metadata.json")
+        for name in names:
+            storage.copy_file(local / name, out / name)
 
 
 def _text_hash_unit(text: str) -> float:
@@ -137,14 +162,18 @@ def read_metadata(data_dir: str | Path) -> dict:
     """``metadata.json`` of a prepared data directory; a missing or malformed one is a :class:`DataError`
     (a missing one also a ``FileNotFoundError``) naming the directory and how to prepare it."""
     how = f"prepare it with python -m ngram_jax.data.prepare --input FILES --train-bpe VOCAB --out {data_dir}"
-    path = Path(data_dir) / "metadata.json"
-    if not Path(data_dir).is_dir():
+    directory = storage.location(data_dir, "data directory")
+    path = directory / "metadata.json"
+    with storage.reported(directory, "data directory"):
+        found_dir, found = directory.is_dir(), path.is_file()
+        text = path.read_text() if found else ""
+    if not found_dir:
         raise MissingInputError(f"data directory not found: {data_dir} ({how}, or set data.path to a prepared "
                                 "directory, or data.bundled=true for the bundled corpus)")
-    if not path.is_file():
+    if not found:
         raise MissingInputError(f"{data_dir}: no metadata.json, not a prepared data directory ({how})")
     try:
-        meta = json.loads(path.read_text())
+        meta = json.loads(text)
         for key in ("vocab_size", "eos_id", "splits"):
             meta[key]  # noqa: B018 - presence check
     except (json.JSONDecodeError, KeyError, TypeError) as err:
@@ -157,9 +186,9 @@ def check_tokenizer(tok, data_dir: str | Path, what: str = "--tokenizer") -> Non
     meta = read_metadata(data_dir)
     want, got = meta.get("tokenizer_hash"), tokenizer_hash(tok)
     if want is not None and want != got:
+        saved = storage.location(data_dir) / "tokenizer.json"
         raise DataError(f"{what} (hash {got}) is not the tokenizer {data_dir} was prepared with (hash {want}, "
-                        f"saved as {Path(data_dir) / 'tokenizer.json'}); use that one, or prepare the data again "
-                        "with this tokenizer")
+                        f"saved as {saved}); use that one, or prepare the data again with this tokenizer")
 
 
 def ensure_bundled(out: str | Path, vocab_size: int) -> dict:

@@ -6,11 +6,12 @@ value of padded rows and histories (``configs/base.yaml`` sets ``model.eos_id: 1
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Iterable
-from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from ngram_jax import storage
 from ngram_jax.errors import DataError, MissingInputError
 
 EOS_TOKEN = "<|endoftext|>"
@@ -31,14 +32,17 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     return tok
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer:
-    path = Path(path)
-    if path.is_dir():
-        path = path / "tokenizer.json"
-    if not path.is_file():
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """A ``tokenizer.json`` (or a directory holding one), local or in a bucket."""
+    path = storage.location(path, "tokenizer")
+    with storage.reported(path, "tokenizer"):
+        if path.is_dir():
+            path = path / "tokenizer.json"
+        text = path.read_text() if path.is_file() else None
+    if text is None:
         raise MissingInputError(f"tokenizer not found: {path} (expected a Hugging Face tokenizer.json)")
     try:
-        return Tokenizer.from_file(str(path))
+        return Tokenizer.from_str(text)
     except Exception as err:  # the tokenizers library raises a bare Exception for a malformed file
         raise DataError(f"{path} is not a valid Hugging Face tokenizer.json: {err}") from None
 

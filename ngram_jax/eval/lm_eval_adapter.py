@@ -22,7 +22,28 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from ngram_jax import generate as gen
+from ngram_jax import storage
 from ngram_jax.data.tokenizer import eos_id, load_tokenizer
+
+
+def task_manager(tasks: list[str], include_path: str | None = None):
+    """lm-eval's ``TaskManager`` (reading ``include_path`` too), once every name in ``tasks`` is a task, group
+    or tag it knows, a pattern matching one, or a task YAML file: an unknown one is a :class:`UsageError`
+    naming it and how to list the available ones (before any model is read)."""
+    from lm_eval.tasks import TaskManager
+
+    from ngram_jax.errors import UsageError
+
+    tm = TaskManager(include_path=include_path) if include_path else TaskManager()
+    known = set(tm.all_tasks)
+    for name in tasks:
+        if name in known or tm.match_tasks([name]) or (name.endswith((".yaml", ".yml")) and Path(name).is_file()):
+            continue
+        where = f"in {include_path} or the harness" if include_path else "in lm-evaluation-harness"
+        listing = "lm-eval ls tasks" + (f" --include_path {include_path}" if include_path else "")
+        raise UsageError(f"--tasks {name}: no task, group or tag of that name {where}; list the available ones "
+                         f"with `{listing}`, or give --include-path DIR for a directory of task YAMLs")
+    return tm
 
 
 def token_logprobs(model, inputs, targets, segment_ids):
@@ -50,7 +71,7 @@ class NgramJaxLM(LM):
             else:
                 raise ValueError("give checkpoint=RUN_DIR, hf_checkpoint=DIR, or model= and config=")
         self.model, self.config = model, config
-        tok_path = tokenizer or Path(config.data.path) / "tokenizer.json"
+        tok_path = tokenizer or storage.location(config.data.path, "data.path") / "tokenizer.json"
         self.tok = load_tokenizer(tok_path)
         self.eos = eos_id(self.tok)
         self.batch_size = int(batch_size)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 from pathlib import Path
 
 import numpy as np
 from flax import nnx
 
+from ngram_jax import storage
 from ngram_jax.data.pipeline import make_dataset
 from ngram_jax.data.prepare import prepare, read_metadata
 from ngram_jax.data.tokenizer import load_tokenizer
@@ -41,14 +43,17 @@ def target_bytes(tokenizer, inputs: np.ndarray, targets: np.ndarray, loss_mask: 
     return sum(len(a.encode("utf-8")) - len(b.encode("utf-8")) for a, b in zip(full, before, strict=True))
 
 
-def evaluate(model, data: str | Path, *, seq_len: int, batch_size: int, tokenizer: str | Path | None = None,
-             split: str = "heldout", max_batches: int | None = None, mesh=None, rules=None) -> dict:
+def evaluate(model, data: str | os.PathLike, *, seq_len: int, batch_size: int,
+             tokenizer: str | os.PathLike | None = None, split: str = "heldout", max_batches: int | None = None,
+             mesh=None, rules=None) -> dict:
     """Mean next-token loss over ``split`` of a prepared directory, or over a raw .txt/.jsonl file
     (tokenized with ``tokenizer``). Returns loss (nats/token), perplexity, bits_per_byte, tokens and
     bytes (the UTF-8 bytes of the scored targets' text, see :func:`target_bytes`)."""
-    data = Path(data)
+    data = storage.location(data, "--data")
     with tempfile.TemporaryDirectory() as tmp:
-        if data.is_file():
+        with storage.reported(data, "--data"):
+            raw = data.is_file()
+        if raw:
             if tokenizer is None:
                 raise DataError(f"{data} is raw text: give the tokenizer to encode it with (eval.py --tokenizer FILE)")
             prepare([data], Path(tmp) / "eval", tokenizer=tokenizer, heldout_fraction=1.0)

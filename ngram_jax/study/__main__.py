@@ -54,12 +54,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.max_runs is not None and args.max_runs < 1:
         ap.error(f"--max-runs {args.max_runs} must be >= 1")
-    from pathlib import Path
-
+    from ngram_jax import storage
     from ngram_jax.study.sweep import expand, read_sweep_file
 
     name = read_sweep_file(args.sweep, args.scale)["name"]
-    out = Path(args.out or f"runs/study/{name}-{args.scale}")
+    out = storage.location(args.out or f"runs/study/{name}-{args.scale}", "--out")  # a local path or a URL
     sweep = expand(args.sweep, scale=args.scale, sets=args.sets, out=out)
     from ngram_jax.study import runner
 

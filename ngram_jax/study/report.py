@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ngram_jax import storage
 from ngram_jax.errors import DataError, MissingInputError
 from ngram_jax.study.runner import RESULTS
 
@@ -46,7 +47,7 @@ class Group:
 
 
 def load_records(out: str | Path) -> list[dict]:
-    path = Path(out) / RESULTS
+    path = storage.location(out, "DIR") / RESULTS
     if not path.is_file():
         raise MissingInputError(f"no {RESULTS} in {out} (run python -m ngram_jax.study SWEEP.yaml --out {out})")
     records = []
@@ -260,7 +261,7 @@ def plots(records: list[dict], out: Path) -> list[Path]:
 
     def save(fig, name: str) -> None:
         fig.tight_layout()
-        fig.savefig(out / name, dpi=110)
+        storage.write_figure(fig, out / name, dpi=110)
         plt.close(fig)
         written.append(out / name)
 
@@ -366,7 +367,7 @@ def plots(records: list[dict], out: Path) -> list[Path]:
 
 
 def write_report(out: str | Path) -> tuple[Path, list[Path]]:
-    out = Path(out)
+    out = storage.location(out, "DIR")  # a local path or a gs:// / s3:// URL
     records = load_records(out)
     figures = plots(records, out)
     text = markdown(records) + "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in figures) + "\n"

@@ -3,7 +3,7 @@
 Each run trains in ``OUT/runs/NAME`` (``ngram_jax.train.loop.train``: it resumes from the latest
 checkpoint, so a killed runner loses at most ``train.checkpoint_every`` steps of the run it was in),
 is evaluated from its final checkpoint on the held-out split, and gets one JSON line in
-``OUT/results.jsonl``. A rerun skips the runs recorded there.
+``OUT/results.jsonl``. A rerun skips the runs recorded there. ``OUT`` may be a ``gs://`` or ``s3://`` URL.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
+from ngram_jax import storage
 from ngram_jax.config import Config, ConfigError, eval_step_for_tokens, to_dict
 from ngram_jax.errors import DataError
 from ngram_jax.study.sweep import Run, Sweep
@@ -39,11 +39,11 @@ def curve_steps(cfg: Config) -> list[tuple[int, int]]:
 
 
 def _metrics(cfg: Config) -> list[dict]:
-    path = Path(cfg.train.run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
+    path = storage.location(cfg.train.run_dir, "train.run_dir") / "metrics.jsonl"
+    with storage.reported(path, "train.run_dir"):
+        text = path.read_text() if path.is_file() else ""
     out = []
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         try:
             out.append(json.loads(line))
         except json.JSONDecodeError:  # a line cut short by a kill
@@ -73,8 +73,9 @@ def training_speed(cfg: Config) -> float | None:
 
 
 def _saved_steps(cfg: Config) -> list[int]:
-    ckpt = Path(cfg.train.run_dir) / "checkpoints"
-    return sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) if ckpt.is_dir() else []
+    ckpt = storage.location(cfg.train.run_dir, "train.run_dir") / "checkpoints"
+    with storage.reported(ckpt, "train.run_dir"):
+        return sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) if ckpt.is_dir() else []
 
 
 def check_resumable(run: Run) -> None:
@@ -118,17 +119,18 @@ def check_data(sweep: Sweep) -> None:
                             "--study) or fewer steps")
 
 
-def read_results(out: Path, sweep: Sweep) -> dict[str, dict]:
+def read_results(out: str | os.PathLike, sweep: Sweep) -> dict[str, dict]:
     """Finished runs by name. A record of another sweep or scale, or of a run whose configuration has
     changed since, is a :class:`DataError` (use another --out)."""
     from ngram_jax.checkpoint import config_differences
 
-    path = out / RESULTS
-    if not path.is_file():
-        return {}
+    path = storage.location(out, "--out") / RESULTS
+    with storage.reported(path, "--out"):
+        if not path.is_file():
+            return {}
+        text = path.read_text()
     by_name = {r.name: r for r in sweep.runs}
     done: dict[str, dict] = {}
-    text = path.read_text()
     lines = text.splitlines()
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
@@ -214,11 +216,11 @@ def record_for(sweep: Sweep, run: Run, ev: dict, wall_s: float) -> dict:
     }
 
 
-def run_sweep(sweep: Sweep, out: str | Path, *, max_runs: int | None = None,
+def run_sweep(sweep: Sweep, out: str | os.PathLike, *, max_runs: int | None = None,
               train_fn: Callable[[Config], dict] | None = None, log: Callable[[str], None] | None = None) -> list[dict]:
     """Train, evaluate and record the sweep's unfinished runs (at most ``max_runs`` of them, counting
     only runs this call finishes). Returns the records written by this call."""
-    out = Path(out)
+    out = storage.check(out, "--out", write=True)  # a bucket that is missing or refuses writes fails first
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     check_data(sweep)
     done = read_results(out, sweep)  # refuses a results file of another sweep before any training
@@ -228,7 +230,7 @@ def run_sweep(sweep: Sweep, out: str | Path, *, max_runs: int | None = None,
     log(f"{sweep.name} ({sweep.scale}): {len(sweep.runs)} runs, {len(done)} finished, {len(todo)} to go")
     if train_fn is None:
         from ngram_jax.train.loop import train as train_fn
-    out.mkdir(parents=True, exist_ok=True)
+    out = storage.output_dir(out, "--out")
     written = []
     for i, run in enumerate(todo):
         if max_runs is not None and i >= max_runs:
@@ -246,10 +248,8 @@ def run_sweep(sweep: Sweep, out: str | Path, *, max_runs: int | None = None,
         if run.config.train.eval_at_tokens:
             ev["eval_curve"] = read_curve(run)
         rec = record_for(sweep, run, ev, time.perf_counter() - t0)
-        with open(out / RESULTS, "a") as f:
+        with storage.AppendedFile(out / RESULTS, every_s=0, durable=True) as f:  # on disk (or in the bucket) now
             f.write(json.dumps(rec) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
         written.append(rec)
         log(f"{run.name}: held-out loss {ev['eval_loss']:.4f}, {ev['eval_bits_per_byte']:.4f} bits/byte, "
             f"{rec['total_params']:,} params ({rec['ngram_share']:.0%} NE)")

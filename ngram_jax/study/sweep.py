@@ -34,6 +34,7 @@ from typing import Any
 
 import yaml
 
+from ngram_jax import storage
 from ngram_jax.config import Config, ConfigError, ConfigWarning, load_config, parse_override, replace
 
 SWEEP_KEYS = ("name", "description", "findings", "base", "seeds", "set", "runs", "grid", "fixed_total",
@@ -237,5 +238,6 @@ def _finish(cfg: Config, run_name: str, out: str | Path) -> Config:
     """Name the run, give it its directory, and run the budget checks (int32 table rows)."""
     from ngram_jax.budget import check_config
 
-    cfg = replace(cfg, **{"name": run_name, "train.run_dir": str(Path(out) / "runs" / run_name)})
+    run_dir = storage.location(out, "--out") / "runs" / run_name  # a local path or a URL
+    cfg = replace(cfg, **{"name": run_name, "train.run_dir": str(run_dir)})
     return check_config(cfg)

@@ -55,10 +55,9 @@ def zipf_tokens(vocab_size: int, exponent: float, count: int, seed: int = 0) -> 
 def corpus_tokens(data_dir, split: str = "train", max_tokens: int | None = None) -> tuple[np.ndarray, dict]:
     """The documents of a prepared data directory's split, concatenated in file order (each ends with
     its EOS, which resets the n-gram history), up to ``max_tokens``; and the directory's metadata."""
-    from pathlib import Path
-
     from array_record.python.array_record_module import ArrayRecordReader
 
+    from ngram_jax import storage
     from ngram_jax.data.prepare import read_metadata
     from ngram_jax.errors import DataError
 
@@ -67,7 +66,7 @@ def corpus_tokens(data_dir, split: str = "train", max_tokens: int | None = None)
         raise DataError(f"{data_dir}: no split {split!r} (have {', '.join(meta['splits'])})")
     parts, total = [], 0
     for name in meta["splits"][split]["files"]:
-        reader = ArrayRecordReader(str(Path(data_dir) / name))
+        reader = ArrayRecordReader(storage.readable_file(storage.location(data_dir) / name))
         for rec in reader.read_all():
             ids = np.frombuffer(rec, np.int32)
             parts.append(ids)

@@ -2,16 +2,18 @@
 
 Resumes from the latest complete checkpoint in ``train.run_dir``; SIGTERM/SIGINT save at the
 current step and exit cleanly; a non-finite loss stops with a clear message and saves nothing.
+``train.run_dir``, ``data.path`` and ``train.init_from`` may be ``gs://`` or ``s3://`` URLs
+(:mod:`ngram_jax.storage`): their buckets are checked before anything is built or written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import signal
 import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +23,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from ngram_jax import storage
 from ngram_jax.budget import check_config, parameter_budget
 from ngram_jax.checkpoint import Checkpointer, DataState, config_differences, row_chunked_paths, warm_start
 from ngram_jax.config import Config, ConfigError, eval_step_for_tokens, to_dict
@@ -217,10 +220,16 @@ def check_resumed_steps(saved_steps: int, cfg: Config, start: int) -> None:
 def train(cfg: Config) -> dict:
     """Train (or resume) the run ``cfg.train.run_dir``; returns the final metrics."""
     check_config(cfg)
+    where = storage.config_locations(cfg)
     initialize_distributed()
     t, d = cfg.train, cfg.data
-    run_dir = Path(t.run_dir)
+    run_dir = where["train.run_dir"]
     lead = jax.process_index() == 0
+    # a bucket that does not exist, refuses writes or cannot be reached: one line, before anything is written
+    storage.check(run_dir, "train.run_dir", write=lead)
+    for key in ("data.path", "train.init_from"):
+        if key in where:
+            storage.check(where[key], key)
     if d.bundled and lead:
         ensure_bundled(d.path, cfg.model.vocab_size)
     if jax.process_count() > 1:  # the others wait until process 0 has prepared the data
@@ -332,6 +341,9 @@ def train(cfg: Config) -> dict:
                 if (step % t.checkpoint_every == 0 or step == t.steps or step in curve_steps
                         or stop.signal is not None):  # a curve point is saved: a resumed run never redoes it
                     step_fn.sync()
+                    # in a bucket metrics.jsonl is rewritten now and then: it holds every step up to a checkpoint
+                    # before the checkpoint can be complete (a resumed run continues after it)
+                    writer.flush()
                     ckpt.save(step, {"model": nnx.to_pure_dict(nnx.state(model)),
                                      "opt": nnx.to_pure_dict(nnx.state(opt))}, data_state,
                               {"config": to_dict(cfg), "step": step}, chunked)
@@ -343,10 +355,23 @@ def train(cfg: Config) -> dict:
                     result["stopped_by"] = name
                     break
             step_fn.sync()
-        finally:
-            if progress is not None:
-                progress.close()
-            writer.close()
-            ckpt.close()
+        except BaseException as err:  # the error that stopped training is the one reported, not a closer's
+            failed = isinstance(err, storage.StorageError) or storage.failure(err) is not None
+            closers = [progress.close] if progress is not None else []
+            # after a storage failure nothing more is written there (each write would wait out the retries)
+            for close in (*closers, lambda: writer.close(flush=not failed), ckpt.close):
+                with contextlib.suppress(Exception):
+                    close()
+            if isinstance(err, storage.StorageError):  # e.g. metrics.jsonl: where the run stands
+                last = ckpt.mgr.latest_step()  # the steps complete (a save that failed in ckpt.close is dropped)
+                intact = (f"the last complete checkpoint, step {last} ({ckpt.directory / str(last)}), is intact"
+                          if last is not None else "no checkpoint was saved")
+                raise storage.StorageError(f"{err}; training stopped at step {step} and {intact}. Run again to "
+                                           "resume from it once the storage answers") from err
+            raise
+        if progress is not None:
+            progress.close()
+        writer.close()
+        ckpt.close()
     result["checkpoint"] = str(ckpt.directory / str(step))
     return result

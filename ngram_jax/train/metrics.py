@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
+import sys
 
 import jax
 import numpy as np
 
+from ngram_jax import storage
 from ngram_jax.config import Config
 
 # dense bf16 peak FLOP/s per chip, by jax device_kind prefix
@@ -93,29 +94,82 @@ class TrainWindow:
         return record
 
 
-class MetricsWriter:
-    """Appends one JSON object per record to ``metrics.jsonl`` and mirrors scalars to TensorBoard."""
+class _EventFile(storage.AppendedFile):
+    """A TensorBoard event file in a bucket, rewritten whole whenever tensorboardX flushes it (every
+    ``flush_secs``, from its writer thread, and at close). TensorBoard is best effort: a flush that fails
+    (the storage unreachable) prints one warning and keeps the events for the next flush."""
 
-    def __init__(self, run_dir: Path, enabled: bool = True):
+    def __init__(self, path: str):
+        super().__init__(path, binary=True, every_s=float("inf"), what="TensorBoard event file")
+        self.warned = False
+        self.abandoned = False  # the storage failed: close without writing
+
+    def flush(self) -> None:
+        try:
+            super().flush()
+        except storage.StorageError as err:
+            if not self.warned:
+                print(f"warning: {err}; the events are kept for the next flush", file=sys.stderr, flush=True)
+            self.warned = True
+
+    def close(self, flush: bool = True) -> None:
+        super().close(flush and not self.abandoned)
+
+
+class _EventFilesInBuckets:
+    """tensorboardX's writer factory for ``gs://`` and ``s3://`` event files, through :mod:`ngram_jax.storage`
+    (its own writers for them need other clients, google-cloud-storage and boto3)."""
+
+    def __init__(self):
+        self.opened: list[_EventFile] = []
+
+    def open(self, path: str) -> _EventFile:
+        self.opened.append(_EventFile(path))
+        return self.opened[-1]
+
+    def directory_check(self, path: str) -> None:  # a bucket has no directories to create
+        pass
+
+
+class MetricsWriter:
+    """Appends one JSON object per record to ``metrics.jsonl`` and mirrors scalars to TensorBoard.
+
+    ``run_dir`` may be a ``gs://`` or ``s3://`` URL: ``metrics.jsonl`` is then rewritten at most every
+    ``flush_s`` seconds and at every :meth:`flush` (the training loop flushes with each checkpoint, so that
+    a resumed run finds every step up to the checkpoint it resumes from)."""
+
+    def __init__(self, run_dir, enabled: bool = True, flush_s: float = 30.0):
         self.enabled = enabled
         if not enabled:
             return
-        run_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(run_dir / "metrics.jsonl", "a")
-        from tensorboardX import SummaryWriter
+        run_dir = storage.location(run_dir, "train.run_dir")
+        self._jsonl = storage.AppendedFile(run_dir / "metrics.jsonl", every_s=flush_s, what="train.run_dir")
+        from tensorboardX import SummaryWriter, record_writer
 
+        self._events = _EventFilesInBuckets()
+        if storage.is_remote(run_dir):  # tensorboardX picks the factory by the URL's scheme
+            for scheme in storage.SCHEMES:
+                record_writer.register_writer_factory(scheme, self._events)
         self._tb = SummaryWriter(str(run_dir / "tensorboard"))
 
     def write(self, step: int, record: dict) -> None:
         if not self.enabled:
             return
         self._jsonl.write(json.dumps({"step": step, **record}) + "\n")
-        self._jsonl.flush()
         for k, v in record.items():
             if isinstance(v, int | float) and math.isfinite(v):
                 self._tb.add_scalar(k, v, step)
 
-    def close(self) -> None:
+    def flush(self) -> None:
         if self.enabled:
-            self._jsonl.close()
+            self._jsonl.flush()
+            self._tb.flush()
+
+    def close(self, flush: bool = True) -> None:
+        """Flush and close; ``flush=False`` after a storage failure (writing again would only wait for the
+        clients' retries to run out)."""
+        if self.enabled:
+            for f in self._events.opened:
+                f.abandoned = not flush
+            self._jsonl.close(flush)
             self._tb.close()
