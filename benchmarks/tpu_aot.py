@@ -45,6 +45,10 @@ CASES: dict[str, dict] = {
     **{f"{scale}_{kind}_{gen}": {"config": f"configs/models/paper_{scale}.yaml", "topology": f"{gen}:2x4",
                                  "mesh": "fsdp=8", "baseline": kind == "moe"}
        for scale in ("280m", "790m", "1p3b") for kind in ("ne", "moe") for gen in ("v5e", "v6e")},
+    # the N-gram tables with row-wise Adagrad: no AdamW moments and no dense gradient for half the parameters
+    **{f"{scale}_ne_{gen}_rowwise": {"config": f"configs/models/paper_{scale}.yaml", "topology": f"{gen}:2x4",
+                                     "mesh": "fsdp=8", "overrides": ["train.table_optimizer=rowwise_adagrad"]}
+       for scale in ("280m", "790m", "1p3b") for gen in ("v5e", "v6e")},
 }
 
 
