@@ -110,6 +110,26 @@ def test_data_checks_and_foreign_results_before_training(tmp_path, data_dir):
         runner.run_sweep(sw, tmp_path / "o", train_fn=lambda cfg: pytest.fail("trained"))
 
 
+def test_only_selects_runs_in_its_order(tmp_path, data_dir):
+    sw = expand(sweep_file(tmp_path, data_dir, seeds=[0, 1], moe_baseline=True,
+                           runs=[{"name": "lo", "set": {"model.ngram.ratio": 1.37}},
+                                 {"name": "hi", "set": {"model.ngram.ratio": 2.37}}]), out=tmp_path / "o")
+    pick = runner.select_runs(sw.runs, ["hi-*s0", "lo-s1", "hi-moe-s0"])  # a repeat is kept once
+    assert [r.name for r in pick] == ["hi-s0", "hi-moe-s0", "lo-s1"]
+    assert runner.select_runs(sw.runs, None) == list(sw.runs)
+    with pytest.raises(ConfigError, match=r"--only 'mid-\*' matches no run of this sweep; its runs: lo-s0, lo-moe-s0"):
+        runner.select_runs(sw.runs, ["mid-*"])
+    trained = []
+
+    def train_fn(cfg):  # the first run trained is the first one --only names
+        trained.append(cfg.train.run_dir)
+        raise Stop
+
+    with pytest.raises(Stop):
+        runner.run_sweep(sw, tmp_path / "o", only=["hi-moe-s1", "lo-*"], train_fn=train_fn, log=lambda m: None)
+    assert trained == [str(tmp_path / "o/runs/hi-moe-s1")]
+
+
 def cli(*args):
     return [sys.executable, "-m", "ngram_jax.study", *map(str, args)]
 

@@ -1,14 +1,15 @@
 """Run a study sweep, or report on one.
 
     python -m ngram_jax.study configs/paper/ne_vs_moe.yaml [--out DIR] [--scale cpu|gpu]
-                              [--set key=value ...] [--max-runs N] [--list]
+                              [--set key=value ...] [--only RUN ...] [--max-runs N] [--list]
     python -m ngram_jax.study report DIR [DIR ...] [--doc docs/STUDY.md --conclusions FILE]
 
 A sweep file (``configs/paper/*.yaml``, see ``ngram_jax/study/sweep.py``) names a base config and a grid
 (or list) of overrides. Every run is expanded and validated, and the data checked, before anything
 trains. Finished runs are appended to DIR/results.jsonl (default DIR: runs/study/SWEEP-SCALE) and
 skipped on a rerun; an interrupted run resumes from its last checkpoint. ``--set`` applies an override
-to every run (e.g. train.steps=10 for a smoke run); ``--max-runs`` stops after N runs; ``--list``
+to every run (e.g. train.steps=10 for a smoke run); ``--only`` trains just the runs it names (shell-style
+patterns: ``--only 'hi-*'``), in the order given; ``--max-runs`` stops after N runs; ``--list``
 prints the runs with their parameter counts and trains nothing. ``report`` writes DIR/report.md and
 PNG plots from DIR/results.jsonl; ``--doc`` also joins every DIR's tables and plots and a file of written
 conclusions into one document (docs/STUDY.md).
@@ -49,6 +50,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--scale", default="cpu", help="the sweep's size preset: cpu (default) or gpu")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="an override for every run (repeatable), e.g. --set train.steps=10")
+    ap.add_argument("--only", nargs="+", metavar="RUN",
+                    help="train only these runs, in this order (names or shell patterns, e.g. 'hi-*')")
     ap.add_argument("--max-runs", type=int, help="stop after this many runs")
     ap.add_argument("--list", action="store_true", help="print the expanded runs and train nothing")
     args = ap.parse_args(argv)
@@ -65,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.list:
         print("\n".join(runner.list_runs(sweep)))
         return 0
-    written = runner.run_sweep(sweep, out, max_runs=args.max_runs)
+    written = runner.run_sweep(sweep, out, max_runs=args.max_runs, only=args.only)
     print(f"{out / runner.RESULTS}: {len(written)} runs recorded by this call")
     return 0
 

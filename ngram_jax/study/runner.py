@@ -8,6 +8,7 @@ is evaluated from its final checkpoint on the held-out split, and gets one JSON 
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 import os
@@ -216,15 +217,31 @@ def record_for(sweep: Sweep, run: Run, ev: dict, wall_s: float) -> dict:
     }
 
 
-def run_sweep(sweep: Sweep, out: str | os.PathLike, *, max_runs: int | None = None,
+def select_runs(runs: list, only: list[str] | None) -> list:
+    """The runs ``only`` names (exact names or shell patterns, ``hi-*``), in the order of ``only``; every
+    run when it is None. A pattern that matches no run is an error naming the runs there are."""
+    if only is None:
+        return list(runs)
+    chosen = []
+    for pattern in only:
+        hits = [r for r in runs if fnmatch.fnmatchcase(r.name, pattern)]
+        if not hits:
+            raise ConfigError(f"--only {pattern!r} matches no run of this sweep; its runs: "
+                              f"{', '.join(r.name for r in runs)}")
+        chosen += [r for r in hits if r.name not in {c.name for c in chosen}]
+    return chosen
+
+
+def run_sweep(sweep: Sweep, out: str | os.PathLike, *, max_runs: int | None = None, only: list[str] | None = None,
               train_fn: Callable[[Config], dict] | None = None, log: Callable[[str], None] | None = None) -> list[dict]:
-    """Train, evaluate and record the sweep's unfinished runs (at most ``max_runs`` of them, counting
-    only runs this call finishes). Returns the records written by this call."""
+    """Train, evaluate and record the sweep's unfinished runs (only those ``only`` selects, in its order;
+    at most ``max_runs`` of them, counting only runs this call finishes). Returns the records written by
+    this call."""
     out = storage.check(out, "--out", write=True)  # a bucket that is missing or refuses writes fails first
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     check_data(sweep)
     done = read_results(out, sweep)  # refuses a results file of another sweep before any training
-    todo = [r for r in sweep.runs if r.name not in done]
+    todo = [r for r in select_runs(sweep.runs, only) if r.name not in done]
     for run in todo:  # every resumed run's recorded curve agrees with its config, before any training
         check_resumable(run)
     log(f"{sweep.name} ({sweep.scale}): {len(sweep.runs)} runs, {len(done)} finished, {len(todo)} to go")
