@@ -103,12 +103,16 @@ def tables(records: list[dict]) -> str:
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in inf:
             per_step = r["batch"] * (1 if r["step"] == "decode" else r.get("draft_tokens", 3) + 1)
-            tok_s = r["tokens_per_s_per_chip"] * r["num_chips"] if r.get("tokens_per_s_per_chip") else 0
-            lines.append(f"| {r['case']} | {r['step']} | {r['num_chips']} | {r['batch']} | "
-                         f"{'yes' if r['fits'] else 'no'} | {_gb(r['peak_bytes'])} | "
-                         f"{_gb(r['memory'].get('arguments', 0))} | {r.get('bytes_accessed') or 0:.3g} | "
-                         f"{(r.get('roofline_s') or 0) * 1e3:,.2f} | {tok_s:,.0f} | "
-                         f"{(r.get('bytes_accessed') or 0) * r['num_chips'] / per_step / 1e9:,.2f} GB |")
+            head = f"| {r['case']} | {r['step']} | {r['num_chips']} | {r['batch']} | "
+            if not r.get("roofline_s"):  # did not fit: libtpu's figure of what it needed, nothing measured
+                lines.append(head + f"no (+{_gb(r['shortfall_bytes'])} GB) | {_gb(r['peak_bytes'])} "
+                             "| - | - | - | - | - |")
+                continue
+            tok_s = r["tokens_per_s_per_chip"] * r["num_chips"]
+            lines.append(head + f"{'yes' if r['fits'] else 'no'} | {_gb(r['peak_bytes'])} | "
+                         f"{_gb(r['memory'].get('arguments', 0))} | {r['bytes_accessed']:.3g} | "
+                         f"{r['roofline_s'] * 1e3:,.2f} | {tok_s:,.0f} | "
+                         f"{r['bytes_accessed'] * r['num_chips'] / per_step / 1e9:,.2f} GB |")
     return "\n".join(lines)
 
 
@@ -122,7 +126,7 @@ def costs(records: list[dict]) -> str:
     from ngram_jax.train.metrics import flops_per_token
 
     last = {r["case"]: r for r in records}
-    study = [r for r in last.values() if r["config"].startswith("configs/models/paper_")]
+    study = [r for r in last.values() if r["config"].startswith("paper_")]  # the record names the config file's stem
     lines = ["| case | total params | activated | fits on 8 chips | tokens/s per chip | MFU bound "
              "| chip-hours for 300B tokens |",
              "|---|---|---|---|---|---|---|"]
@@ -131,7 +135,7 @@ def costs(records: list[dict]) -> str:
         hours = f"{300e9 / tps / 3600:,.0f}" if tps else "-"
         lines.append(f"| {r['case']} | {r['total_params'] / 1e9:.2f}B | {r['activated_params'] / 1e6:.0f}M | "
                      f"{'yes' if r['fits'] else 'no, ' + _gb(r['peak_bytes']) + ' GB needed'} | "
-                     f"{tps or 0:,.0f} | {(r.get('mfu_bound') or 0):.1%} | {hours} |")
+                     + (f"{tps:,.0f} | {r['mfu_bound']:.1%} | {hours} |" if tps else "- | - | - |"))
     gens = sorted({r["topology"].split(":")[0] for r in study})
     head = " | ".join(f"{g} chip-hours" for g in gens)
     lines += ["", f"| sweep (gpu preset) | runs | tokens | training FLOPs | {head} |",
