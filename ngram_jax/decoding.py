@@ -115,8 +115,10 @@ def sample(logits: jax.Array, key: jax.Array, temperature: float = 0.0, top_k: i
     return jax.random.categorical(key, filter_logits(logits, temperature, top_k, top_p), axis=-1).astype(jnp.int32)
 
 
-def frozen(fn, model: Model, static_argnums: tuple[int, ...] = ()):
+def frozen(fn, model: Model, static_argnums: tuple[int, ...] = (), donate_argnums: tuple[int, ...] = ()):
     """``fn(model, *args)`` jitted over a fixed model, for inference: the parameters are inputs only.
+    ``donate_argnums`` (positions in ``args``) are donated: pass the decode state, which the caller
+    replaces by the returned one, and the KV cache is updated in place instead of held twice.
 
     ``nnx.jit`` returns every variable of the model as an output (it cannot know which ones the call
     changed), and XLA copies each one per call: for decoding that is a full copy of the N-gram tables
@@ -128,7 +130,8 @@ def frozen(fn, model: Model, static_argnums: tuple[int, ...] = ()):
     def call(st, *args):
         return fn(nnx.merge(graphdef, st), *args)
 
-    jitted = jax.jit(call, static_argnums=tuple(i + 1 for i in static_argnums))
+    jitted = jax.jit(call, static_argnums=tuple(i + 1 for i in static_argnums),
+                     donate_argnums=tuple(i + 1 for i in donate_argnums))
     return lambda *args: jitted(state, *args)
 
 
@@ -137,7 +140,7 @@ def generate(model: Model, prompts: Sequence[Sequence[int]], max_new_tokens: int
     """Continue each prompt by up to ``max_new_tokens`` tokens (stops a row at EOS when asked)."""
     tokens, seg = left_pad(prompts)
     prefill_fn = frozen(prefill, model, static_argnums=(2,))
-    step_fn = frozen(decode_step, model)
+    step_fn = frozen(decode_step, model, donate_argnums=(1,))  # the state: one KV cache, updated in place
     sample_fn = jax.jit(sample, static_argnums=(2, 3, 4))
     logits, state = prefill_fn(jnp.asarray(tokens), jnp.asarray(seg), tokens.shape[1] + max_new_tokens)
     key = jax.random.key(seed)

@@ -9,8 +9,8 @@ The abstract state of the config (nothing allocated) is laid out on the topology
 mesh (``mesh.ici``/``mesh.dcn``, or ``--mesh`` over one slice's chips; several slices make the hybrid
 ICI x DCN mesh of :func:`ngram_jax.sharding.make_mesh`), and the real step is compiled for them:
 ``train`` (``ngram_jax.train.loop.train_step``, state donated), ``prefill`` (a batch of prompts of ``--seq``
-tokens into a KV cache of that length), ``decode`` (one token per sequence against a full cache) or
-``verify`` (the speculative verification pass over ``--draft-tokens`` + 1 positions). Hardware-dependent
+tokens into a KV cache of that length), ``decode`` (one token per sequence against a full cache, donated as ``decoding.generate`` donates it) or
+``verify`` (the speculative verification pass over ``--draft-tokens`` + 1 positions, the cache donated). Hardware-dependent
 ``auto`` choices resolve for TPU (``model.ngram.kernel`` -> ``pallas_tpu``, ``model.moe.grouped_matmul`` ->
 ``megablox``): the target decides, not this process's backend.
 
@@ -357,11 +357,11 @@ def _lower_inference(cfg: Config, mesh, step: str, batch: int, seq: int, draft_t
     if step == "decode":
         hist = _array((batch, max(model.history_length(), 1)), jnp.int32, mesh, (b, None))
         dstate = decoding.DecodeState(kv, hist, vec)
-        return jax.jit(run(decoding.decode_step)).lower(state, vec, dstate)
+        return jax.jit(run(decoding.decode_step), donate_argnums=2).lower(state, vec, dstate)  # as generate() does
     kv = [tuple(c._replace(index=vec) for c in block) for block in kv]  # per-row write index, as speculative runs it
     t = draft_tokens + 1
-    return jax.jit(run(lambda m, table, start, length, kv: speculative.verify(m, table, start, length, t, kv))).lower(
-        state, tok, vec, vec, kv)
+    verify = run(lambda m, table, start, length, kv: speculative.verify(m, table, start, length, t, kv))
+    return jax.jit(verify, donate_argnums=4).lower(state, tok, vec, vec, kv)  # the cache, in place as in the loop
 
 
 def compile_for_tpu(cfg: Config, topology: str, *, mesh_spec: str | None = None, step: str = "train",
