@@ -9,8 +9,9 @@ The abstract state of the config (nothing allocated) is laid out on the topology
 mesh (``mesh.ici``/``mesh.dcn``, or ``--mesh`` over one slice's chips; several slices make the hybrid
 ICI x DCN mesh of :func:`ngram_jax.sharding.make_mesh`), and the real step is compiled for them:
 ``train`` (``ngram_jax.train.loop.train_step``, state donated), ``prefill`` (a batch of prompts of ``--seq``
-tokens into a KV cache of that length), ``decode`` (one token per sequence against a full cache, donated as ``decoding.generate`` donates it) or
-``verify`` (the speculative verification pass over ``--draft-tokens`` + 1 positions, the cache donated). Hardware-dependent
+tokens into a KV cache of that length), ``decode`` (one token per sequence against a full cache, donated as
+``decoding.generate`` donates it) or ``verify`` (the speculative verification pass over ``--draft-tokens`` + 1
+positions, the cache donated). Hardware-dependent
 ``auto`` choices resolve for TPU (``model.ngram.kernel`` -> ``pallas_tpu``, ``model.moe.grouped_matmul`` ->
 ``megablox``): the target decides, not this process's backend.
 
@@ -399,7 +400,7 @@ def compile_for_tpu(cfg: Config, topology: str, *, mesh_spec: str | None = None,
                        hbm_bytes=chip.hbm_bytes, peak_bytes=0, memory={}, libtpu=libtpu,
                        knobs=knobs(cfg, step, dict(mesh.shape)))
     if step == "train":
-        from ngram_jax.tools.plan import step_plan
+        from ngram_jax.tools.memory_plan import step_plan
 
         report.plan = step_plan(cfg, dict(mesh.shape), batch, seq, "tpu")
     t0 = time.perf_counter()
