@@ -4,7 +4,8 @@ machine (``ngram_jax.tools.aot.compile_for_tpu``), one subprocess per case, resu
     python benchmarks/tpu_aot.py                      # every case not yet in the results file
     python benchmarks/tpu_aot.py --only fl_pod fl_pod_xla --out docs/tpu/aot_results.jsonl
     python benchmarks/tpu_aot.py --list
-    python benchmarks/tpu_aot.py --table              # markdown tables of the results (docs/TPU.md)
+    python benchmarks/tpu_aot.py --table              # markdown tables of the results
+    python benchmarks/tpu_aot.py --table --doc docs/TPU.md   # ... written into the page's marked blocks
 
 Cases: LongCat-Flash-Lite's training step on the documented pod (``aot-pod`` in docs/TPU.md; the mesh, batch
 and remat in configs/models/longcat_flash_lite.yaml), with the xla gather instead of the kernel, and at
@@ -161,6 +162,18 @@ def costs(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def into_doc(page: str, text: str) -> str:
+    """``page`` with the blocks of ``text`` (train, decode, study costs + sweep costs) between its markers."""
+    train, decode, *study = text.split("\n\n")
+    for key, block in (("train", train), ("decode", decode), ("study", "\n\n".join(study))):
+        start, end = f"<!-- {key} -->", f"<!-- /{key} -->"
+        if start not in page or end not in page:
+            raise SystemExit(f"error: the page has no {start} ... {end} block")
+        head, rest = page.split(start, 1)
+        page = f"{head}{start}\n{block}\n{end}{rest.split(end, 1)[1]}"
+    return page
+
+
 def _activated(cfg) -> int:
     from ngram_jax.budget import closed_form_budget
 
@@ -174,6 +187,8 @@ def main() -> int:
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--redo", action="store_true", help="compile cases already in --out again (appended)")
     ap.add_argument("--table", action="store_true", help="print the results as markdown tables")
+    ap.add_argument("--doc", help="with --table: write the tables into this page between its <!-- train -->, "
+                    "<!-- decode --> and <!-- study --> markers (docs/TPU.md)")
     ap.add_argument("--case", help=argparse.SUPPRESS)  # the subprocess: compile one case, print its JSON
     args = ap.parse_args()
     if args.case:
@@ -186,7 +201,10 @@ def main() -> int:
     out = Path(args.out)
     if args.table:
         records = [json.loads(x) for x in out.read_text().splitlines()]
-        print(tables(records) + "\n\n" + costs(records))
+        text = tables(records) + "\n\n" + costs(records)
+        if args.doc:
+            Path(args.doc).write_text(into_doc(Path(args.doc).read_text(), text))
+        print(text)
         return 0
     done = {json.loads(x)["case"] for x in out.read_text().splitlines()} if out.is_file() else set()
     names = args.only or list(CASES)

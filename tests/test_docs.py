@@ -90,3 +90,19 @@ def test_short_documented_commands_run(page, command):
     p = subprocess.run([sys.executable, *argv_of(command)], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=600)
     assert p.returncode == 0, f"{page}: {command}\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}"
+
+
+def test_tpu_page_tables_are_the_recorded_compiles():
+    """docs/TPU.md's tables are ``benchmarks/tpu_aot.py --table`` of docs/tpu/aot_results.jsonl, as written by
+    ``--table --doc docs/TPU.md``: a result recorded or a table format changed without the page is stale."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("tpu_aot", ROOT / "benchmarks/tpu_aot.py")
+    tpu_aot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tpu_aot)
+    records = [json.loads(x) for x in (ROOT / "docs/tpu/aot_results.jsonl").read_text().splitlines()]
+    page = (ROOT / "docs/TPU.md").read_text()
+    assert tpu_aot.into_doc(page, tpu_aot.tables(records) + "\n\n" + tpu_aot.costs(records)) == page, (
+        "run: python benchmarks/tpu_aot.py --table --doc docs/TPU.md")
+    assert {r["case"] for r in records} <= set(tpu_aot.CASES)
