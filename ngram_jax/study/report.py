@@ -335,7 +335,8 @@ def plots(records: list[dict], out: Path) -> list[Path]:
             ts, by_seed = curves(g)
             c = np.stack(list(by_seed.values()))
             color = {"NE": "C1", "MoE baseline": "C0"}[kind]
-            ax.plot(ts, c.mean(0), "o-", color=color, label=f"{kind} ({g.name}, {len(by_seed)} seeds)")
+            seeds = f"{len(by_seed)} seed" + ("s" if len(by_seed) > 1 else "")
+            ax.plot(ts, c.mean(0), "o-", color=color, label=f"{kind} ({g.name}, {seeds})")
             ax.fill_between(ts, c.min(0), c.max(0), color=color, alpha=0.25)
         for seed, d in diffs.items():
             bx.plot(tokens, d, "o-", label=f"seed {seed}")
