@@ -130,6 +130,11 @@ def mesh_axes(logical: str) -> tuple[str, ...]:
     return ()
 
 
+def live_axes(mesh: Mesh, logical: str) -> tuple[str, ...]:
+    """The axes of ``mesh`` of size > 1 that the active rules give a logical axis (what splits it there)."""
+    return tuple(a for a in mesh_axes(logical) if a in mesh.axis_names and mesh.shape[a] > 1)
+
+
 def current_mesh() -> Mesh | None:
     mesh = jax.sharding.get_abstract_mesh()
     return None if mesh.empty else mesh
@@ -231,7 +236,7 @@ def _check_split(rs: RowSharding, rows: int, batch: int, logical: str) -> None:
                           f"{rs.batch_axes}; use a batch size divisible by {n_batch}")
 
 
-def _batch_axes_for(mesh: Mesh, axes: tuple[str, ...], batch: int) -> tuple[str, ...]:
+def batch_axes_for(mesh: Mesh, axes: tuple[str, ...], batch: int) -> tuple[str, ...]:
     """The batch axes that split a batch of ``batch`` rows: all of them, or none for a batch smaller than
     their shard count (decoding a few sequences: every device holds them all). A larger batch they do not
     divide keeps them, and ``_check_split`` names the fix."""
@@ -277,13 +282,12 @@ def row_sharded_lookup(fn: Callable, table: jax.Array, *batch_args: jax.Array, l
         mesh = current_mesh()
         if not kernel or mesh is None:
             return fn(table, jnp.int32(0), *batch_args)
-        batch_axes = tuple(a for a in mesh_axes("batch") if a in mesh.axis_names and mesh.shape[a] > 1)
-        batch_axes = _batch_axes_for(mesh, batch_axes, batch_args[0].shape[0])
+        batch_axes = batch_axes_for(mesh, live_axes(mesh, "batch"), batch_args[0].shape[0])
         _check_split(RowSharding(mesh, (), batch_axes), table.shape[0], batch_args[0].shape[0], logical)
         in_specs = (P(), *(_spec(batch_axes, a.ndim) for a in batch_args))
         return jax.shard_map(lambda tab, *args: fn(tab, jnp.int32(0), *args), mesh=mesh, in_specs=in_specs,
                              out_specs=_spec(batch_axes, out_ndim), check_vma=False)(table, *batch_args)
-    rs = rs._replace(batch_axes=_batch_axes_for(rs.mesh, rs.batch_axes, batch_args[0].shape[0]))
+    rs = rs._replace(batch_axes=batch_axes_for(rs.mesh, rs.batch_axes, batch_args[0].shape[0]))
     _check_split(rs, table.shape[0], batch_args[0].shape[0], logical)
     shared, local_rows = rs.shared, table.shape[0] // rs.row_shards
     only_rows = tuple(a for a in rs.row_axes if a not in shared)

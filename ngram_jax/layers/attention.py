@@ -151,7 +151,7 @@ def splash_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_id
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
     from jax.sharding import PartitionSpec as P
 
-    from ngram_jax.sharding import current_mesh, mesh_axes
+    from ngram_jax.sharding import current_mesh, live_axes
 
     b, s, h, _ = q.shape
     if s % 128:
@@ -179,8 +179,7 @@ def splash_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_id
     mesh = current_mesh()
     if mesh is None:
         return local(q, k, v, seg).astype(q.dtype)
-    live = lambda names: tuple(a for a in names if a in mesh.axis_names and mesh.shape[a] > 1) or None  # noqa: E731
-    bx, hx = live(mesh_axes("batch")), live(mesh_axes("heads"))
+    bx, hx = live_axes(mesh, "batch") or None, live_axes(mesh, "heads") or None
     spec = P(bx, None, hx, None)
     return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, P(bx, None)), out_specs=spec,
                          check_vma=False)(q, k, v, seg).astype(q.dtype)

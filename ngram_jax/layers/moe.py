@@ -43,7 +43,7 @@ from flax import nnx
 
 from ngram_jax.config import ModelConfig, MoEConfig
 from ngram_jax.layers.grouped_matmul import Grouping, num_tiles, resolve_impl
-from ngram_jax.sharding import logical_axes
+from ngram_jax.sharding import batch_axes_for, current_mesh, live_axes, logical_axes
 
 
 class SelectionBias(nnx.Variable):
@@ -292,16 +292,13 @@ class MoE(nnx.Module):
         whose rules split the ``expert`` logical axis, experts run expert-parallel (``all_to_all``
         inside ``shard_map``); otherwise by ``cfg.dispatch``.
         """
-        from ngram_jax.sharding import current_mesh, mesh_axes
-
         shape = x.shape
         flat = x.reshape(-1, shape[-1]).astype(self.dtype)  # [N, D]
         mask = jnp.ones(flat.shape[:1], bool) if token_mask is None else jnp.asarray(token_mask).reshape(-1) != 0
         experts = (p[...].astype(self.dtype) for p in (self.gate, self.up, self.down))
         params = (self.router[...], self.bias[...], *experts)
         mesh = current_mesh()
-        ep_axes = tuple(a for a in mesh_axes("expert") if mesh is not None and a in mesh.axis_names
-                        and mesh.shape[a] > 1)
+        ep_axes = live_axes(mesh, "expert") if mesh is not None else ()
         if ep_axes:
             y, sums = self._expert_parallel(flat, mask, params, mesh, ep_axes, shape[0])
         elif mesh is not None and self._kernel_dispatch():
@@ -347,11 +344,7 @@ class MoE(nnx.Module):
         as the compiler would for the matmuls); routing totals summed over the batch shards."""
         from jax.sharding import PartitionSpec as P
 
-        from ngram_jax.sharding import mesh_axes
-
-        batch_axes = tuple(a for a in mesh_axes("batch") if a in mesh.axis_names and mesh.shape[a] > 1)
-        if batch < math.prod(mesh.shape[a] for a in batch_axes):  # a few sequences (decoding): on every device
-            batch_axes = ()
+        batch_axes = batch_axes_for(mesh, live_axes(mesh, "batch"), batch)  # a few sequences: on every device
         n_batch = math.prod(mesh.shape[a] for a in batch_axes)
         if flat.shape[0] % n_batch:
             from ngram_jax.config import ConfigError
@@ -371,7 +364,6 @@ class MoE(nnx.Module):
         from jax.sharding import PartitionSpec as P
 
         from ngram_jax.config import ConfigError
-        from ngram_jax.sharding import mesh_axes
 
         c = self.cfg
         if len(ep_axes) != 1:
@@ -381,10 +373,8 @@ class MoE(nnx.Module):
         if c.num_experts % ep:
             raise ConfigError(f"model.moe.num_experts={c.num_experts} is not divisible by the {ep} devices of "
                               f"mesh axis {axis!r}")
-        live = lambda names: tuple(a for a in names if a in mesh.axis_names and mesh.shape[a] > 1)  # noqa: E731
-        batch_axes, mlp_axes = live(mesh_axes("batch")), live(mesh_axes("expert_mlp"))
-        if batch < math.prod(mesh.shape[a] for a in batch_axes):  # a few sequences (decoding): on every device
-            batch_axes = ()
+        batch_axes = batch_axes_for(mesh, live_axes(mesh, "batch"), batch)  # a few sequences: on every device
+        mlp_axes = live_axes(mesh, "expert_mlp")
         n_batch = math.prod(mesh.shape[a] for a in batch_axes)
         if flat.shape[0] % n_batch:
             raise ConfigError(f"{flat.shape[0]} tokens cannot be split over the {n_batch} batch shards")
