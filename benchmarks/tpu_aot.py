@@ -55,7 +55,7 @@ CASES: dict[str, dict] = {
 
 def run_case(name: str) -> dict:
     """Compile one case in this process; the report as JSON (``hlo`` dropped) plus the case."""
-    from ngram_jax.budget import moe_baseline
+    from ngram_jax.budget import closed_form_budget, moe_baseline
     from ngram_jax.config import load_config
     from ngram_jax.tools.aot import compile_for_tpu, format_report
 
@@ -66,8 +66,6 @@ def run_case(name: str) -> dict:
     r = compile_for_tpu(cfg, case["topology"], mesh_spec=case.get("mesh"), step=case.get("step", "train"),
                         batch=case.get("batch"), seq=case.get("seq"), draft_tokens=case.get("draft_tokens", 3))
     print(format_report(r), file=sys.stderr, flush=True)
-    from ngram_jax.budget import closed_form_budget
-
     b = closed_form_budget(cfg.model)
     return {"case": name, **case, "date": datetime.date.today().isoformat(), "total_params": b["total"],
             "activated_params": b["activated_max"], "ngram_params": b["ngram"], **r.to_json()}
@@ -83,8 +81,9 @@ def _last(records: list[dict]) -> dict[str, dict]:
     return {c: last[c] for c in [*CASES, *last] if c in last}
 
 
-def tables(records: list[dict]) -> str:
-    """Markdown tables of the results: training steps, then decode/verify steps (the last record of a case)."""
+def tables(records: list[dict]) -> dict[str, str]:
+    """Markdown tables of the results (the last record of each case): ``train`` steps, and ``decode`` for the
+    decode and verify steps."""
     last = _last(records)
     lines = ["| case | config | chips | mesh | batch x seq | fits | peak GB / HBM | temporaries GB | FLOPs/chip "
              "| bytes/chip | roofline ms | tokens/s/chip | MFU bound | collective GB (AG/AR/RS/A2A) "
@@ -103,24 +102,24 @@ def tables(records: list[dict]) -> str:
                      f"{r['batch']} x {r['seq']} | {fits} | {_gb(r['peak_bytes'])} / {_gb(r['hbm_bytes'])} | "
                      f"{_gb(r['memory'].get('temporaries', r['peak_bytes']))} | {' | '.join(perf[:4])} | {perf[4]} | "
                      f"{coll} | {r['mosaic_calls']} ({r['ngram_gather_calls']}) |")
-    inf = [r for r in last.values() if r["step"] != "train"]
-    if inf:
-        lines += ["", "| case | step | chips | batch | fits | peak GB | arguments GB | bytes/chip per step | "
-                  "roofline ms | tokens/s (all chips) | bytes per token |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in inf:
-            per_step = r["batch"] * (1 if r["step"] == "decode" else r.get("draft_tokens", 3) + 1)
-            head = f"| {r['case']} | {r['step']} | {r['num_chips']} | {r['batch']} | "
-            if not r.get("roofline_s"):  # did not fit: libtpu's figure of what it needed, nothing measured
-                lines.append(head + f"no (+{_gb(r['shortfall_bytes'])} GB) | {_gb(r['peak_bytes'])} "
-                             "| - | - | - | - | - |")
-                continue
-            tok_s = r["tokens_per_s_per_chip"] * r["num_chips"]
-            lines.append(head + f"{'yes' if r['fits'] else 'no'} | {_gb(r['peak_bytes'])} | "
-                         f"{_gb(r['memory'].get('arguments', 0))} | {r['bytes_accessed']:.3g} | "
-                         f"{r['roofline_s'] * 1e3:,.2f} | {tok_s:,.0f} | "
-                         f"{r['bytes_accessed'] * r['num_chips'] / per_step / 1e9:,.2f} GB |")
-    return "\n".join(lines)
+    out = {"train": "\n".join(lines)}
+    lines = ["| case | step | chips | batch | fits | peak GB | arguments GB | bytes/chip per step | "
+             "roofline ms | tokens/s (all chips) | bytes per token |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in (r for r in last.values() if r["step"] != "train"):
+        per_step = r["batch"] * (1 if r["step"] == "decode" else r.get("draft_tokens", 3) + 1)
+        head = f"| {r['case']} | {r['step']} | {r['num_chips']} | {r['batch']} | "
+        if not r.get("roofline_s"):  # did not fit: libtpu's figure of what it needed, nothing measured
+            lines.append(head + f"no (+{_gb(r['shortfall_bytes'])} GB) | {_gb(r['peak_bytes'])} "
+                         "| - | - | - | - | - |")
+            continue
+        tok_s = r["tokens_per_s_per_chip"] * r["num_chips"]
+        lines.append(head + f"{'yes' if r['fits'] else 'no'} | {_gb(r['peak_bytes'])} | "
+                     f"{_gb(r['memory'].get('arguments', 0))} | {r['bytes_accessed']:.3g} | "
+                     f"{r['roofline_s'] * 1e3:,.2f} | {tok_s:,.0f} | "
+                     f"{r['bytes_accessed'] * r['num_chips'] / per_step / 1e9:,.2f} GB |")
+    out["decode"] = "\n".join(lines)
+    return out
 
 
 def costs(records: list[dict]) -> str:
@@ -148,24 +147,27 @@ def costs(records: list[dict]) -> str:
     head = " | ".join(f"{g} chip-hours" for g in gens)
     lines += ["", f"| sweep (gpu preset) | runs | tokens | training FLOPs | {head} |",
               "|---|---|---|---|" + "---|" * len(gens)]
+    mfu = {}  # per generation: the dense-optimizer 280M case, else the row-wise one where only that fits
+    for g in gens:
+        ref = next((last[c] for c in (f"280m_ne_{g}", f"280m_ne_{g}_rowwise") if last.get(c, {}).get("fits")), None)
+        mfu[g] = ref["mfu_bound"] if ref else None
     for path in sorted((ROOT / "configs/paper").glob("*.yaml")):
         sw = expand(path, scale="gpu")
         flops = sum(run_tokens(r.config) * flops_per_token(r.config, _activated(r.config)) for r in sw.runs)
-        cells = []
-        for g in gens:
-            ref = next((last[c] for c in (f"280m_ne_{g}", f"280m_ne_{g}_rowwise") if last.get(c, {}).get("fits")),
-                       None)  # the dense-optimizer case, else the row-wise one where only that fits
-            mfu = ref.get("mfu_bound") if ref else None
-            cells.append(f"{flops / (mfu * CHIPS[g].peak_flops) / 3600:,.1f}" if mfu else "-")
+        cells = [f"{flops / (mfu[g] * CHIPS[g].peak_flops) / 3600:,.1f}" if mfu[g] else "-" for g in gens]
         lines.append(f"| {sw.name} | {len(sw.runs)} | {sum(run_tokens(r.config) for r in sw.runs) / 1e9:.2f}B | "
                      f"{flops:.3g} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def into_doc(page: str, text: str) -> str:
-    """``page`` with the blocks of ``text`` (train, decode, study costs + sweep costs) between its markers."""
-    train, decode, *study = text.split("\n\n")
-    for key, block in (("train", train), ("decode", decode), ("study", "\n\n".join(study))):
+def blocks(records: list[dict]) -> dict[str, str]:
+    """Every table of the results, by the docs/TPU.md block it fills: ``train``, ``decode``, ``study``."""
+    return {**tables(records), "study": costs(records)}
+
+
+def into_doc(page: str, parts: dict[str, str]) -> str:
+    """``page`` with each of :func:`blocks` between its markers, ``<!-- KEY -->`` and ``<!-- /KEY -->``."""
+    for key, block in parts.items():
         start, end = f"<!-- {key} -->", f"<!-- /{key} -->"
         if start not in page or end not in page:
             raise SystemExit(f"error: the page has no {start} ... {end} block")
@@ -201,10 +203,10 @@ def main() -> int:
     out = Path(args.out)
     if args.table:
         records = [json.loads(x) for x in out.read_text().splitlines()]
-        text = tables(records) + "\n\n" + costs(records)
+        parts = blocks(records)
         if args.doc:
-            Path(args.doc).write_text(into_doc(Path(args.doc).read_text(), text))
-        print(text)
+            Path(args.doc).write_text(into_doc(Path(args.doc).read_text(), parts))
+        print("\n\n".join(parts.values()))
         return 0
     done = {json.loads(x)["case"] for x in out.read_text().splitlines()} if out.is_file() else set()
     names = args.only or list(CASES)

@@ -103,6 +103,6 @@ def test_tpu_page_tables_are_the_recorded_compiles():
     spec.loader.exec_module(tpu_aot)
     records = [json.loads(x) for x in (ROOT / "docs/tpu/aot_results.jsonl").read_text().splitlines()]
     page = (ROOT / "docs/TPU.md").read_text()
-    assert tpu_aot.into_doc(page, tpu_aot.tables(records) + "\n\n" + tpu_aot.costs(records)) == page, (
+    assert tpu_aot.into_doc(page, tpu_aot.blocks(records)) == page, (
         "run: python benchmarks/tpu_aot.py --table --doc docs/TPU.md")
     assert {r["case"] for r in records} <= set(tpu_aot.CASES)
