@@ -153,7 +153,7 @@ def _set(tree: dict, path: tuple, value) -> None:
 
 def _ignorable(name: str, num_experts: int) -> bool:
     """Tensors with no meaning here: the multi-token-prediction head, and the gate/up weights that
-    transformers allocates for zero experts (identity experts never read them)."""
+    transformers before 5.25 allocated for zero experts (identity experts never read them)."""
     if name.startswith("model.mtp."):
         return True
     parts = name.split(".")
@@ -255,11 +255,6 @@ def hf_tensors(model: Model) -> dict[str, np.ndarray]:
             w = get(("blocks", layer, "moe", ours))
             for e in range(m.moe.num_experts):
                 out[f"{p}.{e}.{theirs}.weight"] = np.ascontiguousarray(w[e].T)
-        # transformers fuses gate/up of ALL experts, zero experts included, into one tensor it never
-        # reads for them: write zeros so its loader finds the shape it expects
-        for e in range(m.moe.num_experts, m.moe.num_experts + m.moe.num_zero_experts):
-            for theirs in ("gate_proj", "up_proj"):
-                out[f"{p}.{e}.{theirs}.weight"] = np.zeros((m.moe.expert_dim, m.d_model), np.float32)
     return out
 
 
