@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 
 from ngram_jax import cli
 from ngram_jax.config import load_config
-from ngram_jax.kernels.ngram_gather.pallas_tpu import KERNEL_NAME, ngram_gather_pallas_tpu
+from ngram_jax.kernels.ngram_gather.pallas_tpu import KERNEL_NAME, TOKENS_PER_STEP, ngram_gather_pallas_tpu
 from ngram_jax.ngram import hashing
 from ngram_jax.ngram.lookup import Table
 from ngram_jax.tools import aot
@@ -55,6 +55,18 @@ def test_kernel_forward_and_backward_compile(gen, dtype, layout):
 
     hlo = jax.jit(fwd_bwd).lower(table, tokens).compile().as_text()
     assert aot.kernel_calls(hlo, KERNEL_NAME) == 1
+    # the compiler is told what the kernel moves: every fetched slab read and written (a bfloat16 row comes
+    # with its word-mate), plus the packed tokens in and the row ids out (a few words per position)
+    positions = -(-tokens.size // TOKENS_PER_STEP) * TOKENS_PER_STEP
+    rows = 2 * positions * lay.num_tables * (4 // table.dtype.itemsize) * d_e * table.dtype.itemsize
+    declared = declared_bytes(hlo, KERNEL_NAME)
+    assert rows <= declared <= rows + 4 * positions * (lay.num_tables + 8)
+
+
+def declared_bytes(hlo: str, name: str) -> int:
+    """The ``bytes_accessed`` the Pallas calls named ``name`` declare in a compiled module."""
+    calls = [line for line in hlo.splitlines() if 'custom_call_target="tpu_custom_call"' in line and name in line]
+    return sum(int(b) for line in calls for b in re.findall(r'\\?"bytes_accessed\\?":\\?"(\d+)', line))
 
 
 MESHES = {"data": "data=4", "fsdp": "fsdp=4", "data_expert": "data=2,expert=2", "tensor": "tensor=4"}
