@@ -52,7 +52,7 @@ def host_loop(target, prompts, new: int):
     prefill and step compiled once, one dispatch per token."""
     tokens, seg = left_pad(prompts)
     prefill_fn = frozen(prefill, target, static_argnums=(2,))
-    step_fn = frozen(decode_step, target)
+    step_fn = frozen(decode_step, target, donate_argnums=(1,))  # the KV cache updated in place, as generate does
 
     def run():
         logits, state = prefill_fn(jnp.asarray(tokens), jnp.asarray(seg), tokens.shape[1] + new)
