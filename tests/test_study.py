@@ -366,3 +366,24 @@ def test_report_draws_the_loss_vs_tokens_curves(tmp_path):
     assert "| 200 | 4.0500 (4.0000-4.1000) | 4.1000 (4.0000-4.2000) | -0.0500 (+0.0000, -0.1000) |" in text
     assert "| a | 1,000 | 1,234 | 10 | 10 |" in text  # training speed
     assert (tmp_path / "curve_a.png") in figures and (tmp_path / "curve_a.png").stat().st_size > 1000
+
+
+def test_report_draws_loss_vs_tokens_curves_of_groups_without_a_baseline(tmp_path):
+    """A sweep of NE settings (no MoE baseline) with curves: per point each group's loss, the best group and
+    whether it is best on every seed, the order at the first and last point, and a plot of all the curves."""
+    tokens = [100, 200, 400]
+    curve = {("a", 0): [5.0, 4.0, 3.0], ("a", 1): [5.2, 4.1, 3.1],
+             ("b", 0): [4.9, 4.05, 3.2], ("b", 1): [5.1, 4.0, 3.3]}  # b ahead at 100, seeds split at 200, a at 400
+    recs = _records([("a", [3.0, 3.1], {}), ("b", [3.2, 3.3], {})])
+    for r in recs:
+        r["eval_curve"] = [[t, v] for t, v in zip(tokens, curve[r["group"], r["seed"]], strict=True)]
+    (tmp_path / runner.RESULTS).write_text("".join(json.dumps(r) + "\n" for r in recs))
+    path, figures = report.write_report(tmp_path)
+    text = path.read_text()
+    assert "### Loss vs tokens by group" in text
+    assert "| 100 | 5.1000 (5.0000-5.2000) | 5.0000 (4.9000-5.1000) | b, on every seed |" in text
+    assert "| 200 | 4.0500 (4.0000-4.1000) | 4.0250 (4.0000-4.0500) | b (not on every seed against a) |" in text
+    assert "| 400 | 3.0500 (3.0000-3.1000) | 3.2500 (3.2000-3.3000) | a, on every seed |" in text
+    assert "Order by mean loss at 100 tokens: b < a; at 400: a < b." in text
+    assert (tmp_path / "curves.png") in figures and (tmp_path / "curves.png").stat().st_size > 1000
+    assert "Loss vs tokens:" not in text.replace("Loss vs tokens by group", "")  # no NE / MoE pair here

@@ -191,6 +191,55 @@ def curve_markdown(groups: list[Group]) -> list[str]:
     return lines
 
 
+def group_curves(groups: list[Group]) -> tuple[list[int], dict[str, dict[int, np.ndarray]]]:
+    """(token counts, {group: {seed: held-out losses}}) of the groups with curves that are not in an NE /
+    MoE-baseline pair (e.g. the NE shares of ``ne_share_tokens``), over the token counts all of them share."""
+    in_pairs = {g.name for pair in baseline_pairs(groups) for g in pair}
+    cs = {g.name: curves(g) for g in groups if g.name not in in_pairs}
+    cs = {name: c for name, c in cs.items() if c[0]}
+    if len(cs) < 2:
+        return [], {}
+    tokens = sorted(set.intersection(*(set(ts) for ts, _ in cs.values())))
+    return tokens, {name: {s: v[[ts.index(t) for t in tokens]] for s, v in by_seed.items()}
+                    for name, (ts, by_seed) in cs.items()}
+
+
+def best_at(losses: dict[str, dict[int, float]]) -> tuple[str, list[str]]:
+    """(the group with the lowest mean loss, the groups it does not beat on every shared seed (at least 2))."""
+    best = min(losses, key=lambda n: np.mean(list(losses[n].values())))
+    not_beaten = []
+    for name, by_seed in losses.items():
+        shared = sorted(losses[best].keys() & by_seed.keys())
+        if name != best and (len(shared) < 2 or not all(losses[best][s] < by_seed[s] for s in shared)):
+            not_beaten.append(name)
+    return best, not_beaten
+
+
+def group_curve_markdown(groups: list[Group]) -> list[str]:
+    """The loss of each group at each token count, the best group there and its paired call against the rest,
+    and the groups' order at the first and the last point."""
+    tokens, cs = group_curves(groups)
+    if not tokens:
+        return []
+    names = list(cs)
+    lines = ["", "### Loss vs tokens by group", "",
+             "Mean held-out loss over seeds (seed range). Best: the lowest mean; \"on every seed\" when it is lower "
+             "than each other group on every shared seed, else the groups it does not beat on every seed.", "",
+             "| tokens | " + " | ".join(names) + " | best |", "|---|" + "---|" * (len(names) + 1)]
+    orders = []
+    for j, t in enumerate(tokens):
+        losses = {n: {s: float(v[j]) for s, v in cs[n].items()} for n in names}
+        best, not_beaten = best_at(losses)
+        cells = [f"{np.mean(list(losses[n].values())):.4f} ({min(losses[n].values()):.4f}-"
+                 f"{max(losses[n].values()):.4f})" for n in names]
+        call = f"{best}, on every seed" if not not_beaten else f"{best} (not on every seed against " \
+            f"{', '.join(not_beaten)})"
+        lines.append(f"| {t:,} | " + " | ".join(cells) + f" | {call} |")
+        orders.append(" < ".join(sorted(names, key=lambda n: np.mean(list(losses[n].values())))))
+    lines += ["", f"Order by mean loss at {tokens[0]:,} tokens: {orders[0]}; at {tokens[-1]:,}: {orders[-1]}."]
+    return lines
+
+
 def speed_markdown(groups: list[Group]) -> list[str]:
     """Training tokens/s of each group on the machine that ran it (to size a rerun)."""
     rows = [g for g in groups if g.values("train_tokens_per_s").size]
@@ -239,7 +288,7 @@ def markdown(records: list[dict]) -> str:
                          f"{ne.first('total_params'):,} / {moe.first('total_params'):,} | "
                          f"{ne.first('activated_params'):,} / {moe.first('activated_params'):,} | {call} | "
                          f"{_fmt_paired(ne, moe, ('NE better', 'MoE better'))} |")
-    lines += curve_markdown(groups) + speed_markdown(groups)
+    lines += curve_markdown(groups) + group_curve_markdown(groups) + speed_markdown(groups)
     return "\n".join(lines) + "\n"
 
 
@@ -353,6 +402,21 @@ def plots(records: list[dict], out: Path) -> list[Path]:
             a.grid(alpha=0.3)
             a.legend(fontsize=7)
         save(fig, f"curve_{ne.name}.png")
+    tokens, cs = group_curves(groups)
+    if tokens:  # loss vs tokens of every group that is not in an NE / MoE-baseline pair, seed range as a band
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for i, (name, by_seed) in enumerate(cs.items()):
+            c = np.stack(list(by_seed.values()))  # [seeds, points]
+            share = next(g for g in groups if g.name == name).first("ngram_share") or 0.0
+            ax.plot(tokens, c.mean(0), "o-", color=f"C{i}", label=f"{name} ({share:.0%} NE, {len(by_seed)} seeds)")
+            ax.fill_between(tokens, c.min(0), c.max(0), color=f"C{i}", alpha=0.2)
+        ax.set_xscale("log")
+        ax.set_xlabel("training tokens")
+        ax.set_ylabel("held-out loss (nats/token)")
+        ax.set_title(f"{sweep}: held-out loss vs tokens (band: seed range)", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        save(fig, "curves.png")
     if all(g.first("embedding_norm") is not None for g in groups):
         fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(groups)), 4))
         x = np.arange(len(groups))
