@@ -207,6 +207,13 @@ def test_paired_call_needs_every_shared_seed_on_one_side():
     assert report.paired(groups["x"], groups["w"])[:1] == ("no call",)
 
 
+def _report_of(out, recs) -> tuple[str, list]:
+    """Write recs as out's results file and report on it: (report.md text, plot paths)."""
+    (out / runner.RESULTS).write_text("".join(json.dumps(r) + "\n" for r in recs))
+    path, figures = report.write_report(out)
+    return path.read_text(), figures
+
+
 def test_report_calls_ties_within_the_seed_spread(tmp_path):
     recs = _records([
         ("a", [3.00, 3.04], {}), ("a-moe", [3.02, 3.04], {"baseline_of": "a", "ngram_share": 0.0}),
@@ -215,9 +222,7 @@ def test_report_calls_ties_within_the_seed_spread(tmp_path):
         ("c", [2.90], {"grid": {"model.ngram.ratio": 3.0}}),
         ("plain", [3.2], {"grid": {}, "ngram_share": 0.0}),  # ne_share's 0% point: in no grid-key plot
     ])
-    (tmp_path / runner.RESULTS).write_text("".join(json.dumps(r) + "\n" for r in recs))
-    path, figures = report.write_report(tmp_path)
-    text = path.read_text()
+    text, figures = _report_of(tmp_path, recs)
     # a: 0.01 within spread 0.04, and the seeds disagree (-0.02, 0.00): a tie both ways
     assert "| a | 3.0200 | 3.0300 | -0.0100 | 1,000 / 1,000 | 500 / 500 | tie | tie (-0.0100, 2 seeds) |" in text
     assert ("| b | 3.0050 | 3.1050 | -0.1000 | 1,000 / 1,000 | 500 / 500 | NE better | NE better (-0.1000, 2 seeds) |"
@@ -358,9 +363,7 @@ def test_report_draws_the_loss_vs_tokens_curves(tmp_path):
         curve = (moe if r["baseline_of"] else ne)[r["seed"]]
         r.update(eval_curve=[[t, v] for t, v in zip(tokens, curve, strict=True)], train_tokens_per_s=1234.0,
                  wall_s=10.0)
-    (tmp_path / runner.RESULTS).write_text("".join(json.dumps(r) + "\n" for r in recs))
-    path, figures = report.write_report(tmp_path)
-    text = path.read_text()
+    text, figures = _report_of(tmp_path, recs)
     assert "### Loss vs tokens: a against a-moe" in text
     assert "from 400 tokens on, NE better on every seed" in text
     assert "| 200 | 4.0500 (4.0000-4.1000) | 4.1000 (4.0000-4.2000) | -0.0500 (+0.0000, -0.1000) |" in text
@@ -377,9 +380,7 @@ def test_report_draws_loss_vs_tokens_curves_of_groups_without_a_baseline(tmp_pat
     recs = _records([("a", [3.0, 3.1], {}), ("b", [3.2, 3.3], {})])
     for r in recs:
         r["eval_curve"] = [[t, v] for t, v in zip(tokens, curve[r["group"], r["seed"]], strict=True)]
-    (tmp_path / runner.RESULTS).write_text("".join(json.dumps(r) + "\n" for r in recs))
-    path, figures = report.write_report(tmp_path)
-    text = path.read_text()
+    text, figures = _report_of(tmp_path, recs)
     assert "### Loss vs tokens by group" in text
     assert "| 100 | 5.1000 (5.0000-5.2000) | 5.0000 (4.9000-5.1000) | b, on every seed |" in text
     assert "| 200 | 4.0500 (4.0000-4.1000) | 4.0250 (4.0000-4.0500) | b (not on every seed against a) |" in text

@@ -89,8 +89,12 @@ def compare(a: Group, b: Group) -> tuple[str, float]:
 def paired(a: Group, b: Group) -> tuple[str, float, int]:
     """(verdict, mean over shared seeds of a - b, shared seeds): 'a better' / 'b better' when every shared
     seed agrees, 'tie' when they disagree (or a difference is 0), 'no call' with fewer than 2 shared seeds."""
-    la = {r["seed"]: r["eval_loss"] for r in a.records}
-    lb = {r["seed"]: r["eval_loss"] for r in b.records}
+    by_seed = lambda g: {r["seed"]: r["eval_loss"] for r in g.records}  # noqa: E731
+    return paired_losses(by_seed(a), by_seed(b))
+
+
+def paired_losses(la: dict[int, float], lb: dict[int, float]) -> tuple[str, float, int]:
+    """``paired`` of two {seed: loss} maps (final losses, or the losses at one point of a curve)."""
     diffs = np.array([la[s] - lb[s] for s in sorted(la.keys() & lb.keys())], np.float64)
     if diffs.size < 2:
         return "no call", float(diffs.mean()) if diffs.size else float("nan"), int(diffs.size)
@@ -204,17 +208,6 @@ def group_curves(groups: list[Group]) -> tuple[list[int], dict[str, dict[int, np
                     for name, (ts, by_seed) in cs.items()}
 
 
-def best_at(losses: dict[str, dict[int, float]]) -> tuple[str, list[str]]:
-    """(the group with the lowest mean loss, the groups it does not beat on every shared seed (at least 2))."""
-    best = min(losses, key=lambda n: np.mean(list(losses[n].values())))
-    not_beaten = []
-    for name, by_seed in losses.items():
-        shared = sorted(losses[best].keys() & by_seed.keys())
-        if name != best and (len(shared) < 2 or not all(losses[best][s] < by_seed[s] for s in shared)):
-            not_beaten.append(name)
-    return best, not_beaten
-
-
 def group_curve_markdown(groups: list[Group]) -> list[str]:
     """The loss of each group at each token count, the best group there and its paired call against the rest,
     and the groups' order at the first and the last point."""
@@ -228,14 +221,16 @@ def group_curve_markdown(groups: list[Group]) -> list[str]:
              "| tokens | " + " | ".join(names) + " | best |", "|---|" + "---|" * (len(names) + 1)]
     orders = []
     for j, t in enumerate(tokens):
-        losses = {n: {s: float(v[j]) for s, v in cs[n].items()} for n in names}
-        best, not_beaten = best_at(losses)
+        losses = {n: {s: float(v[j]) for s, v in cs[n].items()} for n in names}  # {group: {seed: loss at t}}
+        ranked = sorted(names, key=lambda n: np.mean(list(losses[n].values())))
+        best = ranked[0]
+        not_beaten = [n for n in ranked[1:] if paired_losses(losses[best], losses[n])[0] != "a better"]
         cells = [f"{np.mean(list(losses[n].values())):.4f} ({min(losses[n].values()):.4f}-"
                  f"{max(losses[n].values()):.4f})" for n in names]
         call = f"{best}, on every seed" if not not_beaten else f"{best} (not on every seed against " \
             f"{', '.join(not_beaten)})"
         lines.append(f"| {t:,} | " + " | ".join(cells) + f" | {call} |")
-        orders.append(" < ".join(sorted(names, key=lambda n: np.mean(list(losses[n].values())))))
+        orders.append(" < ".join(ranked))
     lines += ["", f"Order by mean loss at {tokens[0]:,} tokens: {orders[0]}; at {tokens[-1]:,}: {orders[-1]}."]
     return lines
 
@@ -405,9 +400,10 @@ def plots(records: list[dict], out: Path) -> list[Path]:
     tokens, cs = group_curves(groups)
     if tokens:  # loss vs tokens of every group that is not in an NE / MoE-baseline pair, seed range as a band
         fig, ax = plt.subplots(figsize=(7, 4))
+        share_of = {g.name: g.first("ngram_share") or 0.0 for g in groups}
         for i, (name, by_seed) in enumerate(cs.items()):
             c = np.stack(list(by_seed.values()))  # [seeds, points]
-            share = next(g for g in groups if g.name == name).first("ngram_share") or 0.0
+            share = share_of[name]
             ax.plot(tokens, c.mean(0), "o-", color=f"C{i}", label=f"{name} ({share:.0%} NE, {len(by_seed)} seeds)")
             ax.fill_between(tokens, c.min(0), c.max(0), color=f"C{i}", alpha=0.2)
         ax.set_xscale("log")
