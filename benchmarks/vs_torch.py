@@ -94,8 +94,8 @@ def torch_ngram_embedding(cfg, torch):
     consts = torch.as_tensor(hashing.hash_constants(m.vocab_size, sizes, n.max_n))  # [T, N-1]
     t = len(sizes)
     d_e = m.d_model // t
-    amp = math.sqrt(m.d_model) if n.amplification == "sqrt_d" else 1.0
-    if n.amplification == "layernorm":
+    amp = math.sqrt(m.d_model) if m.embedding.amplification == "sqrt_d" else 1.0
+    if m.embedding.amplification == "layernorm":
         raise ValueError("the torch N-gram Embedding here implements amplification none | sqrt_d")
 
     class NE(torch.nn.Module):

@@ -1,8 +1,8 @@
 """Parameter accounting in closed form (no arrays, no devices).
 
 The counts follow the layer shapes of SPEC.md sections 1-3:
-- input embedding: base table ``V*D`` (+ NE sub-tables ``sum(M)*d_e`` and projections ``T*d_e*D``,
-  + LayerNorm ``2*D`` with ``amplification: layernorm``);
+- input embedding: base table ``V*D`` (+ NE sub-tables ``sum(M)*d_e`` and projections ``T*d_e*D``),
+  + LayerNorm ``2*D`` with ``model.embedding.amplification: layernorm`` (any model);
 - each ScMoE block: 2 attention sublayers, 2 dense FFNs (SwiGLU ``3*D*F``; with PLE/PLNE the
   up-projection is replaced by the per-layer lookup, ``2*D*F``), 4 RMSNorms, and when
   ``num_experts > 0`` one router ``D*(E+Z)`` and E SwiGLU experts ``3*D*F_e``;
@@ -12,6 +12,14 @@ The counts follow the layer shapes of SPEC.md sections 1-3:
 Activated parameters per token count every dense weight, the LM head, the table rows a token
 reads, and ``top_k`` experts when all are real (``activated_max``) or as few real experts as the
 zero experts allow (``activated_min``).
+
+The paper counts the transformer's parameters (its activated budgets exclude the vocabulary matrices):
+``transformer_total`` is the total without the token table, its amplification LayerNorm and the LM head
+(the N-gram tables and projections stay: they are the sparse parameters NE adds, as experts are MoE's), and
+``transformer_activated`` the activated count (max) without the table rows a token reads (token, N-gram and
+per-layer rows: lookups, not weights it multiplies by), that LayerNorm and the LM head (the N-gram
+projections stay: dense weights every token multiplies by).
+:func:`ratios` gives total/activated both ways.
 """
 
 from __future__ import annotations
@@ -90,8 +98,8 @@ def closed_form_budget(m: ModelConfig) -> dict[str, int]:
     if m.ngram.enabled:
         counts["ngram"] += sum(ngram_table_params(v, d, m.ngram.max_n, m.ngram.splits, m.ngram.ratio,
                                                   m.ngram.row_multiple))
-        if m.ngram.amplification == "layernorm":
-            counts["embedding"] += 2 * d
+    if m.embedding.amplification == "layernorm":
+        counts["embedding"] += 2 * d
     if m.ple.kind != "none":
         counts["ple"] = v * n_ffn * f
     if m.ple.kind == "plne":
@@ -116,7 +124,8 @@ def _with_activated(m: ModelConfig, counts: dict[str, int]) -> dict[str, int]:
     d, f, e = m.d_model, m.ffn_dim, m.moe
     counts["total"] = sum(counts.values())
     tables = counts["embedding"] + counts["ple"] + counts["ngram"]
-    rows_read = d + (m.ngram.amplification == "layernorm" and m.ngram.enabled) * 2 * d
+    amp = 2 * d if m.embedding.amplification == "layernorm" else 0  # the amplification LayerNorm
+    rows_read = d + amp
     proj = 0
     if m.ngram.enabled:
         t = num_tables(m.ngram.max_n, m.ngram.splits)
@@ -137,7 +146,17 @@ def _with_activated(m: ModelConfig, counts: dict[str, int]) -> dict[str, int]:
     k_min = max(0, e.top_k - e.num_zero_experts) if e.num_experts else 0
     counts["activated_min"] = base + m.num_blocks * k_min * expert_one
     counts["activated_max"] = base + m.num_blocks * k_max * expert_one
+    counts["transformer_total"] = counts["total"] - m.vocab_size * d - amp - counts["lm_head"]
+    counts["transformer_activated"] = counts["activated_max"] - rows_read - head
     return counts
+
+
+def ratios(b: dict[str, int]) -> dict[str, float]:
+    """Total over activated parameters of a budget (:func:`closed_form_budget`): ``total_over_activated`` as
+    counted here (embedding and LM head included) and ``transformer_ratio``, the paper's counting (both
+    without the token table and the LM head, see the module docstring)."""
+    return {"total_over_activated": b["total"] / b["activated_max"],
+            "transformer_ratio": b["transformer_total"] / b["transformer_activated"]}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from ngram_jax import storage
-from ngram_jax.config import Config, ConfigError, from_dict, to_dict
+from ngram_jax.config import Config, ConfigError, from_dict, migrate, to_dict
 from ngram_jax.errors import CheckpointError
 from ngram_jax.train.state import build_train_state, train_state_target
 
@@ -58,7 +58,7 @@ def config_differences(saved: dict, requested: Config, ignore: tuple[str, ...] =
     """``key: saved -> requested`` for every key that differs, the keys (and sections) in ``ignore``
     (by default the run-control keys) excepted. A key the saved config lacks (added to the schema after
     the save, e.g. ``train.freeze_target``) counts as its default value."""
-    a, b = _flatten(saved), _flatten(to_dict(requested))
+    a, b = _flatten(migrate(saved)), _flatten(to_dict(requested))
     defaults = _flatten(to_dict(Config()))
     diffs = []
     for key in sorted(set(a) | set(b)):

@@ -37,15 +37,31 @@ class ConfigWarning(UserWarning):
 
 
 @dataclass(frozen=True)
+class EmbeddingConfig:
+    """The input embedding's treatment, whichever embedding it is (the plain token table or NE): a plain or
+    MoE model and an NE model with the same section are treated alike (docs/STUDY_GUIDE.md, "Both arms
+    alike").
+
+    Init rule, one for every embedding table (docs/TRAINING.md, "Initialisation"): the embedding's OUTPUT
+    starts with per-coordinate standard deviation ``init_std`` before amplification. A token table is drawn
+    at ``init_std``; NE's projected mean of 1 + T terms (``/(1 + T)``) would shrink that by sqrt(1 + T),
+    so its tables are drawn at ``init_std * sqrt(1 + T)`` (projections at 1/sqrt(d_e) keep a row's scale).
+    The same rule gives the per-layer embeddings ``model.ple.init_std``."""
+
+    # Embedding Amplification (paper section 3), applied to the input embedding before the first block:
+    # none | sqrt_d (times sqrt(d_model)) | layernorm (a LayerNorm with its own scale and bias)
+    amplification: Literal["none", "sqrt_d", "layernorm"] = "none"
+    init_std: float = 0.02  # the output's std at init (GPT-2's embedding scale), see the class docstring
+
+
+@dataclass(frozen=True)
 class NgramConfig:
-    """N-gram Embedding on the input (SPEC.md section 1)."""
+    """N-gram Embedding on the input (SPEC.md section 1); its amplification and init are ``model.embedding``."""
 
     enabled: bool = False
     max_n: int = 3  # N: orders 2..N
     splits: int = 2  # K: hash functions (sub-tables) per order
     ratio: float = 8.37  # r: sub-table size ~ r * V; avoid integers and simple fractions
-    amplification: Literal["none", "sqrt_d", "layernorm"] = "none"
-    init_std: float = 0.02  # normal init of the base and n-gram tables
     row_multiple: int = 1  # pad the flattened table to a multiple of this (>= the row shards of a mesh)
     # the fused hashed gather: auto (pallas_tpu on TPU, xla elsewhere) | reference | xla | pallas_tpu
     kernel: Literal["auto", "reference", "xla", "pallas_tpu"] = "auto"
@@ -61,7 +77,9 @@ class PLEConfig:
     ratio: float = 2.37  # PLNE only
     row_multiple: int = 1  # PLNE only
     kernel: Literal["auto", "reference", "xla", "pallas_tpu"] = "auto"  # PLNE only, as model.ngram.kernel
-    init_std: float = 1.0  # the scale of the SwiGLU up-projection that the embedding replaces
+    # the output's std at init (the rule of model.embedding): 1.0, the scale of the SwiGLU up-projection
+    # W_u x it replaces (lecun-normal W_u on an RMS-normalised x)
+    init_std: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -98,7 +116,18 @@ class MoEConfig:
     num_zero_experts: int = 0
     top_k: int = 2
     expert_dim: int = 128
+    # the experts' weights at init: normal (std 0.02, as the router) | lecun (as the dense FFN: lecun-normal,
+    # std 1/sqrt(fan_in), so an expert starts at the dense FFN's scale)
+    expert_init: Literal["normal", "lecun"] = "normal"
     routed_scaling_factor: float = 1.0
+    # The routed weights of the selected experts (p: the router's softmax over all E + Z experts):
+    # normalize_topk false: w_i = p_i * scale, a routed mass sum_i w_i of about scale * top_k / (E + Z) at a
+    # uniform router, shrinking as E grows; true: w_i = p_i / sum_selected(p) * scale (DeepSeek-V3, Mixtral),
+    # a routed mass of exactly routed_scaling_factor at any E.
+    normalize_topk: bool = False
+    # scale: fixed (routed_scaling_factor) | num_experts (routed_scaling_factor * (E + Z) / top_k, so that an
+    # unnormalised routed mass starts at routed_scaling_factor whatever E)
+    routed_scale: Literal["fixed", "num_experts"] = "fixed"
     dispatch: Literal["dropless", "capacity", "dense"] = "dropless"
     capacity_factor: float = 1.25  # capacity dispatch: slots per expert = factor * tokens * top_k / E
     # the grouped matmul of dropless (and expert-parallel) dispatch (layers/grouped_matmul.py):
@@ -112,7 +141,15 @@ class MoEConfig:
     # rows (N * E) than the tiled layout's bound, as in decoding and verification passes of a few tokens
     # (the same outputs; layers/moe.py, docs/BENCHMARKS.md); false: always the tiled layout
     few_tokens_dense: bool = True
+    # what the selection bias is added to for the top-k choice: probs (LongCat-Flash: p + b, so a bias step
+    # weighs more against the probabilities, whose mean is 1 / (E + Z), the more experts there are) | logits
+    # (x W_r + b: a step of b multiplies an expert's odds by exp(b), the same at any number of experts)
+    bias_on: Literal["probs", "logits"] = "probs"
     bias_update_rate: float = 1e-3  # aux-loss-free balancing step for the selection bias
+    # units of bias_update_rate: absolute (the bias moves by the rate) | mean_probability (by rate / (E + Z):
+    # the rate in units of the mean router probability 1 / (E + Z), which the bias is added to, so that the
+    # bias moves alike relative to the probabilities at any number of experts)
+    bias_update_units: Literal["absolute", "mean_probability"] = "absolute"
     bias_update_rule: Literal["sign", "proportional"] = "sign"
     # K_e: expected real (non-zero) experts per token that the bias update steers toward; the zero
     # experts absorb the other (top_k - K_e) / top_k of the routed slots (layers/moe.py, SPEC.md 3).
@@ -143,6 +180,7 @@ class ModelConfig:
     # names (keep the activations named in remat_names, see REMAT_NAMES, recompute the rest).
     remat: Literal["none", "block", "dots", "names"] = "none"
     remat_names: tuple[str, ...] = ()  # model.remat=names only
+    embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     ngram: NgramConfig = field(default_factory=NgramConfig)
@@ -305,7 +343,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     data = _read_yaml_tree(Path(path), seen=())
     for item in overrides:
         _set_dotted(data, *parse_override(item))
-    return from_dict(data)
+    return from_dict(migrate(data, warn=True))
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -317,10 +355,63 @@ def parse_override(item: str) -> tuple[str, Any]:
 
 
 def from_dict(data: Mapping[str, Any]) -> Config:
-    """Build and validate a :class:`Config` from plain data (e.g. a parsed YAML or JSON file)."""
-    cfg = _build(Config, data, "")
+    """Build and validate a :class:`Config` from plain data (e.g. a parsed YAML or JSON file, or a checkpoint's
+    saved config: keys that moved are read where they are now, see :func:`migrate`)."""
+    cfg = _build(Config, migrate(data), "")
     validate(cfg)
     return cfg
+
+
+MOVED_TO_EMBEDDING = ("amplification", "init_std")  # model.ngram.X -> model.embedding.X
+
+
+def migrate(data: Mapping[str, Any], *, warn: bool = False) -> dict[str, Any]:
+    """Plain config data with the keys that moved read where they are now, as the same model.
+
+    ``model.ngram.amplification`` and ``model.ngram.init_std`` (they applied to NE only) are
+    ``model.embedding.amplification`` and ``model.embedding.init_std`` (they apply to every input embedding).
+    With NE enabled the amplification moves as it is, and the old table std s becomes the output std
+    ``s / sqrt(1 + T)`` it gave (the init rule of :class:`EmbeddingConfig`), so an old config builds the same
+    model; without NE both had no effect and are dropped. A config that sets an old key and its new one to
+    different values is a :class:`ConfigError`. ``warn``: a :class:`ConfigWarning` per moved key (for files a
+    user edits; a checkpoint's saved config migrates silently)."""
+    data = dict(data)
+    model = data.get("model")
+    ngram = model.get("ngram") if isinstance(model, Mapping) else None
+    if not isinstance(ngram, Mapping) or not set(MOVED_TO_EMBEDDING) & set(ngram):
+        return data
+    model, ngram = dict(model), dict(ngram)
+    moved = {k: ngram.pop(k) for k in MOVED_TO_EMBEDDING if k in ngram}
+    embedding = model.get("embedding") if model.get("embedding") is not None else {}
+    if not isinstance(embedding, Mapping):
+        raise ConfigError(f"model.embedding: expected a mapping of EmbeddingConfig fields, got {embedding!r}")
+    embedding = dict(embedding)
+    enabled = ngram.get("enabled", NgramConfig.enabled) is True
+    for key, value in moved.items():
+        if enabled and key == "init_std":
+            t = ngram.get("splits", NgramConfig.splits) * (ngram.get("max_n", NgramConfig.max_n) - 1)
+            try:
+                value = float(value) / (1 + t) ** 0.5
+            except (TypeError, ValueError):
+                raise ConfigError(f"model.ngram.init_std (now model.embedding.init_std): expected a number, got "
+                                  f"{value!r}") from None
+        if not enabled:
+            if warn:
+                warnings.warn(f"model.ngram.{key} had no effect without model.ngram.enabled and is ignored; it is "
+                              f"model.embedding.{key} now, for every input embedding", ConfigWarning, stacklevel=3)
+            continue
+        if key in embedding and embedding[key] != value:
+            raise ConfigError(f"model.ngram.{key} moved to model.embedding.{key}, and this config sets both "
+                              f"({moved[key]!r} and {embedding[key]!r}): keep only model.embedding.{key}")
+        embedding[key] = value
+        if warn:
+            warnings.warn(f"model.ngram.{key} is model.embedding.{key} now (it applies to every input embedding); "
+                          f"read as model.embedding.{key}={value!r}", ConfigWarning, stacklevel=3)
+    model["ngram"] = ngram
+    if embedding:
+        model["embedding"] = embedding
+    data["model"] = model
+    return data
 
 
 def to_dict(cfg) -> dict[str, Any]:
@@ -510,6 +601,9 @@ def validate(cfg: Config) -> None:
         _require(0 <= m.eos_id < m.vocab_size,
                  f"model.eos_id={m.eos_id} must be in [0, vocab_size={m.vocab_size}) or null")
     _require(m.norm_eps > 0, f"model.norm_eps must be > 0, got {m.norm_eps}")
+    _require(m.embedding.init_std > 0 and m.ple.init_std > 0,
+             f"model.embedding.init_std and model.ple.init_std must be > 0 (the std of the embedding's output at "
+             f"init), got {m.embedding.init_std} and {m.ple.init_std}")
 
     if m.remat == "names":
         _require(len(m.remat_names) > 0,
@@ -557,6 +651,9 @@ def validate(cfg: Config) -> None:
                      f"model.moe.real_experts_per_token={ke} must equal top_k={e.top_k} without zero experts "
                      "(set model.moe.num_zero_experts > 0, or null)")
         _require(e.bias_update_rate >= 0, f"model.moe.bias_update_rate must be >= 0, got {e.bias_update_rate}")
+        _require(not (e.normalize_topk and e.routed_scale == "num_experts"),
+                 "model.moe.routed_scale=num_experts scales an unnormalised routed mass up by (E + Z) / top_k; with "
+                 "model.moe.normalize_topk=true the mass is already routed_scaling_factor: set one of them")
     else:
         _require(e.num_zero_experts == 0, "model.moe.num_zero_experts needs num_experts > 0")
 

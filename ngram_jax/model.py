@@ -29,7 +29,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from ngram_jax.config import Config, ModelConfig
 from ngram_jax.layers.attention import build_attention
-from ngram_jax.layers.linear import Linear, RMSNorm
+from ngram_jax.layers.linear import Linear, RMSNorm, amplification_norm, amplify
 from ngram_jax.layers.moe import MoE
 from ngram_jax.ngram import hashing
 from ngram_jax.ngram.embedding import NgramEmbedding
@@ -39,23 +39,30 @@ from ngram_jax.sharding import logical_axes
 
 
 class TokenEmbedding(nnx.Module):
-    """Plain embedding table [V, D]."""
+    """Plain embedding table [V, D] (std ``init_std``: the init rule of ``model.embedding``), then the
+    same Embedding Amplification as NE (``model.embedding.amplification``)."""
 
-    def __init__(self, vocab_size: int, d_model: int, *, init_std: float = 0.02, dtype=jnp.float32,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, vocab_size: int, d_model: int, *, amplification: str = "none", init_std: float = 0.02,
+                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         init = nnx.initializers.normal(init_std)
         self.embedding = Table(init(rngs.params(), (vocab_size, d_model), param_dtype),
                                **logical_axes(("vocab_rows", "table_embed")))
-        self.vocab_size, self.dtype = vocab_size, dtype
+        self.norm = amplification_norm(amplification, d_model, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.vocab_size, self.dtype, self.amplification = vocab_size, dtype, amplification
 
     @classmethod
     def from_config(cls, m: ModelConfig, *, rngs: nnx.Rngs) -> TokenEmbedding:
-        return cls(m.vocab_size, m.d_model, dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype), rngs=rngs)
+        return cls(m.vocab_size, m.d_model, amplification=m.embedding.amplification, init_std=m.embedding.init_std,
+                   dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype), rngs=rngs)
 
     def __call__(self, tokens, *, segment_ids=None, history=None):
         del segment_ids, history
         hashing.check_token_ids(tokens, self.vocab_size)
-        return token_lookup(self.embedding[...], tokens).astype(self.dtype)
+        return self.amplify(token_lookup(self.embedding[...], tokens).astype(self.dtype))
+
+    def amplify(self, e: jax.Array) -> jax.Array:
+        """Embedding Amplification (paper section 3) of the looked-up rows e [B, S, D]."""
+        return amplify(e, self.amplification, self.norm)
 
 
 class SwiGLU(nnx.Module):

@@ -7,7 +7,16 @@ from pathlib import Path
 import pytest
 
 from ngram_jax.budget import check_config, closed_form_budget
-from ngram_jax.config import Config, ConfigError, ConfigWarning, from_dict, load_config, replace, to_dict
+from ngram_jax.config import (
+    Config,
+    ConfigError,
+    ConfigWarning,
+    EmbeddingConfig,
+    from_dict,
+    load_config,
+    replace,
+    to_dict,
+)
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -76,7 +85,7 @@ def test_frozen_and_round_trip():
         (["model.d_model=abc"], r"model\.d_model: expected an integer, got 'abc'"),
         (["model.d_model=1.5"], r"model\.d_model: expected an integer"),
         (["model.ngram.enabled=3"], r"model\.ngram\.enabled: expected true or false"),
-        (["model.ngram.amplification=cube"], r"model\.ngram\.amplification: 'cube' is not one of 'none'"),
+        (["model.embedding.amplification=cube"], r"model\.embedding\.amplification: 'cube' is not one of 'none'"),
         (["model.ngram.max_n=1"], r"model\.ngram\.max_n: N must be >= 2"),
         (["model.ngram.splits=0"], r"model\.ngram\.splits: K must be >= 1"),
         (["model.ngram.ratio=0"], r"model\.ngram\.ratio: .* must be > 0"),
@@ -217,3 +226,36 @@ def test_a_key_added_after_a_checkpoint_counts_as_its_default():
     saved_mtp = to_dict(frozen)
     del saved_mtp["train"]["freeze_target"]
     assert config_differences(saved_mtp, frozen) == ["train.freeze_target: checkpoint False -> requested True"]
+
+
+def _old_style(cfg: Config, amplification, init_std) -> dict:
+    """A config saved before model.embedding existed: amplification and init std under model.ngram."""
+    saved = to_dict(cfg)
+    del saved["model"]["embedding"]
+    saved["model"]["ngram"].update(amplification=amplification, init_std=init_std)
+    return saved
+
+
+def test_old_ngram_amplification_and_init_keep_loading_as_the_same_model(tmp_path):
+    """model.ngram.amplification / init_std moved to model.embedding: an old NE config reads as the same model
+    (the amplification as it was, the old table std s as the output std s / sqrt(1 + T) it gave); without NE
+    they had no effect and are dropped; a file that sets both an old and a new key differently is an error."""
+    from ngram_jax.checkpoint import config_differences
+
+    ne = load_config(CONFIGS / "models" / "tiny_ne.yaml")
+    t = ne.model.ngram.splits * (ne.model.ngram.max_n - 1)
+    saved = _old_style(ne, "layernorm", 0.5)
+    migrated = from_dict(saved)  # a checkpoint's saved config: silently
+    assert migrated.model.embedding.amplification == "layernorm"
+    assert migrated.model.embedding.init_std == pytest.approx(0.5 / (1 + t) ** 0.5)
+    want = replace(ne, **{"model.embedding.amplification": "layernorm",
+                          "model.embedding.init_std": 0.5 / (1 + t) ** 0.5})
+    assert config_differences(saved, want) == []
+    plain = replace(ne, **{"model.ngram.enabled": False})
+    assert from_dict(_old_style(plain, "sqrt_d", 0.5)).model.embedding == EmbeddingConfig()  # they had no effect
+    f = write(tmp_path, "old.yaml", "base: %s\nmodel:\n  ngram: {enabled: true, ratio: 2.37, amplification: sqrt_d}\n"
+              % (CONFIGS / "base.yaml"))
+    with pytest.warns(ConfigWarning, match=r"model\.ngram\.amplification is model\.embedding\.amplification now"):
+        assert load_config(f).model.embedding.amplification == "sqrt_d"
+    with pytest.raises(ConfigError, match=r"moved to model\.embedding\.amplification.*keep only"):
+        load_config(f, ["model.embedding.amplification=layernorm"])

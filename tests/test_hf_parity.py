@@ -88,7 +88,7 @@ def test_round_trip_gives_identical_parameters(saved, tmp_path):
 
 def test_ngram_checkpoint_round_trip(tmp_path):
     """LongCat-Flash-Lite names: embedders.{i} and post_projs.{i}; same logits after save -> load."""
-    cfg = load_config("configs/models/tiny_ne.yaml", ["model.ngram.amplification=none", "model.vocab_size=512",
+    cfg = load_config("configs/models/tiny_ne.yaml", ["model.embedding.amplification=none", "model.vocab_size=512",
                                                       "model.ngram.ratio=1.37"])
     model = build_model(cfg, nnx.Rngs(3))
     save_hf_checkpoint(model, cfg, tmp_path)

@@ -223,7 +223,46 @@ def test_draft_head_width(head):
 def test_budgets_agree_with_layernorm_amplification_and_ple():
     """The closed form and the abstract count agree on every category, activated counts included,
     for the combinations no shipped config uses (amplification layernorm, tied head, plain PLE)."""
-    for overrides in (["model.ngram.amplification=layernorm"],
-                      ["model.ngram.amplification=layernorm", "model.tie_embeddings=true", "model.ple.kind=ple"]):
+    for overrides in (["model.embedding.amplification=layernorm"],
+                      ["model.embedding.amplification=layernorm", "model.tie_embeddings=true", "model.ple.kind=ple"]):
         c = cfg("tiny_ne", *overrides)
         assert parameter_budget(c) == closed_form_budget(c.model)
+
+
+@pytest.mark.parametrize("name", ["tiny_moe", "tiny_ne"])
+def test_every_input_embedding_is_amplified_alike_and_starts_at_init_std(name):
+    """model.embedding applies to the plain token embedding and to NE alike: sqrt_d is sqrt(D) times none,
+    layernorm normalises every token, and the output (before amplification) starts with std init_std
+    whichever embedding it is (NE's tables start sqrt(1 + T) wider to undo its mean of 1 + T terms)."""
+    tokens = jnp.asarray(np.random.default_rng(0).integers(2, 4096, (8, 128)), jnp.int32)
+    out = {}
+    with nnx.use_eager_sharding(False):
+        for amp in ("none", "sqrt_d", "layernorm"):
+            model = build_model(cfg(name, f"model.embedding.amplification={amp}", "model.embedding.init_std=0.5"),
+                                nnx.Rngs(0))
+            out[amp] = np.asarray(model.embed(tokens), np.float64)  # [B, S, D]
+    d = out["none"].shape[-1]
+    assert out["none"].std() == pytest.approx(0.5, rel=0.05)
+    np.testing.assert_allclose(out["sqrt_d"], out["none"] * np.sqrt(d), rtol=1e-5)
+    np.testing.assert_allclose(out["layernorm"].mean(-1), 0.0, atol=1e-4)
+    np.testing.assert_allclose(out["layernorm"].std(-1), 1.0, rtol=1e-2)
+    assert parameter_budget(cfg(name, "model.embedding.amplification=layernorm"))["embedding"] == \
+        parameter_budget(cfg(name))["embedding"] + 2 * d
+
+
+@pytest.mark.parametrize("name", ["tiny_moe", "tiny_ne", "tiny_plne"])
+def test_transformer_counts_leave_out_the_vocabulary_matrices(name):
+    """The paper's counting: the transformer's total holds every weight but the token table and the LM head
+    (N-gram tables stay: sparse parameters), its activated count the dense weights, the router, the N-gram
+    projections and top_k experts per block (no table rows, no LM head)."""
+    c = cfg(name)
+    m = c.model
+    b = parameter_budget(c)
+    ne_proj = 0
+    if m.ngram.enabled:
+        ne_proj = int(np.prod(build_model(m, nnx.Rngs(0)).embed.ngram_proj.shape))
+    if m.ple.kind == "plne":
+        ne_proj = int(np.prod(build_model(m, nnx.Rngs(0)).ple.ngram_proj.shape))
+    experts_active = m.num_blocks * min(m.moe.top_k, m.moe.num_experts) * 3 * m.d_model * m.moe.expert_dim
+    assert b["transformer_total"] == b["dense"] + b["router"] + b["experts"] + b["ngram"] + b["ple"]
+    assert b["transformer_activated"] == b["dense"] + b["router"] + experts_active + ne_proj

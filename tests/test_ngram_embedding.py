@@ -162,9 +162,9 @@ def test_logical_axis_names_and_mesh_sharding():
 
 
 def test_from_config():
-    """from_config uses every model.ngram key and model.eos_id: its values equal the numpy formula, and a
-    config that changes a key changes the layer the same way as the direct constructor."""
-    cfg = load_config("configs/models/tiny_ne.yaml", ["model.ngram.ratio=1.37", "model.ngram.init_std=0.5"])
+    """from_config uses every model.ngram key, model.embedding and model.eos_id: its values equal the numpy
+    formula, and a config that changes a key changes the layer the same way as the direct constructor."""
+    cfg = load_config("configs/models/tiny_ne.yaml", ["model.ngram.ratio=1.37", "model.embedding.init_std=0.5"])
     m, n = cfg.model, cfg.model.ngram
     layer = NgramEmbedding.from_config(m, rngs=nnx.Rngs(0))
     assert layer.eos_id == m.eos_id == 1 and layer.amplification == "sqrt_d"
@@ -176,7 +176,8 @@ def test_from_config():
     np.testing.assert_allclose(out, want, rtol=2e-5, atol=2e-5)
     assert np.abs(want).max() > 1e-2  # init_std 0.5: values far from zero
     direct = NgramEmbedding(m.vocab_size, m.d_model, max_n=n.max_n, splits=n.splits, ratio=n.ratio, eos_id=m.eos_id,
-                            amplification=n.amplification, init_std=n.init_std, row_multiple=n.row_multiple,
+                            amplification=m.embedding.amplification, init_std=m.embedding.init_std,
+                            row_multiple=n.row_multiple,
                             rngs=nnx.Rngs(0))
     np.testing.assert_array_equal(out, np.asarray(direct(jnp.asarray(tokens, jnp.int32))))
     # an EOS at 0 (the zero fill) instead would give other n-gram ids after the resets

@@ -25,6 +25,7 @@ from safetensors.numpy import save_file
 
 from ngram_jax.config import Config, ConfigError, ModelConfig, from_dict, to_dict
 from ngram_jax.errors import CheckpointError
+from ngram_jax.layers.moe import RoutingStats, routed_scale
 from ngram_jax.model import Model, build_model
 from ngram_jax.ngram.lookup import hashed_tables
 
@@ -59,8 +60,8 @@ def config_from_hf(hf: dict, row_multiple: int = 1) -> Config:
     )
     if hf.get("ngram_vocab_size_ratio") is not None:
         model["ngram"] = dict(enabled=True, max_n=hf["emb_neighbor_num"], splits=hf["emb_split_num"],
-                              ratio=float(hf["ngram_vocab_size_ratio"]), amplification="none",
-                              row_multiple=row_multiple)
+                              ratio=float(hf["ngram_vocab_size_ratio"]), row_multiple=row_multiple)
+        model["embedding"] = dict(amplification="none")  # the released format has none
     return from_dict({"name": hf.get("_name_or_path") or "hf_import", "model": model})
 
 
@@ -70,9 +71,12 @@ def config_to_hf(m: ModelConfig) -> dict:
         raise ConfigError("HF LongCat-Flash export needs MLA with q_lora_rank > 0 (model.attention)")
     if m.ple.kind != "none":
         raise ConfigError("HF LongCat-Flash has no per-layer embeddings: model.ple.kind must be none to export")
-    if m.ngram.enabled and m.ngram.amplification != "none":
-        raise ConfigError("the released LongCat-Flash-Lite format has no embedding amplification: "
-                          "model.ngram.amplification must be none to export")
+    if m.moe.num_experts and (m.moe.normalize_topk or m.moe.bias_on != "probs"):
+        raise ConfigError("HF LongCat-Flash routes with unnormalised softmax weights and its selection bias on the "
+                          "probabilities: model.moe.normalize_topk must be false and model.moe.bias_on probs to export")
+    if m.embedding.amplification != "none":
+        raise ConfigError("the released LongCat-Flash(-Lite) format has no embedding amplification: "
+                          "model.embedding.amplification must be none to export")
     hf = {
         "architectures": ["LongcatFlashNgramForCausalLM" if m.ngram.enabled else "LongcatFlashForCausalLM"],
         "model_type": "longcat_flash", "vocab_size": m.vocab_size, "hidden_size": m.d_model,
@@ -83,7 +87,8 @@ def config_to_hf(m: ModelConfig) -> dict:
         "tie_word_embeddings": m.tie_embeddings, "eos_token_id": m.eos_id, "hidden_act": "silu",
         "n_routed_experts": m.moe.num_experts, "zero_expert_num": m.moe.num_zero_experts,
         "moe_topk": m.moe.top_k, "expert_ffn_hidden_size": m.moe.expert_dim,
-        "routed_scaling_factor": m.moe.routed_scaling_factor, "torch_dtype": "float32",
+        "routed_scaling_factor": routed_scale(m.moe) if m.moe.num_experts else m.moe.routed_scaling_factor,
+        "torch_dtype": "float32",
         "rope_parameters": {"rope_type": "default", "rope_theta": a.rope_theta},
     }
     if a.yarn_factor > 1:
@@ -208,11 +213,8 @@ def load_hf_checkpoint(path: str | Path, dtype=jnp.float32, row_multiple: int = 
         for key in lookup_path.split("/"):
             node = node[key]
         node["row_usage"] = np.zeros(node["row_usage"].shape, np.uint8)
-    for layer in range(m.num_blocks):  # routing statistics start empty
-        if m.moe.num_experts:
-            blk = pure["blocks"][layer]["moe"]
-            blk["counts"] = np.zeros(blk["counts"].shape, np.int32)
-            blk["aux_loss"] = np.zeros((), np.float32)
+    for path_, var in nnx.to_flat_state(nnx.state(abstract, RoutingStats)):  # routing statistics start empty
+        _set(pure, tuple(path_), np.zeros(var.value.shape, var.value.dtype))
     leftover = sorted(k for k in set(tensors) - used if not _ignorable(k, m.moe.num_experts))
     if leftover:
         raise CheckpointError(f"{path}: {len(leftover)} tensor(s) the model has no place for, e.g. {leftover[:3]}")

@@ -43,3 +43,25 @@ class RMSNorm(nnx.Module):
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return self.scale[...].astype(self.dtype) * y.astype(self.dtype)
+
+
+AMPLIFICATIONS = ("none", "sqrt_d", "layernorm")
+
+
+def amplification_norm(kind: str, d_model: int, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                       rngs: nnx.Rngs) -> nnx.LayerNorm | None:
+    """The LayerNorm that ``layernorm`` amplification owns (None for ``none`` and ``sqrt_d``); an unknown kind
+    is a ValueError naming the choices."""
+    if kind not in AMPLIFICATIONS:
+        raise ValueError(f"amplification must be one of {AMPLIFICATIONS}, got {kind!r}")
+    return nnx.LayerNorm(d_model, dtype=dtype, param_dtype=param_dtype, rngs=rngs) if kind == "layernorm" else None
+
+
+def amplify(e: jax.Array, kind: str, norm: nnx.LayerNorm | None) -> jax.Array:
+    """Embedding Amplification (paper section 3) of an input embedding e [B, S, D]: ``none`` | ``sqrt_d``
+    (e times sqrt(D)) | ``layernorm`` (``norm(e)``, from :func:`amplification_norm`)."""
+    if kind == "sqrt_d":
+        return e * jnp.asarray(e.shape[-1] ** 0.5, e.dtype)
+    if kind == "layernorm":
+        return norm(e)
+    return e

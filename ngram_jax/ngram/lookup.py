@@ -113,8 +113,18 @@ def table_paths(model: nnx.Module) -> frozenset[tuple[str, ...]]:
 # The core
 
 
+def table_init_std(output_std: float, num_tables: int) -> float:
+    """The std of the tables of a hashed lookup whose output starts with std ``output_std``: the projected mean
+    of 1 + T terms of equal scale (a projection at 1/sqrt(d_e) keeps a row's scale) has sqrt(1 + T) times
+    less, so the tables start at ``output_std * sqrt(1 + T)`` (the init rule of ``model.embedding``,
+    docs/TRAINING.md)."""
+    return output_std * math.sqrt(1 + num_tables)
+
+
 class HashedTables(nnx.Module):
     """Token table ``[V, L*W]``, hashed N-gram table ``[sum(M), L*d_e]`` and projections to width W.
+
+    ``init_std`` is the std of the output at init: the tables are drawn at :func:`table_init_std` of it.
 
     ``layers=None`` is the input NE (projections ``[T, d_e, W]``, output ``[B, S, W]``); ``layers=L`` is
     PLNE (per-layer tables side by side, projections ``[L, T, d_e, W]``, output ``[B, S, L, W]``): one
@@ -131,7 +141,7 @@ class HashedTables(nnx.Module):
         self.vocab_size, self.width, self.layers, self.eos_id, self.dtype = vocab_size, width, layers, eos_id, dtype
         t, nl = self.layout.num_tables, layers or 1
         d_e = row_width(width, self.layout)
-        normal = nnx.initializers.normal(init_std)
+        normal = nnx.initializers.normal(table_init_std(init_std, t))
         self.embedding = Table(normal(rngs.params(), (vocab_size, nl * width), param_dtype),
                                **logical_axes(embed_names))  # [V, L*W]
         self.ngram_table = NgramTable(normal(rngs.params(), (self.layout.padded_rows, nl * d_e), param_dtype),
