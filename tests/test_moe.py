@@ -318,6 +318,14 @@ def test_expert_parallel_excludes_padding_like_the_local_path():
     np.testing.assert_array_equal(np.asarray(sharded.counts[...]), np.asarray(local.counts[...]))
     assert int(local.counts[...].sum()) == 13 * 3
     np.testing.assert_allclose(float(sharded.aux_loss[...]), float(local.aux_loss[...]), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(sharded.routing[...]), np.asarray(local.routing[...]), rtol=1e-5)
+    # capacity slots per destination device: a tight capacity drops assignments there too, and says so
+    tight = dict(kw, dispatch="capacity", capacity_factor=0.3)
+    with param_context(mesh):
+        capped = make(**tight)
+        nnx.jit(lambda m, x, mask: m(x, token_mask=mask))(capped, x, mask)
+    dropped = float(capped.routing[...][3])
+    assert 0 < dropped < 13 * 3
 
 
 _DTYPE_BYTES = {"f32": 4, "s32": 4, "bf16": 2, "f16": 2, "u32": 4, "pred": 1, "s8": 1, "u8": 1}
@@ -417,3 +425,106 @@ def test_few_tokens_read_the_expert_weights_in_place():
     weights = {p[...].size for p in (layer.gate, layer.up, layer.down)}
     assert weights == {4 * D * 8}
     assert not weights & copied_sizes(hlo)
+
+
+def test_normalized_and_scaled_routing_match_numpy():
+    """normalize_topk: the selected probabilities sum to 1 before the scale; routed_scale=num_experts multiplies
+    the scale by (E + Z) / k, so an unnormalised mass starts near routed_scaling_factor."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(40, D)).astype(np.float32)
+    kernel = rng.normal(scale=0.3, size=(D, 6)).astype(np.float32)
+    bias = rng.normal(scale=0.05, size=6).astype(np.float32)
+    r = route(jnp.asarray(x), jnp.asarray(kernel), jnp.asarray(bias), 3, 2.5, normalize=True)
+    experts, weights = numpy_route(x, kernel, bias, 3, 2.5, normalize=True)
+    np.testing.assert_array_equal(np.asarray(r.experts), experts)
+    np.testing.assert_allclose(np.asarray(r.weights), weights, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(r.weights).sum(-1), 2.5, rtol=1e-5)
+    cfg = MoEConfig(num_experts=60, num_zero_experts=4, top_k=2, routed_scaling_factor=1.5, routed_scale="num_experts")
+    assert moe_lib.routed_scale(cfg) == pytest.approx(1.5 * 64 / 2)
+    assert moe_lib.routed_scale(MoEConfig(num_experts=60, top_k=2, routed_scaling_factor=1.5)) == 1.5
+
+
+def test_bias_step_in_mean_probability_units():
+    """bias_update_units=mean_probability moves the bias by rate / (E + Z): the same relative step at any E."""
+    for e in (8, 1024):
+        cfg = MoEConfig(num_experts=e, num_zero_experts=0, top_k=2, bias_update_rate=0.008,
+                        bias_update_units="mean_probability")
+        assert moe_lib.bias_step(cfg) == pytest.approx(0.008 / e)
+    assert moe_lib.bias_step(MoEConfig(num_experts=1024, top_k=2, bias_update_rate=1e-3)) == 1e-3
+    layer = MoE(MoEConfig(num_experts=8, top_k=2, bias_update_rate=0.08, bias_update_units="mean_probability",
+                          dispatch="dense"), D, rngs=nnx.Rngs(0))
+    layer(x_in())
+    moe_lib.update_selection_bias(layer)
+    np.testing.assert_allclose(np.abs(np.asarray(layer.bias[...])), 0.01, rtol=1e-6)  # sign steps of 0.08 / 8
+
+
+def _numpy_routing_totals(x, kernel, bias, k, scale, normalize, capacity, n_real, mask):
+    """[tokens, routed mass, bias-changed, dropped] of one routing, from numpy: the oracle of MoE.routing."""
+    experts, weights = numpy_route(x, kernel, bias, k, scale, normalize)
+    plain, _ = numpy_route(x, kernel, np.zeros_like(bias), k, scale, normalize)
+    changed = np.array([[e not in p for e in row] for row, p in zip(experts, plain, strict=True)])
+    fill = np.zeros(n_real, int)
+    dropped = np.zeros_like(changed)
+    for n in range(len(x)):  # capacity slots in (token, choice) order over real tokens
+        for j, e in enumerate(experts[n]):
+            if mask[n] and e < n_real:
+                dropped[n, j] = fill[e] >= capacity
+                fill[e] += 1
+    m = mask.astype(float)
+    return np.array([m.sum(), (m * weights.sum(-1)).sum(), (m * changed.sum(-1)).sum(), (m * dropped.sum(-1)).sum()])
+
+
+@pytest.mark.parametrize("dispatch", ["capacity", "dropless"])
+def test_routing_totals_match_numpy(dispatch):
+    """MoE.routing holds the tokens, routed mass, bias-changed and dropped assignments of the last pass over
+    the real tokens, as numpy counts them (dropless drops nothing)."""
+    layer = make(dispatch, e=4, z=2, k=3, capacity_factor=0.5)
+    layer.bias[...] = jnp.asarray(np.random.default_rng(5).normal(scale=0.3, size=6), jnp.float32)
+    x = x_in(seed=4, shape=(2, 9, D))
+    mask = np.ones((2, 9), bool)
+    mask[1, 6:] = False  # padding
+    layer(x, token_mask=jnp.asarray(mask))
+    flat = np.asarray(x).reshape(-1, D)
+    cap = layer.capacity(flat.shape[0]) if dispatch == "capacity" else 10**9
+    want = _numpy_routing_totals(flat, np.asarray(layer.router[...]), np.asarray(layer.bias[...]), 3, 2.5, False,
+                                 cap, 4, mask.reshape(-1))
+    got = np.asarray(layer.routing[...])
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert (got[3] > 0) == (dispatch == "capacity") and got[2] > 0  # the test exercises drops and bias changes
+    d = moe_lib.routing_diagnostics(np.asarray(layer.counts[...])[None], got[None], 4, 3)
+    assert d["dropped_fraction"] == pytest.approx(want[3] / (want[0] * 3))
+    assert d["routed_mass"] == pytest.approx(want[1] / want[0])
+    assert d["bias_changed_fraction"] == pytest.approx(want[2] / (want[0] * 3))
+
+
+def test_normalize_with_num_experts_scale_is_refused():
+    from ngram_jax.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="routed_scale=num_experts"):
+        load_config("configs/models/tiny_moe.yaml", ["model.moe.normalize_topk=true",
+                                                     "model.moe.routed_scale=num_experts"])
+
+
+def test_lecun_expert_init_matches_the_dense_ffn_scale():
+    """expert_init=lecun draws every expert as the dense FFN's Linear (std 1/sqrt(fan_in)); normal keeps 0.02."""
+    cfg = MoEConfig(num_experts=64, top_k=2, expert_dim=32, expert_init="lecun")
+    layer = MoE(cfg, 64, rngs=nnx.Rngs(0))
+    for w, fan_in in ((layer.gate, 64), (layer.up, 64), (layer.down, 32)):
+        assert np.asarray(w[...]).std() == pytest.approx(1 / np.sqrt(fan_in), rel=0.05)
+    plain = MoE(MoEConfig(num_experts=64, top_k=2, expert_dim=32), 64, rngs=nnx.Rngs(0))
+    assert np.asarray(plain.down[...]).std() == pytest.approx(0.02, rel=0.05)
+    assert np.asarray(layer.router[...]).std() == pytest.approx(0.02, rel=0.05)
+
+
+def test_bias_on_logits_selects_by_odds_and_leaves_the_weights():
+    """bias_on=logits: topk(x W_r + b) against numpy (another selection than topk(p + b)); the weights stay the
+    unbiased probabilities."""
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(50, D)).astype(np.float32)
+    kernel = rng.normal(scale=0.3, size=(D, 8)).astype(np.float32)
+    bias = rng.normal(scale=0.5, size=8).astype(np.float32)
+    r = route(jnp.asarray(x), jnp.asarray(kernel), jnp.asarray(bias), 2, 1.0, bias_on="logits")
+    experts, weights = numpy_route(x, kernel, bias, 2, 1.0, bias_on="logits")
+    np.testing.assert_array_equal(np.asarray(r.experts), experts)
+    np.testing.assert_allclose(np.asarray(r.weights), weights, rtol=1e-5)
+    assert not np.array_equal(experts, numpy_route(x, kernel, bias, 2, 1.0)[0])  # another selection than on probs

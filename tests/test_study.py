@@ -80,6 +80,28 @@ def test_expand_names_overrides_baselines_and_fixed_total(tmp_path):
     assert e[0] > e[1] > e[2]  # the more N-gram parameters, the fewer experts
 
 
+def test_baseline_differs_only_where_the_parameters_go(tmp_path):
+    """A baseline shares its NE run's embedding treatment, init, dtype, schedule, data and routing; it may set
+    only its own learning rate (baseline_set). Any other baseline_set key is refused at expansion, naming the
+    key and both values."""
+    path = sweep_file(tmp_path, moe_baseline=True, set={**TINY, "data.path": str(tmp_path),
+                                                         "model.embedding.amplification": "sqrt_d"},
+                      baseline_set={"train.lr": 0.01})
+    ne, moe = expand(path).runs
+    assert moe.config.model.embedding == ne.config.model.embedding
+    assert moe.config.model.embedding.amplification == "sqrt_d" and moe.config.train.lr == 0.01
+    assert moe.derived["train.lr"] == 0.01
+    for key, value, shown in (("model.embedding.amplification", "none", "'sqrt_d' -> baseline 'none'"),
+                              ("model.embedding.init_std", 0.5, "0.02 -> baseline 0.5"),
+                              ("train.schedule", "constant", "'cosine' -> baseline 'constant'"),
+                              ("model.moe.normalize_topk", True, "False -> baseline True")):
+        path = sweep_file(tmp_path, moe_baseline=True, baseline_set={key: value})
+        with pytest.raises(ConfigError, match=rf"run tiny-moe-s0 .*differ from its NE run .*{key}: NE run {shown}"):
+            expand(path)
+    with pytest.raises(ConfigError, match="baseline_set sets keys of the MoE baselines, and moe_baseline is not"):
+        expand(sweep_file(tmp_path, baseline_set={"train.lr": 0.01}))
+
+
 @pytest.mark.parametrize("spec, match", [
     ({"grdi": {"seed": [1]}}, r"unknown key 'grdi'; valid keys: name, description"),
     ({"grid": {"model.ngram.max_nn": [3]}}, r"run max_nn=3-s0: unknown key model.ngram.max_nn"),
@@ -87,6 +109,7 @@ def test_expand_names_overrides_baselines_and_fixed_total(tmp_path):
     ({"grid": {"model.ngram.splits": 2}}, r"grid.model.ngram.splits must be a non-empty list"),
     ({"scales": {"gpu": {}}}, r"no scale 'cpu'; this sweep has: gpu"),
     ({"runs": [{"name": "a", "set": {}, "extra": 1}]}, r"runs\[0\]: unknown key 'extra'"),
+    ({"screen": "no_such_sweep"}, r"screen must name the sweep file .* confirms this screen's choice on 2 or more"),
     ({"fixed_total": {"adjust": "model.moe.num_experts", "total": 1000}},
      r"run tiny-s0: fixed_total: reaching 1,000 parameters needs model.moe.num_experts="),
 ])
@@ -153,8 +176,10 @@ def test_run_records_skips_finished_and_refuses_changed_config(tmp_path, data_di
     assert p.returncode == 0 and "--max-runs 1: stopping with 1 runs left" in p.stderr, p.stdout + p.stderr
     (rec,) = [json.loads(x) for x in (tmp_path / "o" / runner.RESULTS).read_text().splitlines()]
     for key in ("name", "overrides", "eval_loss", "total_params", "activated_params", "ngram_params", "tokens", "seed",
-                "eval_bits_per_byte", "embedding_norm", "attention_out_norm", "total_over_activated"):
+                "eval_bits_per_byte", "embedding_norm", "attention_out_norm", "total_over_activated",
+                "transformer_ratio", "routing"):
         assert key in rec
+    assert rec["routing"]["dropped_fraction"] >= 0 and "eval_loss_without_moe" in rec["routing"]
     b = closed_form_budget(sw.runs[0].config.model)
     assert (rec["total_params"], rec["ngram_params"], rec["tokens"]) == (b["total"], b["ngram"], 2 * 4 * 16)
     assert 0 < rec["eval_loss"] < 10 and rec["embedding_norm"] > 0
@@ -179,6 +204,35 @@ def test_run_records_skips_finished_and_refuses_changed_config(tmp_path, data_di
     changed = expand(path, out=tmp_path / "o", sets=["train.lr=0.5"])
     with pytest.raises(DataError, match=r"run ratio=1.37-s0 was recorded with another configuration \(train.lr"):
         runner.run_sweep(changed, tmp_path / "o", train_fn=spy, log=lambda m: None)
+
+
+def test_routing_report_measures_the_experts_and_the_loss_without_them(data_dir):
+    """The diagnostics every MoE run's record carries (runner.evaluate_run): routing over the held-out batches
+    as the layers counted it, and the held-out loss with the MoE branch removed, which differs from the
+    model's own; the model itself keeps its MoE branch."""
+    from flax import nnx
+
+    from ngram_jax.config import load_config
+    from ngram_jax.eval.perplexity import evaluate
+    from ngram_jax.eval.routing import moe_layers, routing_report
+    from ngram_jax.model import build_model
+
+    overrides = [f"{k}={json.dumps(v)}" for k, v in {**TINY, "data.path": str(data_dir)}.items()]
+    cfg = load_config(ROOT / "configs/models/tiny_ne.yaml", overrides + ["model.moe.dispatch=capacity",
+                                                                         "model.moe.capacity_factor=0.5"])
+    with nnx.use_eager_sharding(False):
+        model = build_model(cfg, nnx.Rngs(0))
+        for layer in moe_layers(model):  # an MoE branch worth removing: experts of a visible scale
+            for w in (layer.gate, layer.up, layer.down):
+                w[...] = w[...] * 20
+        rep = routing_report(model, data_dir, seq_len=16, batch_size=4, max_batches=3)
+        full = evaluate(model, data_dir, seq_len=16, batch_size=4, max_batches=3)["loss"]
+    assert set(rep) == {"expert_load_max_over_mean", "dropped_fraction", "routed_mass", "bias_changed_fraction",
+                        "zero_expert_fraction", "eval_loss_without_moe"}
+    assert 0 < rep["dropped_fraction"] < 1  # capacity factor 0.5: half the slots a balanced load needs
+    assert rep["bias_changed_fraction"] == 0 and rep["expert_load_max_over_mean"] >= 1  # a zero bias changes nothing
+    assert 0 < rep["routed_mass"] < 1 and abs(rep["eval_loss_without_moe"] - full) > 1e-3
+    assert all(b.moe is not None for b in model.blocks)
 
 
 def _records(groups):
@@ -252,7 +306,10 @@ PAPER = sorted((ROOT / "configs/paper").glob("*.yaml"))
 def test_paper_sweeps_expand_and_validate(path):
     cpu, gpu = expand(path, scale="cpu"), expand(path, scale="gpu")
     for sw, lo, hi in ((cpu, 0.2e6, 30e6), (gpu, 40e6, 350e6)):
-        assert sw.runs and len({r.seed for r in sw.runs}) >= 2  # every comparison over >= 2 seeds
+        if sw.screen:  # a one-seed screen: the sweep it names confirms its choice over >= 2 seeds
+            assert len({r.seed for r in expand(path.parent / f"{sw.screen}.yaml", scale=sw.scale).runs}) >= 2
+        else:
+            assert sw.runs and len({r.seed for r in sw.runs}) >= 2  # every comparison over >= 2 seeds
         for r in sw.runs:
             total = closed_form_budget(r.config.model)["total"]
             assert lo <= total <= hi, (sw.scale, r.name, total)
@@ -388,3 +445,24 @@ def test_report_draws_loss_vs_tokens_curves_of_groups_without_a_baseline(tmp_pat
     assert "Order by mean loss at 100 tokens: b < a; at 400: a < b." in text
     assert (tmp_path / "curves.png") in figures and (tmp_path / "curves.png").stat().st_size > 1000
     assert "Loss vs tokens:" not in text.replace("Loss vs tokens by group", "")  # no NE / MoE pair here
+
+
+def test_report_says_whether_the_loss_falls_with_the_number_of_experts():
+    """The experts table of a sweep over model.moe.num_experts: the step from each E to the next, paired per seed,
+    and the verdict (falls with diminishing steps / falls / does not fall, naming where); the routing table shows
+    the experts' share of the loss."""
+    def group(e, losses, variant="v"):
+        return [{"sweep": "s", "scale": "cpu", "name": f"{variant}-e={e}-s{i}", "group": f"{variant}-e={e}", "seed": i,
+                 "variant": variant, "grid": {"model.moe.num_experts": e}, "eval_loss": v, "total_params": 1000 * e,
+                 "activated_params": 500, "ngram_share": 0.0, "tokens": 10, "baseline_of": None,
+                 "routing": {"eval_loss_without_moe": v + 0.25, "dropped_fraction": 0.0, "routed_mass": 1.0,
+                             "bias_changed_fraction": 0.1, "expert_load_max_over_mean": 1.5}}
+                for i, v in enumerate(losses)]
+
+    good = group(4, [4.0, 4.1]) + group(16, [3.8, 3.9]) + group(64, [3.7, 3.85])
+    text = report.markdown(good)
+    assert "### Loss vs number of experts: v" in text and "falls at every step, with diminishing steps" in text
+    assert "| 16 | 16,000 | 500 | 3.8500 (3.8000-3.9000) | -0.2000 | lower (-0.2000, 2 seeds) |" in text
+    assert "| v-e=4 | - | 4.0500 | 4.3000 | +0.2500 | 0.0% | 1.000 | 10.0% | 1.50 |" in text
+    bad = group(4, [4.0, 4.1]) + group(16, [3.8, 3.9]) + group(64, [3.9, 3.95])
+    assert "does not fall at every step (64: +0.0750)" in report.markdown(bad)

@@ -1,8 +1,11 @@
 """Mixture of Experts with zero experts (LongCat-Flash), SPEC.md section 3.
 
 Router: ``p = softmax(x W_r)`` over E real + Z zero experts in float32; selection
-``topk(p + b, k)`` with a load-balancing bias b used for selection only; weights
-``w = p[selected] * routed_scaling_factor`` (no renormalisation). A zero expert returns its input
+``topk(p + b, k)`` (or ``topk(x W_r + b, k)`` with ``bias_on: logits``) with a load-balancing bias b used
+for selection only; weights
+``w = p[selected] * scale`` (LongCat-Flash: no renormalisation, scale = ``routed_scaling_factor``), or
+``w = p[selected] / sum(p[selected]) * scale`` with ``normalize_topk`` (DeepSeek-V3, Mixtral); ``routed_scale:
+num_experts`` multiplies the scale by (E + Z) / k (:func:`routed_scale`). A zero expert returns its input
 times its weight. Real experts are SwiGLU. The bias is not trained by gradients: it lives in a
 :class:`SelectionBias` variable (outside the optimizer) and :func:`update_selection_bias` moves it
 after each step (aux-loss-free balancing, SPEC.md section 3).
@@ -13,7 +16,9 @@ T_i the tokens routed to expert i and T_all the tokens of the step (padding excl
 ``sum_i T_i = K * T_all``), every expert has a target share of the K * T_all routed slots:
 ``K_e / (K * E)`` for a real expert, ``(K - K_e) / (K * Z)`` for a zero expert, and its gap is
 ``g_i = target_i - T_i / (K * T_all)``. The update is ``Δb_i = μ * sign(g_i)`` (``bias_update_rule:
-sign``) or ``Δb_i = μ * g_i`` (``proportional``), μ = ``bias_update_rate``. So the real experts are
+sign``) or ``Δb_i = μ * g_i`` (``proportional``), μ = ``bias_update_rate`` (``bias_update_units: absolute``)
+or ``bias_update_rate / (E + Z)`` (``mean_probability``: the rate in units of the mean router probability).
+So the real experts are
 balanced toward their mean and the zero experts together absorb the share ``(K - K_e) / K`` of
 the slots (K_e = K pushes zero experts out; Z = 0 needs K_e = K). The realised share is measurable:
 ``counts`` (a :class:`RoutingStats`) holds the last step's assignments per expert over real tokens;
@@ -40,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from ngram_jax.config import ModelConfig, MoEConfig
 from ngram_jax.layers.grouped_matmul import Grouping, num_tiles, resolve_impl
@@ -61,6 +67,32 @@ class RoutingSums(NamedTuple):
     prob_sum: jax.Array  # f32 [E+Z] sum over tokens of the router probabilities
     lse_sq_sum: jax.Array  # f32 [] sum over tokens of logsumexp(logits)^2
     tokens: jax.Array  # f32 [] number of tokens
+    mass_sum: jax.Array  # f32 [] sum over tokens of the routed weight mass sum_k w_k
+    bias_changed: jax.Array  # f32 [] assignments the selection bias changed (in topk(p + b), not in topk(p))
+    dropped: jax.Array  # f32 [] real-expert assignments dropped by capacity dispatch (0 when dropless)
+
+
+_REPLICATED_SUMS = RoutingSums(*(P() for _ in RoutingSums._fields))  # shard_map out_specs: totals on every device
+# the RoutingSums fields MoE.routing records, in order
+ROUTING_TOTALS = ("tokens", "mass_sum", "bias_changed", "dropped")
+
+
+def routing_diagnostics(counts: np.ndarray, totals: np.ndarray, num_experts: int, top_k: int) -> dict[str, float]:
+    """What a routing did, from :class:`MoE` statistics summed over steps or batches and averaged over layers:
+    ``counts`` [L, E+Z] assignments per expert, ``totals`` [L, 4] (:data:`ROUTING_TOTALS`).
+
+    ``expert_load_max_over_mean`` (real experts), ``dropped_fraction`` (real-expert assignments dropped by
+    capacity dispatch, over all assignments), ``routed_mass`` (mean sum of the routed weights per token),
+    ``bias_changed_fraction`` (assignments not among the top-k of the router alone), ``zero_expert_fraction``."""
+    counts, totals = np.asarray(counts, np.float64), np.asarray(totals, np.float64)
+    real = counts[:, :num_experts]
+    tok, mass, changed, dropped = (totals[:, i] for i in range(len(ROUTING_TOTALS)))
+    slots = np.maximum(tok * top_k, 1.0)
+    return {"expert_load_max_over_mean": float((real.max(1) / np.maximum(real.mean(1), 1e-9)).mean()),
+            "dropped_fraction": float((dropped / slots).mean()),
+            "routed_mass": float((mass / np.maximum(tok, 1.0)).mean()),
+            "bias_changed_fraction": float((changed / slots).mean()),
+            "zero_expert_fraction": float(1 - real.sum() / max(counts.sum(), 1.0))}
 
 
 class Routing(NamedTuple):
@@ -68,10 +100,22 @@ class Routing(NamedTuple):
     logits: jax.Array  # f32 [N, E+Z]
     experts: jax.Array  # int32 [N, k]
     weights: jax.Array  # f32 [N, k]
+    bias_changed: jax.Array  # bool [N, k]: the assignment is not among the top-k of p without the bias
 
 
-def route(x: jax.Array, kernel: jax.Array, bias: jax.Array, top_k: int, scale: float) -> Routing:
-    """x [N, D], kernel [D, E+Z], bias [E+Z] -> top-k experts and weights (float32 throughout).
+def routed_scale(cfg: MoEConfig) -> float:
+    """The factor on the routed weights: ``routed_scaling_factor``, times (E + Z) / top_k with ``routed_scale:
+    num_experts`` (an unnormalised routed mass then starts at ``routed_scaling_factor`` at a uniform router)."""
+    if cfg.routed_scale == "num_experts":
+        return cfg.routed_scaling_factor * (cfg.num_experts + cfg.num_zero_experts) / cfg.top_k
+    return cfg.routed_scaling_factor
+
+
+def route(x: jax.Array, kernel: jax.Array, bias: jax.Array, top_k: int, scale: float,
+          normalize: bool = False, bias_on: str = "probs") -> Routing:
+    """x [N, D], kernel [D, E+Z], bias [E+Z] -> top-k experts and weights (float32 throughout); ``normalize``:
+    the selected probabilities are renormalised to sum to 1 before ``scale``; ``bias_on``: the selection is
+    ``topk(p + b)`` (``probs``) or ``topk(x W_r + b)`` (``logits``).
 
     The router matmul runs in float32 at ``Precision.HIGHEST`` on every backend: no bfloat16 passes
     on TPU, no TF32 on GPU, whatever ``jax_default_matmul_precision`` says (top-k is discontinuous:
@@ -79,9 +123,14 @@ def route(x: jax.Array, kernel: jax.Array, bias: jax.Array, top_k: int, scale: f
     logits = jnp.matmul(x.astype(jnp.float32), kernel.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST,
                         preferred_element_type=jnp.float32)
     probs = jax.nn.softmax(logits, axis=-1)
-    _, experts = jax.lax.top_k(probs + jax.lax.stop_gradient(bias.astype(jnp.float32)), top_k)
-    weights = jnp.take_along_axis(probs, experts, axis=-1) * scale
-    return Routing(probs, logits, experts.astype(jnp.int32), weights)
+    scores = probs if bias_on == "probs" else logits
+    _, experts = jax.lax.top_k(scores + jax.lax.stop_gradient(bias.astype(jnp.float32)), top_k)
+    _, unbiased = jax.lax.top_k(jax.lax.stop_gradient(probs), top_k)
+    changed = ~jnp.any(experts[:, :, None] == unbiased[:, None, :], axis=-1)  # [N, k]
+    picked = jnp.take_along_axis(probs, experts, axis=-1)  # [N, k]
+    if normalize:
+        picked = picked / jnp.sum(picked, axis=-1, keepdims=True)
+    return Routing(probs, logits, experts.astype(jnp.int32), picked * scale, changed)
 
 
 def swiglu_experts(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
@@ -230,15 +279,29 @@ def combine_expert_parallel(x, routing: Routing, gate, up, down, *, axis: str, c
     return jnp.einsum("nk,nkd->nd", routing.weights.astype(x.dtype), contrib)
 
 
-def routing_sums(routing: Routing, mask: jax.Array | None = None) -> RoutingSums:
-    """Totals of one routing over the tokens where ``mask`` [N] is True (all when None)."""
+def routing_sums(routing: Routing, mask: jax.Array | None = None, dropped: jax.Array | None = None) -> RoutingSums:
+    """Totals of one routing over the tokens where ``mask`` [N] is True (all when None); ``dropped`` bool [N, k]
+    marks the assignments dispatch dropped (:func:`dropped_assignments`; None: dropless)."""
     n, k = routing.experts.shape
     m = jnp.ones((n,), jnp.float32) if mask is None else mask.astype(jnp.float32)
     n_all = routing.probs.shape[-1]
     counts = jnp.bincount(routing.experts.reshape(-1), weights=jnp.repeat(m, k), length=n_all)
     lse = jax.nn.logsumexp(routing.logits, axis=-1)
+    mass = jax.lax.stop_gradient(jnp.sum(routing.weights, axis=-1))  # [N]
+    changed = jnp.sum(routing.bias_changed.astype(jnp.float32), axis=-1)  # [N]
+    lost = jnp.zeros((n,), jnp.float32) if dropped is None else jnp.sum(dropped.astype(jnp.float32), axis=-1)
     return RoutingSums(counts.astype(jnp.int32), jnp.einsum("n,ne->e", m, routing.probs),
-                       jnp.sum(m * lse**2), jnp.sum(m))
+                       jnp.sum(m * lse**2), jnp.sum(m), jnp.sum(m * mass), jnp.sum(m * changed), jnp.sum(m * lost))
+
+
+def dropped_assignments(experts: jax.Array, dest: jax.Array, n_dest: int, capacity: int,
+                        mask: jax.Array | None = None) -> jax.Array:
+    """bool [N, k]: the real-expert assignments of real tokens that capacity dispatch drops. ``dest`` [N, k] is
+    the buffer each goes to (its expert, or its device in expert parallelism; ``>= n_dest``: none, e.g. a
+    zero expert), each of the ``n_dest`` buffers holding ``capacity`` slots in token order."""
+    dest = _unmasked(dest, mask, n_dest)
+    _, kept = capacity_slots(dest, n_dest, capacity)
+    return (dest < n_dest) & ~kept
 
 
 def load_balance_loss_from_sums(sums: RoutingSums) -> jax.Array:
@@ -272,17 +335,22 @@ class MoE(nnx.Module):
         self.cfg, self.dtype = cfg, dtype
         e, z, f = cfg.num_experts, cfg.num_zero_experts, cfg.expert_dim
         normal = nnx.initializers.normal(init_std)
+        # the experts: normal(init_std), or as the dense FFN (lecun-normal, std 1/sqrt(fan_in)) with expert_init=lecun
+        w_init = normal if cfg.expert_init == "normal" else nnx.initializers.lecun_normal(batch_axis=(0,))
         self.router = nnx.Param(normal(rngs.params(), (d_model, e + z), jnp.float32),
                                 **logical_axes(("embed", "router")))  # [D, E+Z], kept in float32
-        self.gate = nnx.Param(normal(rngs.params(), (e, d_model, f), param_dtype),
+        self.gate = nnx.Param(w_init(rngs.params(), (e, d_model, f), param_dtype),
                               **logical_axes(("expert", "embed", "expert_mlp")))  # [E, D, F]
-        self.up = nnx.Param(normal(rngs.params(), (e, d_model, f), param_dtype),
+        self.up = nnx.Param(w_init(rngs.params(), (e, d_model, f), param_dtype),
                             **logical_axes(("expert", "embed", "expert_mlp")))  # [E, D, F]
-        self.down = nnx.Param(normal(rngs.params(), (e, f, d_model), param_dtype),
+        self.down = nnx.Param(w_init(rngs.params(), (e, f, d_model), param_dtype),
                               **logical_axes(("expert", "expert_mlp", "embed")))  # [E, F, D]
         self.bias = SelectionBias(jnp.zeros((e + z,), jnp.float32))
         self.counts = RoutingStats(jnp.zeros((e + z,), jnp.int32))
         self.aux_loss = RoutingStats(jnp.zeros((), jnp.float32))
+        # f32 [4]: tokens, routed weight mass, bias-changed and dropped assignments (ROUTING_TOTALS), summed
+        # over the real tokens of the last forward pass
+        self.routing = RoutingStats(jnp.zeros((len(ROUTING_TOTALS),), jnp.float32))
 
     def __call__(self, x: jax.Array, token_mask: jax.Array | None = None) -> jax.Array:
         """x [B, S, D] -> [B, S, D]; records per-expert counts and the weighted auxiliary loss.
@@ -307,6 +375,7 @@ class MoE(nnx.Module):
             y, sums = self._local(flat, mask, *params)
         self.counts[...] = sums.counts
         self.aux_loss[...] = self._aux_loss(sums)
+        self.routing[...] = jnp.stack([getattr(sums, k) for k in ROUTING_TOTALS])
         return y.reshape(shape)
 
     def _aux_loss(self, sums: RoutingSums) -> jax.Array:
@@ -320,18 +389,21 @@ class MoE(nnx.Module):
 
     def _local(self, flat, mask, router, bias, gate, up, down):
         c = self.cfg
-        routing = route(flat, router, bias, c.top_k, c.routed_scaling_factor)
+        routing = route(flat, router, bias, c.top_k, routed_scale(c), c.normalize_topk, c.bias_on)
+        dropped = None
         if c.dispatch == "dense":
             y = combine_dense(flat, routing, gate, up, down)
         elif c.dispatch == "capacity":
-            y = combine_capacity(flat, routing, gate, up, down, self.capacity(flat.shape[0]), mask)
+            capacity = self.capacity(flat.shape[0])
+            y = combine_capacity(flat, routing, gate, up, down, capacity, mask)
+            dropped = dropped_assignments(routing.experts, routing.experts, c.num_experts, capacity, mask)
         elif c.few_tokens_dense and resolve_impl(c.grouped_matmul) == "tiled" and dense_is_fewer_rows(
                 flat.shape[0], c.top_k, c.num_experts, c.grouped_matmul_tile):
             y = combine_dense(flat, routing, gate, up, down)  # dropless too: nothing is ever dropped
         else:
             y = combine_dropless(flat, routing, gate, up, down, mask, impl=c.grouped_matmul,
                                  tile=c.grouped_matmul_tile)
-        return y, routing_sums(routing, mask)
+        return y, routing_sums(routing, mask, dropped)
 
     def _kernel_dispatch(self) -> bool:
         """Whether :meth:`_local` runs a Pallas kernel (megablox), which must run inside ``shard_map``."""
@@ -342,8 +414,6 @@ class MoE(nnx.Module):
         """:meth:`_local` on each device's batch shard inside ``shard_map`` (a Mosaic kernel cannot be partitioned
         by the compiler), with every expert's weights on each device (gathered over the axes that split them,
         as the compiler would for the matmuls); routing totals summed over the batch shards."""
-        from jax.sharding import PartitionSpec as P
-
         batch_axes = batch_axes_for(mesh, live_axes(mesh, "batch"), batch)  # a few sequences: on every device
         n_batch = math.prod(mesh.shape[a] for a in batch_axes)
         if flat.shape[0] % n_batch:
@@ -358,11 +428,9 @@ class MoE(nnx.Module):
         b = batch_axes or None
         return jax.shard_map(local, mesh=mesh, check_vma=False,
                              in_specs=(P(b, None), P(b), *(P() for _ in params)),
-                             out_specs=(P(b, None), RoutingSums(P(), P(), P(), P())))(flat, mask, *params)
+                             out_specs=(P(b, None), _REPLICATED_SUMS))(flat, mask, *params)
 
     def _expert_parallel(self, flat, mask, params, mesh, ep_axes: tuple[str, ...], batch: int):
-        from jax.sharding import PartitionSpec as P
-
         from ngram_jax.config import ConfigError
 
         c = self.cfg
@@ -379,16 +447,20 @@ class MoE(nnx.Module):
         if flat.shape[0] % n_batch:
             raise ConfigError(f"{flat.shape[0]} tokens cannot be split over the {n_batch} batch shards")
         n_local = flat.shape[0] // n_batch
+        n_experts, e_loc = c.num_experts, c.num_experts // ep
         capacity = n_local * c.top_k  # dropless: every assignment could go to one device
         if c.dispatch == "capacity":
             capacity = max(1, math.ceil(c.capacity_factor * n_local * c.top_k / ep))
 
         def local(x, m, router, bias, gate, up, down):
-            routing = route(x, router, bias, c.top_k, c.routed_scaling_factor)
+            routing = route(x, router, bias, c.top_k, routed_scale(c), c.normalize_topk, c.bias_on)
             y = combine_expert_parallel(x, routing, gate, up, down, axis=axis, capacity=capacity,
                                         mlp_axes=mlp_axes, mask=m, impl=c.grouped_matmul,
                                         tile=c.grouped_matmul_tile)
-            sums = routing_sums(routing, m)
+            real = routing.experts < n_experts
+            dropped = dropped_assignments(routing.experts, jnp.where(real, routing.experts // e_loc, ep), ep,
+                                          capacity, m)
+            sums = routing_sums(routing, m, dropped)
             if batch_axes:  # exact totals over the global batch
                 sums = RoutingSums(*(jax.lax.psum(v, batch_axes) for v in sums))
             return y, sums
@@ -398,7 +470,7 @@ class MoE(nnx.Module):
         w_spec = P(axis, None, mlp)
         return jax.shard_map(local, mesh=mesh, check_vma=False,
                              in_specs=(P(b, None), P(b), P(), P(), w_spec, w_spec, P(axis, mlp, None)),
-                             out_specs=(P(b, None), RoutingSums(P(), P(), P(), P())))(flat, mask, *params)
+                             out_specs=(P(b, None), _REPLICATED_SUMS))(flat, mask, *params)
 
     def capacity(self, tokens: int) -> int:
         c = self.cfg
@@ -439,6 +511,14 @@ def bias_update(bias: jax.Array, counts: jax.Array, rate: float, rule: str,
     raise ValueError(f"unknown bias update rule {rule!r}; use 'sign' or 'proportional'")
 
 
+def bias_step(cfg: MoEConfig) -> float:
+    """μ of :func:`bias_update`: ``bias_update_rate``, or that rate times the mean router probability
+    1 / (E + Z) with ``bias_update_units: mean_probability``."""
+    if cfg.bias_update_units == "mean_probability":
+        return cfg.bias_update_rate / (cfg.num_experts + cfg.num_zero_experts)
+    return cfg.bias_update_rate
+
+
 def update_selection_bias(model: nnx.Module) -> None:
     """Apply :func:`bias_update` to every MoE layer of ``model`` from its last recorded counts,
     toward the targets of ``model.moe.real_experts_per_token`` (see the module docstring)."""
@@ -446,14 +526,18 @@ def update_selection_bias(model: nnx.Module) -> None:
         if isinstance(module, MoE):
             c = module.cfg
             targets = balance_targets(c.num_experts, c.num_zero_experts, c.top_k, real_experts_per_token(c))
-            module.bias[...] = bias_update(module.bias[...], module.counts[...], c.bias_update_rate,
+            module.bias[...] = bias_update(module.bias[...], module.counts[...], bias_step(c),
                                            c.bias_update_rule, targets)
 
 
-def numpy_route(x, kernel, bias, top_k, scale):
+def numpy_route(x, kernel, bias, top_k, scale, normalize=False, bias_on="probs"):
     """numpy reference of :func:`route` (ties broken toward the lower index, as ``lax.top_k``)."""
     logits = np.asarray(x, np.float64) @ np.asarray(kernel, np.float64)
     p = np.exp(logits - logits.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
-    experts = np.argsort(-(p + np.asarray(bias)), axis=-1, kind="stable")[:, :top_k]
-    return experts, np.take_along_axis(p, experts, -1) * scale
+    scores = p if bias_on == "probs" else logits
+    experts = np.argsort(-(scores + np.asarray(bias)), axis=-1, kind="stable")[:, :top_k]
+    picked = np.take_along_axis(p, experts, -1)
+    if normalize:
+        picked = picked / picked.sum(-1, keepdims=True)
+    return experts, picked * scale

@@ -182,7 +182,9 @@ def curve_markdown(groups: list[Group]) -> list[str]:
         _, sentence = sign_change(tokens, diffs)
         lines += ["", f"### Loss vs tokens: {ne.name} against {moe.name}", "",
                   f"Total/activated {ne.first('total_over_activated'):.1f} (NE) and "
-                  f"{moe.first('total_over_activated'):.1f} (MoE). Sign: {sentence}.", "",
+                  f"{moe.first('total_over_activated'):.1f} (MoE); in the paper's counting "
+                  f"{_num(ne.first('transformer_ratio'), '.1f')} and {_num(moe.first('transformer_ratio'), '.1f')}. "
+                  f"Sign: {sentence}.", "",
                   "| tokens | NE loss (seed range) | MoE loss (seed range) | paired NE - MoE (per seed) |",
                   "|---|---|---|---|"]
         for j, t in enumerate(tokens):
@@ -235,6 +237,75 @@ def group_curve_markdown(groups: list[Group]) -> list[str]:
     return lines
 
 
+def _num(v, fmt: str) -> str:
+    return "-" if v is None or (isinstance(v, float) and np.isnan(v)) else format(v, fmt)
+
+
+def routing_markdown(groups: list[Group]) -> list[str]:
+    """Per MoE group: what its routing did on the held-out batches (``eval.routing.routing_report``) and what
+    its experts contribute (the held-out loss without the MoE branch, less the loss with it)."""
+    rows = [g for g in groups if any(r.get("routing") for r in g.records)]
+    if not rows:
+        return []
+    lines = ["", "## Routing", "",
+             "Held-out batches of the final checkpoint, mean over seeds. Experts' share: held-out loss without the "
+             "MoE branch minus with it (what the routed experts contribute). Dropped: real-expert assignments "
+             "capacity dispatch dropped. Routed mass: the sum of a token's routed weights. Bias-changed: assignments "
+             "not among the router's own top-k. Load: max/mean assignments of the real experts.", "",
+             "| group | experts | held-out loss | without MoE | experts' share | dropped | routed mass | "
+             "bias-changed | load max/mean |", "|---|---|---|---|---|---|---|---|---|"]
+    for g in rows:
+        rs = [r["routing"] for r in g.records if r.get("routing")]
+        mean = lambda k, rs=rs: float(np.mean([x[k] for x in rs]))  # noqa: E731
+        experts = (g.first("config") or {}).get("model", {}).get("moe", {}).get("num_experts")
+        lines.append(f"| {g.name} | {_num(experts, ',')} | {g.mean():.4f} | {mean('eval_loss_without_moe'):.4f} | "
+                     f"{mean('eval_loss_without_moe') - g.mean():+.4f} | {mean('dropped_fraction'):.1%} | "
+                     f"{mean('routed_mass'):.3f} | {mean('bias_changed_fraction'):.1%} | "
+                     f"{mean('expert_load_max_over_mean'):.2f} |")
+    return lines
+
+
+EXPERTS_KEY = "model.moe.num_experts"
+
+
+def experts_markdown(groups: list[Group]) -> list[str]:
+    """For sweeps with a grid over the number of experts: per variant, the held-out loss at each E and the step
+    from the previous E (paired per seed where there are 2 or more), and whether the loss falls at every step
+    (fine-grained MoE scaling: it should, with diminishing steps)."""
+    by_variant: dict[str, list[Group]] = {}
+    for g in groups:
+        if EXPERTS_KEY in (g.first("grid") or {}):
+            by_variant.setdefault(g.first("variant") or "", []).append(g)
+    lines = []
+    for variant, sel in by_variant.items():
+        sel = sorted(sel, key=lambda g: g.first("grid")[EXPERTS_KEY])
+        if len(sel) < 2:
+            continue
+        lines += ["", f"### Loss vs number of experts{f': {variant}' if variant else ''}", "",
+                  "| experts | total params | activated | held-out loss (seed range) | step from previous E "
+                  "| paired step |", "|---|---|---|---|---|---|"]
+        steps = []
+        for i, g in enumerate(sel):
+            v = g.values("eval_loss")
+            step = paired_step = "-"
+            if i:
+                d = g.mean() - sel[i - 1].mean()
+                steps.append(d)
+                step = f"{d:+.4f}"
+                paired_step = _fmt_paired(g, sel[i - 1], ("lower", "higher"))
+            lines.append(f"| {g.first('grid')[EXPERTS_KEY]:,} | {g.first('total_params'):,} | "
+                         f"{g.first('activated_params'):,} | {g.mean():.4f} ({v.min():.4f}-{v.max():.4f}) | {step} | "
+                         f"{paired_step} |")
+        falls = all(d < 0 for d in steps)
+        diminishing = falls and all(abs(b) <= abs(a) for a, b in zip(steps, steps[1:], strict=False))
+        verdict = ("falls at every step, with diminishing steps" if diminishing else "falls at every step"
+                   if falls else "does not fall at every step (" + ", ".join(
+                       f"{sel[i + 1].first('grid')[EXPERTS_KEY]:,}: {d:+.4f}" for i, d in enumerate(steps)
+                       if d >= 0) + ")")
+        lines += ["", f"The mean held-out loss {verdict}."]
+    return lines
+
+
 def speed_markdown(groups: list[Group]) -> list[str]:
     """Training tokens/s of each group on the machine that ran it (to size a rerun)."""
     rows = [g for g in groups if g.values("train_tokens_per_s").size]
@@ -257,15 +328,19 @@ def markdown(records: list[dict]) -> str:
              f"{len(records)} finished runs in {len(groups)} groups. Spread: max - min held-out loss over seeds; "
              "a difference within the larger spread is a tie. Paired: the per-seed loss differences (same data "
              "order and seed), a side only when every shared seed agrees.", "",
-             "| group | seeds | total params | activated | NE share | tokens | held-out loss | spread | bits/byte "
-             "| emb. norm | attn-out norm | vs best | paired vs best |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "Total/activated: as counted here (embedding and LM head included) and in the paper's counting "
+             "(the transformer's: without the token table, the table rows read and the LM head; "
+             "`ngram_jax.budget`).", "",
+             "| group | seeds | total params | activated | total/act. | paper's | NE share | tokens | held-out loss "
+             "| spread | bits/byte | emb. norm | attn-out norm | vs best | paired vs best |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for g in groups:
         verdict, delta = compare(g, best)
         vs = "best" if g is best else {"tie": f"tie ({delta:+.4f})", "b better": f"worse ({delta:+.4f})",
                                        "a better": f"better ({delta:+.4f})"}.get(verdict, f"{delta:+.4f}, no call")
         lines.append(
             f"| {g.name} | {len(g.records)} | {g.first('total_params'):,} | {g.first('activated_params'):,} | "
+            f"{_num(g.first('total_over_activated'), '.1f')} | {_num(g.first('transformer_ratio'), '.1f')} | "
             f"{g.first('ngram_share'):.1%} | {g.first('tokens'):,} | {g.mean():.4f} | {_fmt_spread(g)} | "
             f"{g.mean('eval_bits_per_byte'):.4f} | {g.mean('embedding_norm'):.3g} | "
             f"{g.mean('attention_out_norm'):.3g} | {vs} | "
@@ -283,7 +358,8 @@ def markdown(records: list[dict]) -> str:
                          f"{ne.first('total_params'):,} / {moe.first('total_params'):,} | "
                          f"{ne.first('activated_params'):,} / {moe.first('activated_params'):,} | {call} | "
                          f"{_fmt_paired(ne, moe, ('NE better', 'MoE better'))} |")
-    lines += curve_markdown(groups) + group_curve_markdown(groups) + speed_markdown(groups)
+    lines += (experts_markdown(groups) + routing_markdown(groups) + curve_markdown(groups)
+              + group_curve_markdown(groups) + speed_markdown(groups))
     return "\n".join(lines) + "\n"
 
 

@@ -185,10 +185,12 @@ def activation_norms(model, batch: dict) -> dict[str, float]:
 
 def evaluate_run(run: Run) -> dict:
     """Held-out loss, bits per byte and activation norms of a finished run, from its last checkpoint
-    (the same ``train.eval_batches`` held-out batches for every run of every seed)."""
+    (the same ``train.eval_batches`` held-out batches for every run of every seed); for an MoE model also
+    ``routing``, its routing diagnostics and held-out loss without the MoE branch (``eval.routing``)."""
     from ngram_jax.checkpoint import restore_model
     from ngram_jax.data.pipeline import make_dataset
     from ngram_jax.eval.perplexity import evaluate
+    from ngram_jax.eval.routing import routing_report
 
     cfg = run.config
     model, _ = restore_model(cfg.train.run_dir)
@@ -197,12 +199,16 @@ def evaluate_run(run: Run) -> dict:
     batch = next(iter(make_dataset(cfg.data.path, "heldout", seq_len=cfg.data.seq_len,
                                    batch_size=cfg.data.batch_size, vocab_size=cfg.model.vocab_size, seed=0,
                                    repeat=False)))
-    return {"eval_loss": ev["loss"], "eval_bits_per_byte": ev["bits_per_byte"], "eval_tokens": ev["tokens"],
-            **activation_norms(model, batch)}
+    out = {"eval_loss": ev["loss"], "eval_bits_per_byte": ev["bits_per_byte"], "eval_tokens": ev["tokens"],
+           **activation_norms(model, batch)}
+    if cfg.model.moe.num_experts:  # what the routed experts do, and the loss without them
+        out["routing"] = routing_report(model, cfg.data.path, seq_len=cfg.data.seq_len,
+                                        batch_size=cfg.data.batch_size, max_batches=cfg.train.eval_batches)
+    return out
 
 
 def record_for(sweep: Sweep, run: Run, ev: dict, wall_s: float) -> dict:
-    from ngram_jax.budget import closed_form_budget
+    from ngram_jax.budget import closed_form_budget, ratios
 
     b = closed_form_budget(run.config.model)
     return {
@@ -212,7 +218,7 @@ def record_for(sweep: Sweep, run: Run, ev: dict, wall_s: float) -> dict:
         "train_tokens_per_s": training_speed(run.config),
         "total_params": b["total"], "activated_params": b["activated_max"], "activated_params_min": b["activated_min"],
         "ngram_params": b["ngram"], "ngram_share": b["ngram"] / b["total"],
-        "total_over_activated": b["total"] / b["activated_max"], "budget": b, "wall_s": round(wall_s, 1),
+        **ratios(b), "budget": b, "wall_s": round(wall_s, 1),
         "config": to_dict(run.config),
     }
 

@@ -13,13 +13,19 @@ named, validated runs before anything trains.
     fixed_total: {adjust: model.moe.num_experts, total: 3000000}  # hold total parameters by solving for
                                                                    # an integer key the total is linear in
     moe_baseline: true                 # add the parameter-equivalent MoE baseline of every NE run
+    screen: moe_scaling                # one seed: a screen whose choice the named sweep confirms on >= 2 seeds
+    baseline_set: {train.lr: 1.0e-2}   # overrides of the baselines only: an arm's own tuned learning rate
     scales:                            # --scale NAME: merged over the above (set, grid: by key; others replace)
       cpu: {set: {...}}
       gpu: {base: ../models/study_gpu.yaml, fixed_total: {...}}
 
 Overrides apply in this order: ``set``, the scale's ``set``, the variant's ``set``, the grid values, the
 seed, then the command line's ``--set``; then ``fixed_total``, then the MoE baseline is derived
-(``ngram_jax.budget.moe_baseline``). A run is named ``VARIANT-KEY=VALUE-...-sSEED`` (keys by their last
+(``ngram_jax.budget.moe_baseline``) and ``baseline_set`` applied to it. A baseline differs from its NE run
+only in where the parameters go (:data:`BASELINE_DIFFERS_IN`) and in the keys an arm may tune on its own
+(:data:`BASELINE_TUNABLE`): any other difference (embedding treatment, init, dtype, schedule, data, routing)
+is refused at expansion, naming the key (docs/STUDY_GUIDE.md, "Both arms alike").
+A run is named ``VARIANT-KEY=VALUE-...-sSEED`` (keys by their last
 component); its ``group`` is the name without the seed (the runs a seed spread is taken over).
 """
 
@@ -35,11 +41,15 @@ from typing import Any
 import yaml
 
 from ngram_jax import storage
-from ngram_jax.config import Config, ConfigError, ConfigWarning, load_config, parse_override, replace
+from ngram_jax.config import Config, ConfigError, ConfigWarning, load_config, parse_override, replace, to_dict
 
 SWEEP_KEYS = ("name", "description", "findings", "base", "seeds", "set", "runs", "grid", "fixed_total",
-              "moe_baseline", "scales")
-SCALE_KEYS = ("base", "set", "grid", "runs", "seeds", "fixed_total", "moe_baseline")
+              "moe_baseline", "baseline_set", "screen", "scales")
+SCALE_KEYS = ("base", "set", "grid", "runs", "seeds", "fixed_total", "moe_baseline", "baseline_set")
+# where the parameters go: the keys ngram_jax.budget.moe_baseline changes (and the run's own name and directory)
+BASELINE_DIFFERS_IN = ("name", "train.run_dir", "model.ngram.enabled", "model.ple.kind", "model.moe.num_experts")
+# what an arm may set on its own (baseline_set): its learning rate, tuned on the grid both arms share
+BASELINE_TUNABLE = ("train.lr",)
 RUN_KEYS = ("name", "set", "grid")
 FIXED_TOTAL_KEYS = ("adjust", "total")
 
@@ -65,6 +75,7 @@ class Sweep:
     description: str
     findings: tuple
     runs: tuple[Run, ...]
+    screen: str | None = None  # a one-seed screen: the sweep (file stem in the same folder) confirming its choice
 
 
 def _check_keys(where: str, data: Any, valid: Sequence[str]) -> dict:
@@ -182,6 +193,9 @@ def expand(path: str | Path, *, scale: str = "cpu", sets: Sequence[str] = (), ou
         fixed = _check_keys(f"{path}: fixed_total", fixed, FIXED_TOTAL_KEYS)
         if not isinstance(fixed.get("adjust"), str) or not isinstance(fixed.get("total"), int):
             raise ConfigError(f"{path}: fixed_total needs adjust (a dotted integer key) and total (an integer)")
+    baseline_sets = _dotted(f"{path}: baseline_set", spec.get("baseline_set"))
+    if baseline_sets and not spec.get("moe_baseline"):
+        raise ConfigError(f"{path}: baseline_set sets keys of the MoE baselines, and moe_baseline is not true")
     short = _short_names(list(dict.fromkeys(k for g in grids for k in g)))
     try:
         base_cfg = load_config(base)
@@ -213,13 +227,11 @@ def expand(path: str | Path, *, scale: str = "cpu", sets: Sequence[str] = (), ou
                     cfg = _finish(cfg, run_name, out)
                     runs.append(Run(run_name, group, seed, overrides, derived, cfg, variant=vname, grid=point))
                     if spec.get("moe_baseline") and (cfg.model.ngram.enabled or cfg.model.ple.kind == "plne"):
-                        from ngram_jax.budget import moe_baseline
-
                         b_name = f"{group}-moe-s{seed}"
                         where = f"{path}: run {b_name} (the MoE baseline of {run_name})"
-                        b_cfg = _finish(moe_baseline(cfg), b_name, out)
+                        b_cfg = _finish(fair_baseline(cfg, baseline_sets), b_name, out)
                         b_derived = {**derived, "model.ngram.enabled": False,
-                                     "model.moe.num_experts": b_cfg.model.moe.num_experts}
+                                     "model.moe.num_experts": b_cfg.model.moe.num_experts, **baseline_sets}
                         if cfg.model.ple.kind == "plne":
                             b_derived["model.ple.kind"] = "ple"
                         runs.append(Run(b_name, f"{group}-moe", seed, overrides, b_derived, b_cfg, baseline_of=group,
@@ -230,8 +242,32 @@ def expand(path: str | Path, *, scale: str = "cpu", sets: Sequence[str] = (), ou
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise ConfigError(f"{path}: runs share the name {dup[0]!r}: give each variant in 'runs' its own name")
+    screen = spec.get("screen")
+    if screen is not None and not (isinstance(screen, str) and (path.parent / f"{screen}.yaml").is_file()):
+        raise ConfigError(f"{path}: screen must name the sweep file (in {path.parent}) that confirms this screen's "
+                          f"choice on 2 or more seeds, got {screen!r}")
     return Sweep(path, name, scale, str(spec.get("description", "")), tuple(spec.get("findings") or ()),
-                 tuple(runs))
+                 tuple(runs), screen)
+
+
+def fair_baseline(cfg: Config, baseline_sets: Mapping[str, Any] | None = None) -> Config:
+    """The parameter-equivalent MoE baseline of an NE run (``ngram_jax.budget.moe_baseline``) with its own
+    ``baseline_sets``, checked to differ from ``cfg`` only in :data:`BASELINE_DIFFERS_IN` and
+    :data:`BASELINE_TUNABLE`: any other difference is a :class:`ConfigError` naming the key."""
+    from ngram_jax.budget import moe_baseline
+    from ngram_jax.checkpoint import config_differences
+
+    b_cfg = moe_baseline(cfg)
+    if baseline_sets:
+        b_cfg = replace(b_cfg, **dict(baseline_sets))
+    diffs = config_differences(to_dict(cfg), b_cfg, BASELINE_DIFFERS_IN + BASELINE_TUNABLE)
+    if diffs:
+        raise ConfigError("the MoE baseline would differ from its NE run in more than where the parameters go ("
+                          + "; ".join(d.replace(": checkpoint", ": NE run").replace("-> requested", "-> baseline")
+                                      for d in diffs[:3])
+                          + f"); a baseline may set only {', '.join(BASELINE_TUNABLE)} on its own (baseline_set): "
+                          "set everything else for both arms")
+    return b_cfg
 
 
 def _finish(cfg: Config, run_name: str, out: str | Path) -> Config:

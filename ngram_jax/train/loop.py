@@ -30,7 +30,7 @@ from ngram_jax.config import Config, ConfigError, eval_step_for_tokens, to_dict
 from ngram_jax.data.pipeline import make_dataset
 from ngram_jax.data.prepare import ensure_bundled, read_metadata
 from ngram_jax.errors import DataError
-from ngram_jax.layers.moe import update_selection_bias
+from ngram_jax.layers.moe import routing_diagnostics, update_selection_bias
 from ngram_jax.ngram.lookup import hashed_tables, row_perturbations
 from ngram_jax.sharding import initialize_distributed, make_mesh, param_context, rules_for_mesh
 from ngram_jax.train.loss import eval_step, loss_fn
@@ -77,9 +77,11 @@ def train_step(model, opt: Optimizer, batch, draft_head_weight: float = 1.0, los
     if not opt.freeze_target:  # a frozen target keeps its routing too
         update_selection_bias(model)  # aux-loss-free balancing, outside the optimizer
     counts = [b.moe.counts[...] for b in model.blocks if b.moe is not None]
+    totals = [b.moe.routing[...] for b in model.blocks if b.moe is not None]
     usage = [m.usage_fraction() for m in lookups.values()]
     return {"loss": loss, "grad_norm": grad_norm, "tokens": jnp.sum(batch["segment_ids"] != 0),
             "expert_counts": jnp.stack(counts) if counts else jnp.zeros((0, 0), jnp.int32),
+            "routing_totals": jnp.stack(totals) if totals else jnp.zeros((0, 0), jnp.float32),
             "ngram_rows_seen_frac": usage[0] if usage else jnp.float32(jnp.nan)}
 
 
@@ -188,13 +190,12 @@ def evaluate(cfg: Config, sharding, eval_fn) -> float:
 
 def log_metrics(cfg: Config, out: dict, window: TrainWindow) -> dict:
     """The metrics of a log step: throughput and MFU of the window's training steps, gradient norm,
-    expert load, N-gram row usage."""
+    the step's routing (``layers.moe.routing_diagnostics``), N-gram row usage."""
     record = {"grad_norm": float(out["grad_norm"]), **window.report()}
     counts = np.asarray(out["expert_counts"])
-    if counts.size:
-        real = counts[:, : cfg.model.moe.num_experts].astype(np.float64)
-        record["expert_load_max_over_mean"] = float((real.max(1) / np.maximum(real.mean(1), 1e-9)).mean())
-        record["zero_expert_fraction"] = float(1 - real.sum() / max(counts.sum(), 1))
+    if counts.size:  # the logged step's routing: load, drops, routed mass, the bias's share of the choices
+        record.update(routing_diagnostics(counts, out["routing_totals"], cfg.model.moe.num_experts,
+                                          cfg.model.moe.top_k))
     seen = float(out["ngram_rows_seen_frac"])
     if math.isfinite(seen):  # fraction of the N-gram rows read so far, recorded by the model
         record["ngram_rows_seen_frac"] = seen
