@@ -43,7 +43,7 @@ from pathlib import Path
 from etils import epath
 
 from ngram_jax.config import ConfigError
-from ngram_jax.errors import UsageError, UserError
+from ngram_jax.errors import UsageError, UserError, exception_chain, one_line
 
 SCHEMES = ("gs", "s3")
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):(/*)(.*)$")  # scheme (2+ characters), slashes, the rest
@@ -185,49 +185,30 @@ def s3_kvstore(bucket: str, path: str) -> dict:
     return spec
 
 
-def _root_cause(err: BaseException) -> BaseException:
-    seen = {id(err)}
-    while (inner := err.__cause__ or err.__context__) is not None and id(inner) not in seen:
-        seen.add(id(inner))
-        err = inner
-    return err
-
-
 def _is_unreachable(err: BaseException) -> bool:
     """A connection that could not be made (refused, reset, timed out, no such host) anywhere in the chain."""
     names = ("EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ServerDisconnectedError",
              "ConnectionError", "ConnectTimeout", "ReadTimeoutError")
-    while err is not None:
-        if isinstance(err, ConnectionError | TimeoutError) or type(err).__name__ in names:
-            return True
-        err = err.__cause__ or err.__context__
-    return False
-
-
-def _brief(err: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(err).split()) or type(err).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return any(isinstance(e, ConnectionError | TimeoutError) or type(e).__name__ in names
+               for e in exception_chain(err))
 
 
 def failure(err: BaseException, path: str | os.PathLike | None = None) -> str | None:
     """Why a request to a bucket (``path``'s, for the endpoint's name) failed, on one line, when ``err`` is a
     storage failure (a connection refused or timed out, an access refused, a request the server answered
     with an error, as each client reports it); None for anything else (a bug keeps its traceback)."""
-    cause = _root_cause(err)
+    chain = list(exception_chain(err))
+    cause = chain[-1]
     if _is_unreachable(err):
-        return f"cannot reach {endpoint(path) if path is not None else 'the storage server'} ({_brief(cause)})"
-    chain, e = [], err
-    while e is not None and len(chain) < 20:
-        chain.append(e)
-        e = e.__cause__ or e.__context__
+        return f"cannot reach {endpoint(path) if path is not None else 'the storage server'} ({one_line(cause)})"
     if any(isinstance(e, PermissionError) or getattr(e, "code", None) in (401, 403) for e in chain):
-        return f"access refused ({_brief(cause)})"
+        return f"access refused ({one_line(cause)})"
     storage_errors = ("HttpError", "ClientError", "BotoCoreError", "ClientResponseError")
     if any(isinstance(e, OSError) or type(e).__name__ in storage_errors for e in chain):
-        return f"{type(cause).__name__}: {_brief(cause)}"
+        return f"{type(cause).__name__}: {one_line(cause)}"
     if any(type(e) is ValueError and any(s in str(e) for s in ("UNAVAILABLE", "DEADLINE_EXCEEDED", "Error writing",
                                                                  "Error reading")) for e in chain):
-        return _brief(cause)  # tensorstore reports I/O errors as ValueError with the gRPC status text
+        return one_line(cause)  # tensorstore reports I/O errors as ValueError with the gRPC status text
     return None
 
 
