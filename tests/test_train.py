@@ -47,8 +47,11 @@ def env_one_device():
     return env
 
 
-def start(data_dir, run_dir, *extra) -> subprocess.Popen:
-    cmd = [sys.executable, str(ROOT / "train.py"), str(ROOT / "configs/models/tiny_ne.yaml"),
+def start(data_dir, run_dir, *extra, hold_save: tuple[int, float] | None = None) -> subprocess.Popen:
+    """train.py on the tiny config; ``hold_save=(step, seconds)`` holds that step's save in flight
+    (tests/slow_save.py)."""
+    held = [str(ROOT / "tests/slow_save.py"), *map(str, hold_save)] if hold_save else []
+    cmd = [sys.executable, *held, str(ROOT / "train.py"), str(ROOT / "configs/models/tiny_ne.yaml"),
            *overrides(data_dir, run_dir, *extra)]
     return subprocess.Popen(cmd, cwd=ROOT, env=env_one_device(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
@@ -367,7 +370,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(short, data_di
     assert losses(run_dir) == losses(short)
 
 
-@pytest.mark.slow  # ~20 s beyond the shared fixture; kept out of CI for time (its orbax noise is silenced for good)
+@pytest.mark.slow  # ~20 s beyond the shared fixture; kept out of CI for time
 def test_no_readable_checkpoint_is_an_error_not_a_fresh_start(short, data_dir, tmp_path):
     run_dir = tmp_path / "all_corrupt"
     shutil.copytree(short, run_dir)
@@ -417,17 +420,11 @@ def test_disk_full_during_an_async_save_is_a_clear_error(short, data_dir, tmp_pa
 
 @pytest.mark.slow
 def test_sigkill_during_an_async_save_resumes_exactly(short, data_dir, tmp_path):
-    """Killed while step 4's save is in flight (its temporary directory exists; the test hook holds its
-    metadata write): the next start resumes from step 2, the last complete one, bit for bit."""
-    from ngram_jax.checkpoint import SLOW_SAVE_ENV
-
+    """Killed while step 4's save is in flight (its temporary directory exists; tests/slow_save.py holds
+    it): the next start resumes from step 2, the last complete one, bit for bit."""
     run_dir = tmp_path / "killed_saving"
     ckpt = run_dir / "checkpoints"
-    os.environ[SLOW_SAVE_ENV] = "4:60"
-    try:
-        proc = start(data_dir, run_dir, *SHORT)
-    finally:
-        del os.environ[SLOW_SAVE_ENV]
+    proc = start(data_dir, run_dir, *SHORT, hold_save=(4, 60))
     assert wait_for(lambda: any(ckpt.glob("4.orbax-checkpoint-tmp*")), proc=proc), proc.communicate()[0]
     time.sleep(1.0)  # training goes on while the save is in flight
     proc.send_signal(signal.SIGKILL)
