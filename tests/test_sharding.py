@@ -62,11 +62,11 @@ def compile_grad_hlo(model, mesh, tokens) -> str:
 @pytest.mark.parametrize("spec,chunked", [(m, False) for m in MESHES] + [("data=2,fsdp=2,expert=2", True)])
 def test_model_forward_and_gradients_equal_single_device(spec, chunked, reference, tokens, monkeypatch):
     """chunked: a lookup over axes that split both rows and batch in chunks of one position at a time
-    (sharding.LOOKUP_CHUNK_BYTES; a large batch's default), against the whole batch at once."""
+    (row_sharded.LOOKUP_CHUNK_BYTES; a large batch's default), against the whole batch at once."""
     if chunked:
-        import ngram_jax.sharding
+        from ngram_jax.ngram import row_sharded
 
-        monkeypatch.setattr(ngram_jax.sharding, "LOOKUP_CHUNK_BYTES", 1)
+        monkeypatch.setattr(row_sharded, "LOOKUP_CHUNK_BYTES", 1)
     cfg, want_loss, want_grads = reference
     mesh = make_mesh_from_spec(spec)
     model = create_sharded(lambda: build_model(cfg, nnx.Rngs(0)), mesh)

@@ -35,7 +35,8 @@ from ngram_jax.kernels.ngram_gather.api import BY_ID, IMPLEMENTATIONS, unavailab
 from ngram_jax.kernels.ngram_gather.pallas_tpu import check_interpret_mesh
 from ngram_jax.kernels.ngram_gather.xla import gather_rows
 from ngram_jax.ngram import hashing
-from ngram_jax.sharding import logical_axes, row_sharded_lookup, row_sharded_update, row_sharding
+from ngram_jax.ngram.row_sharded import row_sharded_lookup, row_sharded_update, row_sharding
+from ngram_jax.sharding import logical_axes
 
 KERNELS = ("auto", "reference", "xla", "pallas_tpu")
 
@@ -170,8 +171,8 @@ class HashedTables(nnx.Module):
         The ids are hashed where the tokens are: in the fused kernel (tokens in, ids computed in it) when the
         rows are not split over a batch axis; otherwise (the default rules on any data/fsdp/expert mesh, and
         decoding's N-gram cache) by :meth:`row_ids` on each device's own positions, and the kernel gathers
-        by id on the shards that own the rows (``sharding.row_sharded_lookup``): hashing the whole batch on
-        every row shard would cost O(global batch) per device."""
+        by id on the shards that own the rows (:func:`~ngram_jax.ngram.row_sharded.row_sharded_lookup`):
+        hashing the whole batch on every row shard would cost O(global batch) per device."""
         table = self.ngram_table[...]
         kernel = self.kernel == "pallas_tpu"
         kw = {"interpret": _forced_interpret() or False} if kernel else {}
