@@ -38,7 +38,7 @@ class ConfigWarning(UserWarning):
 
 @dataclass(frozen=True)
 class NgramConfig:
-    """N-gram Embedding on the input (SPEC.md section 1)."""
+    """N-gram Embedding on the input (the paper, section 3)."""
 
     enabled: bool = False
     max_n: int = 3  # N: orders 2..N
@@ -53,7 +53,7 @@ class NgramConfig:
 
 @dataclass(frozen=True)
 class PLEConfig:
-    """Per-layer embeddings gating each dense FFN (SPEC.md section 2)."""
+    """Per-layer embeddings gating each dense FFN (the paper, section 5)."""
 
     kind: Literal["none", "ple", "plne"] = "none"
     max_n: int = 3  # PLNE only
@@ -115,7 +115,7 @@ class MoEConfig:
     bias_update_rate: float = 1e-3  # aux-loss-free balancing step for the selection bias
     bias_update_rule: Literal["sign", "proportional"] = "sign"
     # K_e: expected real (non-zero) experts per token that the bias update steers toward; the zero
-    # experts absorb the other (top_k - K_e) / top_k of the routed slots (layers/moe.py, SPEC.md 3).
+    # experts absorb the other (top_k - K_e) / top_k of the routed slots (layers/moe.py).
     # null: top_k (zero experts are pushed out); must be top_k without zero experts.
     real_experts_per_token: float | None = None
     load_balance_loss_weight: float = 0.0  # Switch-style auxiliary loss (0: off)

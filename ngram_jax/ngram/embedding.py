@@ -1,4 +1,4 @@
-"""N-gram Embedding (NE), SPEC.md section 1.
+"""N-gram Embedding (NE) (the paper, section 3).
 
     e_t = ( E0[x_t] + sum_idx E_idx[h_idx(t)] @ W_idx ) / (1 + T),   then amplification
 
