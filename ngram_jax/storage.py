@@ -43,7 +43,7 @@ from pathlib import Path
 from etils import epath
 
 from ngram_jax.config import ConfigError
-from ngram_jax.errors import UsageError, UserError, exception_chain, one_line
+from ngram_jax.errors import DataError, UsageError, UserError, exception_chain, one_line
 
 SCHEMES = ("gs", "s3")
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):(/*)(.*)$")  # scheme (2+ characters), slashes, the rest
@@ -246,6 +246,20 @@ def check(path: str | os.PathLike, what: str, *, write: bool = False) -> Locatio
             probe.write_bytes(b"")
             probe.unlink()
     return path
+
+
+def read_text(path: str | os.PathLike, what: str, kind: str = "a text file") -> str:
+    """The content of a user-given file (local or in a bucket) as UTF-8 text. Bytes that are not UTF-8 (a
+    binary file, or one cut short inside a character) are a :class:`~ngram_jax.errors.DataError` naming
+    ``what`` (e.g. ``--tokenizer``), the file, the first such byte and what the file should be (``kind``)."""
+    path = location(path, what)
+    with reported(path, what):
+        data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{what} {path} is not {kind}: byte {err.start} (0x{data[err.start]:02x}) is not UTF-8 "
+                        "text (a binary or damaged file?)") from None
 
 
 def output_dir(path: str | os.PathLike, what: str) -> Location:
