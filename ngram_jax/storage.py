@@ -35,10 +35,12 @@ import logging
 import os
 import re
 import shutil
+import socket
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from etils import epath
 
@@ -163,6 +165,31 @@ def endpoint(path: str | os.PathLike) -> str:
     return os.environ.get("STORAGE_EMULATOR_HOST") or "Google Cloud Storage (STORAGE_EMULATOR_HOST unset)"
 
 
+CONNECT_TIMEOUT_S = 5.0  # how long check() waits for a storage server to accept a connection
+
+
+def _address(path: str | os.PathLike) -> tuple[str, int]:
+    """``(host, port)`` that requests for a remote ``path`` go to."""
+    if parts(path)[0] == "s3":
+        url = s3_endpoint() or "https://s3.amazonaws.com"
+    else:
+        url = os.environ.get("STORAGE_EMULATOR_HOST") or "https://storage.googleapis.com"
+    split = urlsplit(url if "://" in url else f"http://{url}")
+    return split.hostname or "", split.port or (443 if split.scheme == "https" else 80)
+
+
+def _check_reachable(path: str | os.PathLike, what: str) -> None:
+    """One TCP connection to ``path``'s endpoint within :data:`CONNECT_TIMEOUT_S`, else a :class:`StorageError`:
+    the clients would retry an unreachable server with backoff for half a minute or more."""
+    host, port = _address(path)
+    try:
+        socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as err:
+        raise StorageError(f"{what}={path}: cannot reach {endpoint(path)} (no connection to {host}:{port} within "
+                           f"{CONNECT_TIMEOUT_S:g} s: {one_line(err)}); check the endpoint variables "
+                           "(docs/STORAGE.md) and the network") from None
+
+
 def kvstore(path: str | os.PathLike) -> dict:
     """The tensorstore kvstore spec of a directory: ``file``, ``gcs`` or ``s3`` (:func:`s3_kvstore`)."""
     scheme, bucket, key = parts(path)
@@ -235,6 +262,7 @@ def check(path: str | os.PathLike, what: str, *, write: bool = False) -> Locatio
         return path
     scheme, bucket, _ = parts(path)
     root = epath.Path(f"{scheme}://{bucket}")
+    _check_reachable(path, what)
     with reported(path, what):
         try:  # one listing request: the server answers, the bucket exists and we may read it (an exists() is
             next(iter(root.iterdir()), None)  # no help: s3fs says False for any failure)
