@@ -117,7 +117,6 @@ def test_kernel_on_row_sharded_meshes(reference, spec):
     assert gathers and not any(forbidden & set(s) for s in gathers)
 
 
-@pytest.mark.slow
 def test_pallas_kernel_inside_shard_map_in_the_model(reference):
     """The Pallas TPU kernel (interpret mode) as the model runs it: one row shard per device, on 4 of the 8
     CPU devices (see ``check_interpret_mesh``: over all of them the simulator can deadlock)."""
