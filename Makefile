@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TRAIN_STAMP := $(VENV)/.installed-train
 STAMP := $(VENV)/.installed
 
-.PHONY: install python-check test test-all train study-data bench bench-runs lint clean
+.PHONY: install python-check test test-slow test-all train study-data bench bench-runs lint clean
 
 # one line, before anything is created, when the Python is not one the package supports or has no venv
 python-check:
@@ -31,6 +31,10 @@ install: $(STAMP)
 TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile
+
+# the large variants only (CI's time-boxed second stage, .ci/run)
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow -n $(TEST_WORKERS) --dist loadfile
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
