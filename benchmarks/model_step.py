@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import time
 import warnings
 from pathlib import Path
@@ -21,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from timing import median_seconds
 
 from ngram_jax.budget import parameter_budget
 from ngram_jax.config import ConfigWarning, load_config
@@ -59,13 +59,7 @@ def jax_step_time(cfg, tokens: np.ndarray, repeats: int) -> float:
         return nnx.value_and_grad(loss)(m)
 
     t = jnp.asarray(tokens)
-    jax.block_until_ready(step(model, t))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(step(model, t))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return median_seconds(lambda: step(model, t), repeats)
 
 
 def torch_step_time(tokens: np.ndarray, repeats: int) -> float | None:
@@ -87,13 +81,7 @@ def torch_step_time(tokens: np.ndarray, repeats: int) -> float | None:
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), t[:, 1:].reshape(-1))
         loss.backward()
 
-    step()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return median_seconds(step, repeats)  # torch runs eagerly: step() returns when done
 
 
 def main() -> None:

@@ -12,13 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from timing import median_seconds
 
 from ngram_jax.ngram.embedding import NgramEmbedding
 from ngram_jax.ngram.lookup import token_lookup
@@ -43,13 +43,7 @@ def time_fwd_bwd(module: nnx.Module, tokens: jax.Array, repeats: int) -> float:
 
         return jax.value_and_grad(loss)(p)
 
-    jax.block_until_ready(step(params, tokens))  # compile
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(step(params, tokens))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return median_seconds(lambda: step(params, tokens), repeats)
 
 
 def main() -> None:

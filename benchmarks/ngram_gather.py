@@ -13,25 +13,19 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from timing import median_seconds
 
 from ngram_jax.kernels.ngram_gather import available_implementations, ngram_gather
 from ngram_jax.ngram import hashing
 
 
 def timed(fn, *args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return median_seconds(lambda: fn(*args), repeats)
 
 
 def main() -> None:

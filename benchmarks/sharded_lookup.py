@@ -18,7 +18,6 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import re  # noqa: E402
-import statistics  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
@@ -27,6 +26,8 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
+
+from timing import median_seconds  # noqa: E402
 
 from ngram_jax.ngram.embedding import NgramEmbedding  # noqa: E402
 from ngram_jax.sharding import create_sharded, make_mesh_from_spec, param_context  # noqa: E402
@@ -70,17 +71,12 @@ def main() -> None:
         with param_context(mesh):
             step = nnx.jit(nnx.value_and_grad(lambda m, t: jnp.mean(m(t) ** 2)))
             hlo = step.lower(layer, tokens).compile().as_text()
-            jax.block_until_ready(step(layer, tokens))
-            times = []
-            for _ in range(args.repeats):
-                t0 = time.perf_counter()
-                jax.block_until_ready(step(layer, tokens))
-                times.append(time.perf_counter() - t0)
+            seconds = median_seconds(lambda layer=layer, step=step: step(layer, tokens), args.repeats)
         table = layer.ngram_table[...]
         coll = collective_bytes(hlo)
         rows.append(dict(ratio=r, table_rows=table.shape[0], table_mb=table.nbytes / 2**20,
                          table_shard_mb=max(s.data.nbytes for s in table.addressable_shards) / 2**20,
-                         collective_bytes=sum(coll.values()), by_op=coll, step_ms=statistics.median(times) * 1e3))
+                         collective_bytes=sum(coll.values()), by_op=coll, step_ms=seconds * 1e3))
     print(f"{'ratio':>6} {'table rows':>11} {'table MB':>9} {'shard MB':>9} {'collective bytes':>17} {'step ms':>8}")
     for x in rows:
         print(f"{x['ratio']:>6g} {x['table_rows']:>11,} {x['table_mb']:>9.1f} {x['table_shard_mb']:>9.1f} "

@@ -16,14 +16,15 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import argparse  # noqa: E402
+import itertools  # noqa: E402
 import platform  # noqa: E402
-import statistics  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
+from timing import median_seconds  # noqa: E402
 
 from ngram_jax.config import ConfigWarning, load_config  # noqa: E402
 from ngram_jax.sharding import make_mesh_from_spec, param_context  # noqa: E402
@@ -56,13 +57,9 @@ def prepared(optimizer: str, ratio: float, mesh):
 
 def time_steps(state, mesh, steps: int) -> float:
     cfg, model, opt, step, batches = state
-    times = []
+    order = itertools.cycle(batches[:2])
     with param_context(mesh):
-        for i in range(steps):
-            t0 = time.perf_counter()
-            jax.block_until_ready(step(model, opt, batches[i % 2])["loss"])
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        return median_seconds(lambda: step(model, opt, next(order))["loss"], steps, warmup=0)
 
 
 def main() -> None:

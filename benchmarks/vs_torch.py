@@ -86,7 +86,7 @@ class NnxJitRun(JaxRun):
 
 
 def torch_ngram_embedding(cfg, torch):
-    """The N-gram Embedding of SPEC.md section 1 in torch (int64 hashing), as the reference computes it."""
+    """The N-gram Embedding of the paper (section 3) in torch (int64 hashing), as the reference computes it."""
     from ngram_jax.ngram import hashing
 
     m, n = cfg.model, cfg.model.ngram

@@ -192,8 +192,7 @@ def sample_tokens(cfg: Config, text: str | None, max_tokens: int) -> np.ndarray:
         from ngram_jax.data.tokenizer import load_tokenizer
 
         tokenizer = storage.location(cfg.data.path, "data.path") / "tokenizer.json"
-        with storage.reported(text, "--text"):
-            sample = storage.location(text, "--text").read_text()
+        sample = storage.read_text(text, "--text")
         ids = load_tokenizer(tokenizer).encode(sample).ids
         ids = np.asarray(ids[: max(seq, max_tokens // seq * seq)], np.int32)
         if ids.size and int(ids.max()) >= cfg.model.vocab_size:

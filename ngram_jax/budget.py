@@ -1,6 +1,6 @@
 """Parameter accounting in closed form (no arrays, no devices).
 
-The counts follow the layer shapes of SPEC.md sections 1-3:
+The counts follow the layer shapes of the paper (sections 3 and 5) and LongCat-Flash:
 - input embedding: base table ``V*D`` (+ NE sub-tables ``sum(M)*d_e`` and projections ``T*d_e*D``),
   + LayerNorm ``2*D`` with ``model.embedding.amplification: layernorm`` (any model);
 - each ScMoE block: 2 attention sublayers, 2 dense FFNs (SwiGLU ``3*D*F``; with PLE/PLNE the

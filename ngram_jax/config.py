@@ -12,6 +12,7 @@ is the bottom of the import graph: it imports nothing from the package.
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 import warnings
@@ -56,7 +57,7 @@ class EmbeddingConfig:
 
 @dataclass(frozen=True)
 class NgramConfig:
-    """N-gram Embedding on the input (SPEC.md section 1); its amplification and init are ``model.embedding``."""
+    """N-gram Embedding on the input (the paper, section 3); its amplification and init are ``model.embedding``."""
 
     enabled: bool = False
     max_n: int = 3  # N: orders 2..N
@@ -69,7 +70,7 @@ class NgramConfig:
 
 @dataclass(frozen=True)
 class PLEConfig:
-    """Per-layer embeddings gating each dense FFN (SPEC.md section 2)."""
+    """Per-layer embeddings gating each dense FFN (the paper, section 5)."""
 
     kind: Literal["none", "ple", "plne"] = "none"
     max_n: int = 3  # PLNE only
@@ -152,7 +153,7 @@ class MoEConfig:
     bias_update_units: Literal["absolute", "mean_probability"] = "absolute"
     bias_update_rule: Literal["sign", "proportional"] = "sign"
     # K_e: expected real (non-zero) experts per token that the bias update steers toward; the zero
-    # experts absorb the other (top_k - K_e) / top_k of the routed slots (layers/moe.py, SPEC.md 3).
+    # experts absorb the other (top_k - K_e) / top_k of the routed slots (layers/moe.py).
     # null: top_k (zero experts are pushed out); must be top_k without zero experts.
     real_experts_per_token: float | None = None
     load_balance_loss_weight: float = 0.0  # Switch-style auxiliary loss (0: off)
@@ -427,14 +428,29 @@ def replace(cfg, **dotted: Any):
     return from_dict(data)
 
 
+def load_yaml(path: str | os.PathLike, what: str = "config file") -> Any:
+    """The YAML document in file ``path``; a file that is not UTF-8 text (binary, damaged) or not valid YAML
+    (e.g. cut short) is a ConfigError naming ``what``, the file and where it fails."""
+    data = Path(path).read_bytes()
+    try:
+        return yaml.safe_load(data.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{what} {path} is not a YAML text file: byte {err.start} is not UTF-8 text (a binary "
+                          "or damaged file?)") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or " ".join(str(err).split())
+        raise ConfigError(f"{what} {path} is not valid YAML: {problem}{where}") from None
+
+
 def _read_yaml_tree(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     path = path.resolve()
     if path in seen:
         raise ConfigError(f"'base:' cycle: {' -> '.join(str(p) for p in seen + (path,))}")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    data = load_yaml(path) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     bases = data.pop("base", None)

@@ -1,4 +1,4 @@
-"""Prefill + incremental decoding with a KV cache and an N-gram cache (SPEC.md section 6); the command
+"""Prefill + incremental decoding with a KV cache and an N-gram cache (paper section 6; docs/DECODING.md); the command
 line is :mod:`ngram_jax.generate`, speculative decoding :mod:`ngram_jax.speculative`.
 
 The N-gram cache keeps, per sequence, the history of the next token: ``x~_{t-1}, x~_{t-2}, ...``

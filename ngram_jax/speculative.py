@@ -1,4 +1,4 @@
-"""Speculative decoding (SPEC.md section 6, paper section 6): draft K tokens, verify them with one
+"""Speculative decoding (paper section 6; docs/DECODING.md): draft K tokens, verify them with one
 target pass over K+1 positions, accept a prefix, all inside one jitted ``lax.while_loop``.
 
 Decoding state per sequence slot (:class:`SpecState`):

@@ -35,15 +35,17 @@ import logging
 import os
 import re
 import shutil
+import socket
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from etils import epath
 
 from ngram_jax.config import ConfigError
-from ngram_jax.errors import UsageError, UserError
+from ngram_jax.errors import DataError, UsageError, UserError, exception_chain, one_line
 
 SCHEMES = ("gs", "s3")
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):(/*)(.*)$")  # scheme (2+ characters), slashes, the rest
@@ -163,6 +165,31 @@ def endpoint(path: str | os.PathLike) -> str:
     return os.environ.get("STORAGE_EMULATOR_HOST") or "Google Cloud Storage (STORAGE_EMULATOR_HOST unset)"
 
 
+CONNECT_TIMEOUT_S = 5.0  # how long check() waits for a storage server to accept a connection
+
+
+def _address(path: str | os.PathLike) -> tuple[str, int]:
+    """``(host, port)`` that requests for a remote ``path`` go to."""
+    if parts(path)[0] == "s3":
+        url = s3_endpoint() or "https://s3.amazonaws.com"
+    else:
+        url = os.environ.get("STORAGE_EMULATOR_HOST") or "https://storage.googleapis.com"
+    split = urlsplit(url if "://" in url else f"http://{url}")
+    return split.hostname or "", split.port or (443 if split.scheme == "https" else 80)
+
+
+def _check_reachable(path: str | os.PathLike, what: str) -> None:
+    """One TCP connection to ``path``'s endpoint within :data:`CONNECT_TIMEOUT_S`, else a :class:`StorageError`:
+    the clients would retry an unreachable server with backoff for half a minute or more."""
+    host, port = _address(path)
+    try:
+        socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as err:
+        raise StorageError(f"{what}={path}: cannot reach {endpoint(path)} (no connection to {host}:{port} within "
+                           f"{CONNECT_TIMEOUT_S:g} s: {one_line(err)}); check the endpoint variables "
+                           "(docs/STORAGE.md) and the network") from None
+
+
 def kvstore(path: str | os.PathLike) -> dict:
     """The tensorstore kvstore spec of a directory: ``file``, ``gcs`` or ``s3`` (:func:`s3_kvstore`)."""
     scheme, bucket, key = parts(path)
@@ -185,49 +212,30 @@ def s3_kvstore(bucket: str, path: str) -> dict:
     return spec
 
 
-def _root_cause(err: BaseException) -> BaseException:
-    seen = {id(err)}
-    while (inner := err.__cause__ or err.__context__) is not None and id(inner) not in seen:
-        seen.add(id(inner))
-        err = inner
-    return err
-
-
 def _is_unreachable(err: BaseException) -> bool:
     """A connection that could not be made (refused, reset, timed out, no such host) anywhere in the chain."""
     names = ("EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ServerDisconnectedError",
              "ConnectionError", "ConnectTimeout", "ReadTimeoutError")
-    while err is not None:
-        if isinstance(err, ConnectionError | TimeoutError) or type(err).__name__ in names:
-            return True
-        err = err.__cause__ or err.__context__
-    return False
-
-
-def _brief(err: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(err).split()) or type(err).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return any(isinstance(e, ConnectionError | TimeoutError) or type(e).__name__ in names
+               for e in exception_chain(err))
 
 
 def failure(err: BaseException, path: str | os.PathLike | None = None) -> str | None:
     """Why a request to a bucket (``path``'s, for the endpoint's name) failed, on one line, when ``err`` is a
     storage failure (a connection refused or timed out, an access refused, a request the server answered
     with an error, as each client reports it); None for anything else (a bug keeps its traceback)."""
-    cause = _root_cause(err)
+    chain = list(exception_chain(err))
+    cause = chain[-1]
     if _is_unreachable(err):
-        return f"cannot reach {endpoint(path) if path is not None else 'the storage server'} ({_brief(cause)})"
-    chain, e = [], err
-    while e is not None and len(chain) < 20:
-        chain.append(e)
-        e = e.__cause__ or e.__context__
+        return f"cannot reach {endpoint(path) if path is not None else 'the storage server'} ({one_line(cause)})"
     if any(isinstance(e, PermissionError) or getattr(e, "code", None) in (401, 403) for e in chain):
-        return f"access refused ({_brief(cause)})"
+        return f"access refused ({one_line(cause)})"
     storage_errors = ("HttpError", "ClientError", "BotoCoreError", "ClientResponseError")
     if any(isinstance(e, OSError) or type(e).__name__ in storage_errors for e in chain):
-        return f"{type(cause).__name__}: {_brief(cause)}"
+        return f"{type(cause).__name__}: {one_line(cause)}"
     if any(type(e) is ValueError and any(s in str(e) for s in ("UNAVAILABLE", "DEADLINE_EXCEEDED", "Error writing",
                                                                  "Error reading")) for e in chain):
-        return _brief(cause)  # tensorstore reports I/O errors as ValueError with the gRPC status text
+        return one_line(cause)  # tensorstore reports I/O errors as ValueError with the gRPC status text
     return None
 
 
@@ -254,6 +262,7 @@ def check(path: str | os.PathLike, what: str, *, write: bool = False) -> Locatio
         return path
     scheme, bucket, _ = parts(path)
     root = epath.Path(f"{scheme}://{bucket}")
+    _check_reachable(path, what)
     with reported(path, what):
         try:  # one listing request: the server answers, the bucket exists and we may read it (an exists() is
             next(iter(root.iterdir()), None)  # no help: s3fs says False for any failure)
@@ -265,6 +274,20 @@ def check(path: str | os.PathLike, what: str, *, write: bool = False) -> Locatio
             probe.write_bytes(b"")
             probe.unlink()
     return path
+
+
+def read_text(path: str | os.PathLike, what: str, kind: str = "a text file") -> str:
+    """The content of a user-given file (local or in a bucket) as UTF-8 text. Bytes that are not UTF-8 (a
+    binary file, or one cut short inside a character) are a :class:`~ngram_jax.errors.DataError` naming
+    ``what`` (e.g. ``--tokenizer``), the file, the first such byte and what the file should be (``kind``)."""
+    path = location(path, what)
+    with reported(path, what):
+        data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{what} {path} is not {kind}: byte {err.start} (0x{data[err.start]:02x}) is not UTF-8 "
+                        "text (a binary or damaged file?)") from None
 
 
 def output_dir(path: str | os.PathLike, what: str) -> Location:

@@ -1,4 +1,4 @@
-"""Test oracles: the SPEC formulas written straight, in numpy int64 (no JAX)."""
+"""Test oracles: the paper's formulas (section 3) written straight, in numpy int64 (no JAX)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 
 def ngram_ids_reference(tokens, *, vocab_size: int, table_sizes: Sequence[int], max_n: int,
                         splits: int, eos_id: int | None, segment_ids=None) -> np.ndarray:
-    """numpy int64 oracle of :func:`ngram_ids`, a direct loop over the SPEC formula."""
+    """numpy int64 oracle of :func:`ngram_ids`, a direct loop over the formula."""
     x = np.asarray(tokens, np.int64)
     seg = None if segment_ids is None else np.asarray(segment_ids)
     b, s = x.shape

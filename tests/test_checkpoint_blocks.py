@@ -10,9 +10,8 @@ import pytest
 import tensorstore as ts
 from flax import nnx
 
-from ngram_jax import checkpoint
 from ngram_jax.analyze import LazyCheckpoint
-from ngram_jax.checkpoint import MAX_TABLE_BLOCKS, TABLE_CHUNK_ROWS, Checkpointer, block_rows, row_chunked_paths
+from ngram_jax.checkpoint import MAX_TABLE_BLOCKS, TABLE_CHUNK_ROWS, Checkpointer, block_rows, blocks, row_chunked_paths
 from ngram_jax.config import load_config, to_dict
 from ngram_jax.sharding import make_mesh_from_spec
 from ngram_jax.train.state import build_train_state, train_state_target
@@ -132,7 +131,7 @@ def test_large_tables_get_longer_blocks_and_read_back(tmp_path, monkeypatch, sav
     """A table of more than MAX_TABLE_BLOCKS 32-row blocks (here the bound is lowered to 4) is stored in at
     most that many longer blocks (at least one per row shard); restores, lazy row reads and the streamed
     slabs see the same rows."""
-    monkeypatch.setattr(checkpoint, "MAX_TABLE_BLOCKS", 4)
+    monkeypatch.setattr(blocks, "MAX_TABLE_BLOCKS", 4)
     cfg = load_config("configs/models/tiny_ne.yaml", overrides=SMALL + ["model.ngram.row_multiple=256"])
     model, opt = save(cfg, make_mesh_from_spec(save_spec) if save_spec else None, tmp_path / "checkpoints")
     table = np.asarray(model.embed.ngram_table[...])

@@ -334,3 +334,72 @@ def test_plan_bad_mesh_spec():
 def test_collisions_missing_tokens_file(tmp_path):
     res = cli("-m", "ngram_jax.tools.collisions", "--tokens", str(tmp_path / "t.npy"), "--ratios", "2.37")
     assert_user_error(res, INPUT, str(tmp_path / "t.npy"))
+
+
+# ------------------------------------------------------------------------------------------------
+# files that are not what they should be: binary bytes, or a text cut short
+
+BINARY = bytes(range(128, 256)) * 4  # no UTF-8 text starts with these bytes
+
+
+def test_train_binary_config_file(tmp_path):
+    (tmp_path / "model.yaml").write_bytes(BINARY)
+    assert_user_error(cli("train.py", str(tmp_path / "model.yaml")), USAGE, str(tmp_path / "model.yaml"),
+                      "not a YAML text file", "byte 0")
+
+
+def test_train_config_file_cut_short(tmp_path):
+    (tmp_path / "model.yaml").write_text("base: ../base.yaml\nmodel:\n  d_model: [64, 12")
+    assert_user_error(cli("train.py", str(tmp_path / "model.yaml")), USAGE, str(tmp_path / "model.yaml"),
+                      "not valid YAML", "line 3")
+
+
+def test_generate_tokenizer_of_binary_bytes(run, tmp_path):
+    (tmp_path / "tokenizer.json").write_bytes(BINARY)
+    res = cli("-m", "ngram_jax.generate", "--checkpoint", str(run), "--prompt", "the",
+              "--tokenizer", str(tmp_path / "tokenizer.json"))
+    assert_user_error(res, INPUT, str(tmp_path / "tokenizer.json"), "not a Hugging Face tokenizer.json", "UTF-8")
+
+
+def test_generate_tokenizer_cut_short(run, data, tmp_path):
+    text = (data / "tokenizer.json").read_text()
+    (tmp_path / "tokenizer.json").write_text(text[: len(text) // 2])
+    res = cli("-m", "ngram_jax.generate", "--checkpoint", str(run), "--prompt", "the",
+              "--tokenizer", str(tmp_path / "tokenizer.json"))
+    assert_user_error(res, INPUT, str(tmp_path / "tokenizer.json"), "not a valid Hugging Face tokenizer.json")
+
+
+def test_train_data_with_binary_metadata(data, vocab, tmp_path):
+    bad = tmp_path / "data"
+    shutil.copytree(data, bad)
+    (bad / "metadata.json").write_bytes(BINARY)
+    res = cli("train.py", *tiny(bad, vocab, tmp_path / "r"))
+    assert_user_error(res, INPUT, str(bad / "metadata.json"), "not a metadata.json", "UTF-8")
+
+
+def test_train_data_shard_cut_short(data, vocab, tmp_path):
+    bad = tmp_path / "data"
+    shutil.copytree(data, bad)
+    shard = bad / json.loads((bad / "metadata.json").read_text())["splits"]["train"]["files"][0]
+    os.truncate(shard, shard.stat().st_size // 2)
+    res = cli("train.py", *tiny(bad, vocab, tmp_path / "r"))
+    assert_user_error(res, INPUT, str(shard), "not a readable array_record shard", "prepare the data again")
+
+
+def test_prepare_binary_jsonl(tmp_path):
+    (tmp_path / "a.jsonl").write_bytes(b'{"text": "fine"}\n' + BINARY)
+    res = cli("-m", "ngram_jax.data.prepare", "--input", str(tmp_path / "a.jsonl"), "--train-bpe", "300",
+              "--out", str(tmp_path / "out"))
+    assert_user_error(res, INPUT, f"{tmp_path / 'a.jsonl'}:2", "not UTF-8")
+
+
+def test_study_binary_sweep_file(tmp_path):
+    (tmp_path / "sweep.yaml").write_bytes(BINARY)
+    res = cli("-m", "ngram_jax.study", str(tmp_path / "sweep.yaml"), "--out", str(tmp_path / "out"))
+    assert_user_error(res, USAGE, "sweep file", str(tmp_path / "sweep.yaml"), "not a YAML text file")
+
+
+def test_study_report_of_binary_results(tmp_path):
+    (tmp_path / "results.jsonl").write_bytes(BINARY)
+    res = cli("-m", "ngram_jax.study", "report", str(tmp_path))
+    assert_user_error(res, INPUT, str(tmp_path / "results.jsonl"), "results.jsonl of python -m ngram_jax.study")

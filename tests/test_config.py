@@ -194,7 +194,7 @@ def test_longcat_flash_lite_budget():
     b = closed_form_budget(cfg.model)
     assert abs(b["total"] / 68.5e9 - 1) < 0.005
     assert abs(b["ngram"] / 31.4e9 - 1) < 0.005
-    # tables 31.41B + projections 9.4M (SPEC section 1)
+    # tables 31.41B + projections 9.4M (the paper, section 3)
     assert sum(78 * 131072 + 2 * i + 1 for i in range(12)) * 256 == 31_406_985_216
     padding = 3952 * 256  # model.ngram.row_multiple: 4096 rounds 122,683,536 rows up to 122,687,488
     assert b["ngram"] - 31_406_985_216 == 12 * 256 * 3072 + padding

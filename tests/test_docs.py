@@ -1,7 +1,9 @@
-"""Every command shown in the README and the docs pages runs as written: the short ones are run here; the
-long ones (training, evaluation of a run, sweeps, pod compiles) are checked for what can go stale: the script
+"""Every command shown in the README and the docs pages runs as written: the short ones are run here; every
+one of the project's modules and scripts parses with its own argument parser; the long ones (training,
+evaluation of a run, sweeps, pod compiles) are also checked for what can go stale: the script
 or module exists, the files they name exist, and their configs and overrides load."""
 
+import json
 import os
 import re
 import shlex
@@ -80,6 +82,31 @@ def test_documented_command_is_current(page, command):
         overrides = [w for w in rest[rest.index(configs[0]) + 1:] if "=" in w and not w.startswith("-")
                      and not re.match(r"^[a-z_]+=[\w.:/-]+,", w)]
         load_config(ROOT / configs[0], [o for o in overrides if "." in o.split("=")[0]])
+
+
+def parsed_argv(argv: list[str]) -> list[str] | None:
+    """The argv a documented command gives its own parser ([--opt X] shown as optional: given), or None for
+    what has no parser of the project's (``-c``, ``train.py``'s config and overrides, checked above, pytest)."""
+    if argv[0] == "-c" or argv[0] == "train.py" or (argv[0] == "-m" and not argv[1].startswith("ngram_jax")):
+        return None
+    return [w.strip("[]") for w in argv if w.strip("[]")]
+
+
+def test_documented_commands_parse_with_their_own_parsers():
+    """Every command of the project's modules and scripts shown in the pages parses with that module's own
+    argparse parser (tests/parse_commands.py stops each right after parsing): a renamed or removed flag, a
+    choice or type no longer accepted, fails here."""
+    argvs = [a for _, c in PYTHON if (a := parsed_argv(argv_of(c))) is not None]
+    assert len(argvs) > 30
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu",
+                                                                         "PYTHONPATH": str(ROOT)}
+    p = subprocess.run([sys.executable, str(ROOT / "tests/parse_commands.py")], input=json.dumps(argvs), cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    results = [json.loads(line) for line in p.stdout.splitlines()]
+    assert [r["argv"] for r in results] == argvs, p.stderr[-3000:]
+    failed = [f"{' '.join(r['argv'])}: {r['error']}" for r in results if r["error"]]
+    assert not failed, "\n".join(failed)
 
 
 @pytest.mark.parametrize("page,command", [(p, c) for p, c in PYTHON if any(re.search(s, c) for s in SHORT)],

@@ -49,23 +49,34 @@ class Req:
         self.args = args
 
 
-def manual_logprob(adapter, context_ids, cont_ids):
+def manual_logprob(adapter, context_ids, cont_ids, logits=None):
+    """log p(cont | context) from one direct forward pass (``logits`` of ``context + cont[:-1]`` if given)."""
     ids = np.asarray([context_ids + cont_ids])
-    logits = np.asarray(adapter.model(ids[:, :-1]), np.float64)[0]
+    if logits is None:
+        logits = np.asarray(adapter.model(ids[:, :-1]), np.float64)[0]
     logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - \
         logits.max(-1, keepdims=True)
     n = len(cont_ids)
     return float(sum(logp[len(context_ids) - 1 + i, cont_ids[i]] for i in range(n)))
 
 
-@pytest.mark.slow  # CI time: make test-all runs it
 def test_loglikelihood_matches_a_direct_forward_pass(adapter):
-    pairs = [("To be, or not to be", ", that is the question"), ("ROMEO:", " But soft"), ("", "Hello there")]
+    """The log-probability of each continuation is the direct forward pass's, and ``is_greedy`` is whether
+    every continuation token is that pass's argmax: true for the model's own next token (when its text
+    encodes back to that token), false for text the untrained model does not predict."""
+    ctx = "ROMEO:"
+    ctx_ids = adapter._encode(ctx)
+    own = int(np.argmax(np.asarray(adapter.model(np.asarray([ctx_ids])), np.float64)[0, -1]))
+    pairs = [(ctx, adapter.tok.decode([own])), ("To be, or not to be", ", that is the question")]
     got = adapter.loglikelihood([Req(c, x) for c, x in pairs])
-    for (ctx, cont), (lp, greedy) in zip(pairs, got, strict=True):
-        ctx_ids = adapter._encode(ctx) if ctx else [adapter.eos]
-        assert abs(lp - manual_logprob(adapter, ctx_ids, adapter._encode(cont))) < 1e-3
-        assert isinstance(greedy, bool)
+    for (c, x), (lp, greedy) in zip(pairs, got, strict=True):
+        c_ids, x_ids = adapter._encode(c), adapter._encode(x)
+        logits = np.asarray(adapter.model(np.asarray([c_ids + x_ids])[:, :-1]), np.float64)[0]
+        assert abs(lp - manual_logprob(adapter, c_ids, x_ids, logits)) < 1e-3
+        want = all(int(np.argmax(logits[len(c_ids) - 1 + i])) == t for i, t in enumerate(x_ids))
+        assert greedy == want, (c, x)
+    assert got[0][1] == (adapter._encode(pairs[0][1]) == [own])  # true unless the token's text re-encodes otherwise
+    assert not got[1][1]
 
 
 def test_loglikelihood_rolling_and_generate_until(adapter):

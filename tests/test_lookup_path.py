@@ -8,10 +8,10 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from jax.experimental.pallas import tpu as pltpu
 from test_sharding import collectives
 
 from ngram_jax.config import ConfigError, load_config
+from ngram_jax.kernels.ngram_gather.pallas_tpu import tpu_simulator
 from ngram_jax.model import build_model
 from ngram_jax.ngram import hashing
 from ngram_jax.ngram.lookup import NgramTable, hashed_tables, resolve_kernel
@@ -90,7 +90,7 @@ def test_every_kernel_gives_the_reference_loss_and_gradients(reference, model, k
     batch, ref = reference
     cfg = cfg_for(model, f"model.ngram.kernel={kernel}", f"model.ple.kernel={kernel}")
     if kernel == "pallas_tpu":
-        with pltpu.force_tpu_interpret_mode(pltpu.InterpretParams()):
+        with tpu_simulator():
             loss, grads = loss_and_grads(cfg, batch)
     else:
         loss, grads = loss_and_grads(cfg, batch)
@@ -117,7 +117,6 @@ def test_kernel_on_row_sharded_meshes(reference, spec):
     assert gathers and not any(forbidden & set(s) for s in gathers)
 
 
-@pytest.mark.slow
 def test_pallas_kernel_inside_shard_map_in_the_model(reference):
     """The Pallas TPU kernel (interpret mode) as the model runs it: one row shard per device, on 4 of the 8
     CPU devices (see ``check_interpret_mesh``: over all of them the simulator can deadlock)."""
@@ -125,7 +124,7 @@ def test_pallas_kernel_inside_shard_map_in_the_model(reference):
     cfg = cfg_for("tiny_ne", "model.ngram.kernel=pallas_tpu")
     small = {k: v[:8, :8] for k, v in batch.items()}  # 64 tokens: 2 grid steps
     want, _ = loss_and_grads(cfg_for("tiny_ne", "model.ngram.kernel=reference"), small)
-    with pltpu.force_tpu_interpret_mode(pltpu.InterpretParams()):
+    with tpu_simulator():
         got, grads = loss_and_grads(cfg, small, make_mesh_from_spec("data=4", devices=jax.devices()[:4]))
     assert abs(got - want) < 1e-5
     assert np.abs(grads["embed/ngram_table"]).sum() > 0
@@ -135,7 +134,7 @@ def test_pallas_simulator_over_every_cpu_device_is_refused():
     """The simulator's deadlock pattern (shard_map over all CPU devices) is a clear error, not a hang."""
     cfg = cfg_for("tiny_ne", "model.ngram.kernel=pallas_tpu")
     small = {k: v[:8, :8] for k, v in make_batch().items()}
-    with pltpu.force_tpu_interpret_mode(pltpu.InterpretParams()):
+    with tpu_simulator():
         with pytest.raises(ValueError, match="deadlock.*fewer devices than the process has"):
             loss_and_grads(cfg, small, make_mesh_from_spec("data=8"))
 

@@ -151,8 +151,8 @@ def test_bias_update_rules():
 
 
 def test_bias_update_steers_real_experts_per_token():
-    """SPEC section 3: E=2 real, Z=2 zero, K=2, K_e=1.5: targets 1.5/(2*2) = 0.375 per real expert and
-    0.5/(2*2) = 0.125 per zero expert; loads [3, 1, 2, 2] / 8 = [0.375, 0.125, 0.25, 0.25]."""
+    """LongCat-Flash's balancing rule (layers/moe.py): E=2 real, Z=2 zero, K=2, K_e=1.5: targets 1.5/(2*2) =
+    0.375 per real expert and 0.5/(2*2) = 0.125 per zero expert; loads [3, 1, 2, 2] / 8 = [0.375, 0.125, 0.25, 0.25]."""
     targets = moe_lib.balance_targets(2, 2, 2, 1.5)
     np.testing.assert_allclose(targets, [0.375, 0.375, 0.125, 0.125])
     counts = jnp.array([3, 1, 2, 2])

@@ -1,4 +1,4 @@
-"""NgramEmbedding against a straightforward numpy implementation of SPEC.md section 1."""
+"""NgramEmbedding against a straightforward numpy implementation of the paper's section 3."""
 
 import dataclasses
 import math

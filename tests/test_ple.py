@@ -1,4 +1,4 @@
-"""PLE and PLNE (SPEC.md section 2): per-layer formula, one gather for all layers, the gated FFN."""
+"""PLE and PLNE (the paper, section 5): per-layer formula, one gather for all layers, the gated FFN."""
 
 import jax
 import jax.extend

@@ -3,6 +3,8 @@ all-gather of a table, communication independent of table size, sharded init and
 
 import re
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -62,11 +64,11 @@ def compile_grad_hlo(model, mesh, tokens) -> str:
 @pytest.mark.parametrize("spec,chunked", [(m, False) for m in MESHES] + [("data=2,fsdp=2,expert=2", True)])
 def test_model_forward_and_gradients_equal_single_device(spec, chunked, reference, tokens, monkeypatch):
     """chunked: a lookup over axes that split both rows and batch in chunks of one position at a time
-    (sharding.LOOKUP_CHUNK_BYTES; a large batch's default), against the whole batch at once."""
+    (row_sharded.LOOKUP_CHUNK_BYTES; a large batch's default), against the whole batch at once."""
     if chunked:
-        import ngram_jax.sharding
+        from ngram_jax.ngram import row_sharded
 
-        monkeypatch.setattr(ngram_jax.sharding, "LOOKUP_CHUNK_BYTES", 1)
+        monkeypatch.setattr(row_sharded, "LOOKUP_CHUNK_BYTES", 1)
     cfg, want_loss, want_grads = reference
     mesh = make_mesh_from_spec(spec)
     model = create_sharded(lambda: build_model(cfg, nnx.Rngs(0)), mesh)
@@ -126,7 +128,24 @@ def collective_bytes(ratio: float, tokens) -> int:
                for s in shapes)
 
 
-@pytest.mark.slow  # CI time: make test-all runs it
+def test_communication_does_not_depend_on_table_size_on_2_devices(tokens):
+    """The bytes of every collective of the N-gram lookup's forward and backward are the same for a table 7x
+    larger: one NgramEmbedding on 2 devices whose fsdp axis splits the rows and the batch."""
+    from ngram_jax.ngram.embedding import NgramEmbedding
+
+    mesh = make_mesh_from_spec("fsdp=2", devices=jax.devices()[:2])
+
+    def lookup_bytes(ratio: float) -> int:
+        layer = create_sharded(lambda: NgramEmbedding(520, 64, max_n=3, splits=2, ratio=ratio, eos_id=1,
+                                                      row_multiple=8, rngs=nnx.Rngs(0)), mesh)
+        with param_context(mesh):
+            hlo = nnx.jit(nnx.grad(lambda m, t: jnp.mean(m(t) ** 2))).lower(layer, tokens).compile().as_text()
+        return sum(4 * int(np.prod(s)) for _, shapes in collectives(hlo) for s in shapes)
+
+    assert lookup_bytes(1.37) == lookup_bytes(9.37) > 0
+
+
+@pytest.mark.slow  # the large variant: 8 devices over data, fsdp and expert, with experts
 def test_communication_does_not_depend_on_table_size(tokens):
     small, big = collective_bytes(1.37, tokens), collective_bytes(9.37, tokens)
     assert small == big > 0

@@ -173,7 +173,6 @@ def test_sampling_follows_the_target_distribution(which):
     assert pval > 1e-3, pval
 
 
-@pytest.mark.slow  # CI time: make test-all runs it
 def test_cached_ne_embeddings_verify_like_a_recompute_with_one_lookup_per_token(with_eos, monkeypatch):
     """The N-gram drafter hands the NE outputs it computed to verification: same logits and KV cache as
     verification that recomputes them, and the lookup runs once per token (K + 1 positions per round,
@@ -224,8 +223,8 @@ def committed_mtp_logits(model, table, start, length) -> np.ndarray:
     return np.stack(out)
 
 
-@pytest.mark.slow  # CI time: make test-all runs it
-def test_mtp_cache_rolls_back_by_length_and_verification_reuses_its_embeddings(mtp_with_eos, monkeypatch):
+@pytest.mark.parametrize("rounds", [2, pytest.param(3, marks=pytest.mark.slow)])  # 2: a rollback, then its check
+def test_mtp_cache_rolls_back_by_length_and_verification_reuses_its_embeddings(mtp_with_eos, monkeypatch, rounds):
     """Rounds of draft -> verify -> commit with forced ragged acceptance (row b commits (b + round) % (K+1)
     of the head's drafts, then the target's token: rollbacks at every index and full acceptances). Every
     round:
@@ -238,7 +237,7 @@ def test_mtp_cache_rolls_back_by_length_and_verification_reuses_its_embeddings(m
     from ngram_jax.ngram.lookup import HashedTables
 
     model, _ = mtp_with_eos
-    k, rounds, b = 3, 3, len(PROMPTS)
+    k, b = 3, len(PROMPTS)
     toks, seg = G.left_pad(PROMPTS)
     p = toks.shape[1]
     s_max = p + rounds * (k + 1) + k + 4

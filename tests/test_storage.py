@@ -152,7 +152,6 @@ def test_unreachable_s3_server_at_start_is_one_line_and_writes_nothing(object_st
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.slow  # gcsfs retries a refused connection 6 times with backoff (about 35 s)
 def test_unreachable_gcs_server_at_start_is_one_line_and_writes_nothing(object_stores, tmp_path):
     from storage_servers import free_port
 
@@ -298,3 +297,50 @@ def test_checkpoint_saved_restored_and_read_lazily_in_a_bucket(object_stores, lo
     ids = np.array([0, 5, 31, 32, 33, table.shape[0] - 1])
     np.testing.assert_array_equal(lazy.rows(("embed", "ngram_table"), ids), table[ids])
     assert lazy.table_bytes_read > 0
+
+
+def test_unreachable_endpoint_that_never_answers_is_reported_within_the_timeout(monkeypatch):
+    """A server that never completes a connection (its accept queue full: the handshake is dropped, as by a
+    firewall) is reported after storage.CONNECT_TIMEOUT_S, naming the timeout, not after the clients' retries."""
+    import socket
+    import time
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    host, port = server.getsockname()
+    fillers = [socket.socket() for _ in range(4)]
+    for f in fillers:
+        f.setblocking(False)
+        f.connect_ex((host, port))
+    time.sleep(0.2)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{host}:{port}")
+    monkeypatch.setattr(storage, "CONNECT_TIMEOUT_S", 0.5)
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(storage.StorageError, match=rf"cannot reach http://{host}:{port} .*within 0.5 s"):
+            storage.check("s3://some-bucket/run", "train.run_dir")
+    finally:
+        for f in [*fillers, server]:
+            f.close()
+    assert time.monotonic() - t0 < 5
+
+
+def test_orbax_pin_is_the_release_the_s3_adapter_wraps(monkeypatch):
+    """s3:// checkpoints wrap an orbax internal (ngram_jax/checkpoint/s3.py): pyproject pins exactly that
+    release, the installed one is it, its builder takes the parameters the wrapper passes on, and any other
+    installed version is refused on one line."""
+    import tomllib
+
+    import orbax.checkpoint as ocp
+
+    from ngram_jax.checkpoint import s3
+    from ngram_jax.errors import UserError
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert [d.split("#")[0].strip() for d in deps if d.startswith("orbax")] == [f"orbax-checkpoint=={s3.ORBAX_VERSION}"]
+    assert ocp.__version__ == s3.ORBAX_VERSION
+    assert s3.builder_params() == s3.BUILDER_PARAMS
+    monkeypatch.setattr(ocp, "__version__", "0.13.0")
+    with pytest.raises(UserError, match=r"s3:// checkpoints need orbax-checkpoint==0.12.8 \(installed: 0.13.0\)"):
+        s3.enable()

@@ -21,7 +21,7 @@ import pytest
 from flax import nnx
 
 from ngram_jax import storage
-from ngram_jax.checkpoint import SLOW_SAVE_ENV, Checkpointer, restore_model
+from ngram_jax.checkpoint import Checkpointer, restore_model
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = str(ROOT / "configs/models/tiny_ne.yaml")
@@ -48,8 +48,12 @@ def command(*args: str, cwd: Path, timeout: float = 300) -> subprocess.Completed
     return res
 
 
-def start(data, run_dir, cwd: Path, extra: list[str] = (), **extra_env) -> subprocess.Popen:
-    cmd = [sys.executable, str(ROOT / "train.py"), CONFIG, *TINY, *STEPS, f"data.path={data}",
+def start(data, run_dir, cwd: Path, extra: list[str] = (), hold_save: tuple[int, float] | None = None,
+          **extra_env) -> subprocess.Popen:
+    """train.py on the tiny config; ``hold_save=(step, seconds)`` holds that step's save in flight
+    (tests/slow_save.py)."""
+    held = [str(ROOT / "tests/slow_save.py"), *map(str, hold_save)] if hold_save else []
+    cmd = [sys.executable, *held, str(ROOT / "train.py"), CONFIG, *TINY, *STEPS, f"data.path={data}",
            f"train.run_dir={run_dir}", *extra]
     return subprocess.Popen(cmd, cwd=cwd, env=env(**extra_env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
@@ -247,11 +251,11 @@ def test_study_runs_and_reports_into_the_bucket(data, bucket, workdir, tmp_path_
 @pytest.mark.slow
 @pytest.mark.parametrize("bucket", ["gs"], indirect=True)
 def test_gcs_restarted_during_an_async_save_and_training_goes_on(object_stores, straight, data, bucket, workdir):
-    """The server goes down and comes back while step 8's save is in flight (the test hook holds its
-    metadata write): the clients' retries carry the save through, training finishes, bit for bit."""
+    """The server goes down and comes back while step 8's save is in flight (tests/slow_save.py holds
+    it): the clients' retries carry the save through, training finishes, bit for bit."""
     run_dir = bucket / "restarted"
     ckpt = run_dir / "checkpoints"
-    proc = start(data, run_dir, workdir, **{SLOW_SAVE_ENV: "8:8"})
+    proc = start(data, run_dir, workdir, hold_save=(8, 8))
     assert wait_for(lambda: in_flight(ckpt, 8), proc), proc.communicate()[0]
     object_stores.gcs.restart()  # down for the time it takes to start again (a few seconds)
     out, _ = proc.communicate(timeout=400)
@@ -274,7 +278,7 @@ def test_gcs_gone_through_an_async_save_stops_with_one_line_and_resumes(object_s
     with the server back, the next start resumes from step 4 and ends bit for bit as the straight run."""
     run_dir = bucket / "gone"
     ckpt = run_dir / "checkpoints"
-    proc = start(data, run_dir, workdir, **{SLOW_SAVE_ENV: "8:20"})
+    proc = start(data, run_dir, workdir, hold_save=(8, 20))
     # step 12 logged (metrics.jsonl is written before each save): training waits in save(12) for step 8's save
     assert wait_for(lambda: (run_dir / "metrics.jsonl").exists() and 12 in losses(run_dir), proc), proc.communicate()[0]
     assert in_flight(ckpt, 8)

@@ -166,7 +166,6 @@ class Stop(Exception):
     pass
 
 
-@pytest.mark.slow  # CI time: make test-all runs it
 def test_run_records_skips_finished_and_refuses_changed_config(tmp_path, data_dir):
     path = sweep_file(tmp_path, data_dir, moe_baseline=True, grid={"model.ngram.ratio": [1.37]})
     sw = expand(path, out=tmp_path / "o")

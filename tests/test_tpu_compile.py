@@ -179,6 +179,12 @@ def run_cli(capsys, *args):
     (["--topology", "v5e:3x3"], "libtpu refuses it"),
     (["--topology", "v5e:2x2", "--mesh", "data=8"], "--mesh data=8 has 8 devices, but a slice of this topology has 4"),
     (["--topology", "v5e:2x2", "--mesh", "data=4", "--batch", "6"], "--batch 6 cannot be split over the 4 chips"),
+    (["--topology", "v5e:2x2", "--batch", "0"], "--batch 0 must be >= 1"),  # never the config's batch instead
+    (["--topology", "v5e:2x2", "--seq", "1"], "--seq 1 must be >= 2"),
+    (["--topology", "v5e:2x2", "--slices", "0"], "--slices 0 must be >= 1"),
+    (["--topology", "v5e:2x2", "--step", "verify", "--draft-tokens", "0"], "--draft-tokens 0 must be >= 1"),
+    (["--topology", "v5e:2x2", "--batch", "two"], "argument --batch: invalid int value: 'two'"),
+    (["--topology", "v5e:2x2", "model.d_model=wide"], "model.d_model"),
 ])
 def test_cli_errors_are_one_line_before_any_compile(capsys, args, message):
     status, err = run_cli(capsys, "configs/train_tiny.yaml", *args)

@@ -47,8 +47,11 @@ def env_one_device():
     return env
 
 
-def start(data_dir, run_dir, *extra) -> subprocess.Popen:
-    cmd = [sys.executable, str(ROOT / "train.py"), str(ROOT / "configs/models/tiny_ne.yaml"),
+def start(data_dir, run_dir, *extra, hold_save: tuple[int, float] | None = None) -> subprocess.Popen:
+    """train.py on the tiny config; ``hold_save=(step, seconds)`` holds that step's save in flight
+    (tests/slow_save.py)."""
+    held = [str(ROOT / "tests/slow_save.py"), *map(str, hold_save)] if hold_save else []
+    cmd = [sys.executable, *held, str(ROOT / "train.py"), str(ROOT / "configs/models/tiny_ne.yaml"),
            *overrides(data_dir, run_dir, *extra)]
     return subprocess.Popen(cmd, cwd=ROOT, env=env_one_device(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
@@ -122,44 +125,6 @@ def test_resume_after_sigkill_is_bitwise_exact(straight, data_dir, tmp_path):
     assert got == want  # every step, before and after the restart, bit for bit
 
 
-@pytest.mark.slow  # CI time: make test-all runs it
-def test_interrupted_save_is_ignored(straight, data_dir, tmp_path):
-    """A save killed half-way (orbax's temporary directory left behind) is not a checkpoint."""
-    run_dir = tmp_path / "partial"
-    shutil.copytree(straight[0], run_dir)
-    ckpt = run_dir / "checkpoints"
-    for step in ("300", "275"):
-        shutil.rmtree(ckpt / step)
-    partial = ckpt / "275.orbax-checkpoint-tmp-1234567"
-    shutil.copytree(ckpt / "250", partial)
-    for f in list(partial.rglob("*"))[::2]:  # half its files missing
-        if f.is_file():
-            f.unlink()
-    (run_dir / "metrics.jsonl").write_text("")
-    assert Checkpointer(ckpt).latest_step() == 250
-    rc, out = run(data_dir, run_dir, *STEPS)
-    assert rc == 0, out
-    assert "from step 250" in out
-    want = losses(straight[0])
-    assert losses(run_dir) == {s: want[s] for s in range(251, 301)}
-
-
-@pytest.mark.slow  # CI time: make test-all runs it
-def test_sigterm_saves_and_next_start_resumes(data_dir, tmp_path):
-    run_dir = tmp_path / "term"
-    proc = start(data_dir, run_dir, *STEPS)
-    assert wait_for(lambda: (run_dir / "checkpoints" / "50").is_dir(), proc=proc)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out
-    assert "SIGTERM: saved step" in out
-    step = int(out.split("SIGTERM: saved step ")[1].split()[0])
-    assert Checkpointer(run_dir / "checkpoints").latest_step() == step
-    rc, out = run(data_dir, run_dir, *STEPS[1:], "train.steps=" + str(step + 5), "train.extend=true")  # a short finish
-    assert rc == 0 and f"from step {step}" in out, out
-
-
-@pytest.mark.slow  # CI time: make test-all runs it
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
     run_dir = tmp_path / "nan"
     rc, out = run(data_dir, run_dir, "train.steps=50", "train.checkpoint_every=1", "train.warmup_steps=1",
@@ -232,13 +197,26 @@ def test_loaded_config_for_make_train():
     assert cfg.data.bundled and cfg.model.ngram.enabled and cfg.train.steps > 0
 
 
-def test_generate_cli_continues_a_prompt(straight):
+def test_generate_cli_greedy_output_is_the_argmax_of_full_forward_passes(straight, data_dir):
+    """``generate --temperature 0`` (KV cache, N-gram cache) prints the prompt and the 12 tokens that greedy
+    decoding by full forward passes over the whole sequence gives."""
+    from ngram_jax.data.tokenizer import load_tokenizer
+
     res = subprocess.run([sys.executable, "-m", "ngram_jax.generate", "--checkpoint", str(straight[0]), "--prompt",
-                          "ROMEO:", "--max-new-tokens", "12", "--seed", "1"], cwd=ROOT, env=env_one_device(),
+                          "ROMEO:", "--max-new-tokens", "12", "--temperature", "0"], cwd=ROOT, env=env_one_device(),
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
-    text = res.stdout.strip()
-    assert text.startswith("ROMEO:") and len(text) > len("ROMEO:")
+    tok = load_tokenizer(data_dir / "tokenizer.json")
+    model, _ = restore_model(straight[0])
+    ids = tok.encode("ROMEO:", add_special_tokens=False).ids
+    n = len(ids)
+    seq = np.zeros((1, n + 12), np.int32)  # right padding: a causal model's earlier logits do not see it
+    seq[0, :n] = ids
+    with param_context(None):
+        forward = nnx.jit(lambda m, t: m(t))
+        for t in range(n, n + 12):
+            seq[0, t] = int(np.argmax(np.asarray(forward(model, seq))[0, t - 1]))
+    assert res.stdout == "ROMEO:" + tok.decode(seq[0, n:].tolist()) + "\n"
 
 
 def test_eval_cli_matches_training_eval_and_reads_raw_text(straight, tmp_path):
@@ -302,8 +280,45 @@ loop.train(cfg)
                                                              / (4 * logged[step]["step_time_s"]))
 
 
-@pytest.mark.slow
-def test_resume_with_other_steps_needs_extend(straight, data_dir, tmp_path):
+@pytest.mark.slow  # the large variant of test_interrupted_save_is_ignored
+def test_interrupted_save_is_ignored_300_steps(straight, data_dir, tmp_path):
+    """A save killed half-way (orbax's temporary directory left behind) is not a checkpoint."""
+    run_dir = tmp_path / "partial"
+    shutil.copytree(straight[0], run_dir)
+    ckpt = run_dir / "checkpoints"
+    for step in ("300", "275"):
+        shutil.rmtree(ckpt / step)
+    partial = ckpt / "275.orbax-checkpoint-tmp-1234567"
+    shutil.copytree(ckpt / "250", partial)
+    for f in list(partial.rglob("*"))[::2]:  # half its files missing
+        if f.is_file():
+            f.unlink()
+    (run_dir / "metrics.jsonl").write_text("")
+    assert Checkpointer(ckpt).latest_step() == 250
+    rc, out = run(data_dir, run_dir, *STEPS)
+    assert rc == 0, out
+    assert "from step 250" in out
+    want = losses(straight[0])
+    assert losses(run_dir) == {s: want[s] for s in range(251, 301)}
+
+
+@pytest.mark.slow  # the large variant
+def test_sigterm_saves_and_next_start_resumes_300_steps(data_dir, tmp_path):
+    run_dir = tmp_path / "term"
+    proc = start(data_dir, run_dir, *STEPS)
+    assert wait_for(lambda: (run_dir / "checkpoints" / "50").is_dir(), proc=proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "SIGTERM: saved step" in out
+    step = int(out.split("SIGTERM: saved step ")[1].split()[0])
+    assert Checkpointer(run_dir / "checkpoints").latest_step() == step
+    rc, out = run(data_dir, run_dir, *STEPS[1:], "train.steps=" + str(step + 5), "train.extend=true")  # a short finish
+    assert rc == 0 and f"from step {step}" in out, out
+
+
+@pytest.mark.slow  # the large variant
+def test_resume_with_other_steps_needs_extend_300_steps(straight, data_dir, tmp_path):
     """Defect 5: another train.steps would change the learning-rate curve; train.extend=true allows it."""
     from ngram_jax.train.optimizer import schedule
 
@@ -367,7 +382,6 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(short, data_di
     assert losses(run_dir) == losses(short)
 
 
-@pytest.mark.slow  # ~20 s beyond the shared fixture; kept out of CI for time (its orbax noise is silenced for good)
 def test_no_readable_checkpoint_is_an_error_not_a_fresh_start(short, data_dir, tmp_path):
     run_dir = tmp_path / "all_corrupt"
     shutil.copytree(short, run_dir)
@@ -381,7 +395,6 @@ def test_no_readable_checkpoint_is_an_error_not_a_fresh_start(short, data_dir, t
     assert {p.name for p in (run_dir / "checkpoints").iterdir()} == {"4", "6", "8"}  # nothing moved or deleted
 
 
-@pytest.mark.slow
 def test_disk_full_during_an_async_save_is_a_clear_error(short, data_dir, tmp_path, monkeypatch, capsys):
     """ENOSPC in the background write of step 4: the next save (or the final wait) reports it, naming the
     directory and the last complete checkpoint, which restores; train.py exits 1 without a traceback."""
@@ -415,19 +428,12 @@ def test_disk_full_during_an_async_save_is_a_clear_error(short, data_dir, tmp_pa
     assert np.isfinite(np.asarray(model.final_norm.scale[...])).all()
 
 
-@pytest.mark.slow
 def test_sigkill_during_an_async_save_resumes_exactly(short, data_dir, tmp_path):
-    """Killed while step 4's save is in flight (its temporary directory exists; the test hook holds its
-    metadata write): the next start resumes from step 2, the last complete one, bit for bit."""
-    from ngram_jax.checkpoint import SLOW_SAVE_ENV
-
+    """Killed while step 4's save is in flight (its temporary directory exists; tests/slow_save.py holds
+    it): the next start resumes from step 2, the last complete one, bit for bit."""
     run_dir = tmp_path / "killed_saving"
     ckpt = run_dir / "checkpoints"
-    os.environ[SLOW_SAVE_ENV] = "4:60"
-    try:
-        proc = start(data_dir, run_dir, *SHORT)
-    finally:
-        del os.environ[SLOW_SAVE_ENV]
+    proc = start(data_dir, run_dir, *SHORT, hold_save=(4, 60))
     assert wait_for(lambda: any(ckpt.glob("4.orbax-checkpoint-tmp*")), proc=proc), proc.communicate()[0]
     time.sleep(1.0)  # training goes on while the save is in flight
     proc.send_signal(signal.SIGKILL)
@@ -438,3 +444,62 @@ def test_sigkill_during_an_async_save_resumes_exactly(short, data_dir, tmp_path)
     assert rc == 0, out
     assert f"resumed {run_dir} from step 2" in out
     assert losses(run_dir) == losses(short)
+
+
+def test_interrupted_save_is_ignored(short, data_dir, tmp_path):
+    """A save killed half-way (orbax's temporary directory left behind, half its files missing) is not a
+    checkpoint: the run resumes from the last complete one and ends bit for bit as the uninterrupted run."""
+    run_dir = tmp_path / "partial"
+    shutil.copytree(short, run_dir)
+    ckpt = run_dir / "checkpoints"
+    shutil.rmtree(ckpt / "8")
+    partial = ckpt / "8.orbax-checkpoint-tmp-1234567"
+    shutil.copytree(ckpt / "6", partial)
+    for f in list(partial.rglob("*"))[::2]:
+        if f.is_file():
+            f.unlink()
+    assert Checkpointer(ckpt).latest_step() == 6
+    rc, out = run(data_dir, run_dir, *SHORT)
+    assert rc == 0, out
+    assert f"resumed {run_dir} from step 6" in out
+    assert losses(run_dir) == losses(short)
+
+
+def test_sigterm_saves_and_next_start_resumes_exactly(short, data_dir, tmp_path):
+    """SIGTERM (a TPU preemption) while step 4's save is held in flight (tests/slow_save.py: training waits
+    for it in the next save): the current step is saved, exit 0, and the next start resumes from it and ends
+    bit for bit as the uninterrupted run."""
+    run_dir = tmp_path / "term"
+    ckpt = run_dir / "checkpoints"
+    proc = start(data_dir, run_dir, *SHORT, hold_save=(4, 8))
+    assert wait_for(lambda: any(ckpt.glob("4.orbax-checkpoint-tmp*")), proc=proc), proc.communicate()[0]
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    step = int(out.split("SIGTERM: saved step ")[1].split()[0])
+    assert 4 <= step < 8 and Checkpointer(ckpt).latest_step() == step
+    rc, out = run(data_dir, run_dir, *SHORT)
+    assert rc == 0 and f"resumed {run_dir} from step {step}" in out, out
+    assert losses(run_dir) == losses(short)
+
+
+def test_resume_with_other_steps_needs_extend(short, data_dir, tmp_path):
+    """Another train.steps would change the learning-rate curve: refused, nothing trained; with
+    train.extend=true the run goes on on the new curve (its learning rate at the resume step)."""
+    from ngram_jax.train.optimizer import schedule
+
+    run_dir = tmp_path / "extend"
+    shutil.copytree(short, run_dir)
+    rest = [s for s in SHORT if not s.startswith("train.steps=")]
+    rc, out = run(data_dir, run_dir, *rest, "train.steps=10")
+    assert rc != 0
+    assert "train.steps=8" in out and "train.steps=10" in out and "train.extend=true" in out, out
+    assert max(losses(run_dir)) == 8  # nothing trained
+    rc, out = run(data_dir, run_dir, *rest, "train.steps=10", "train.extend=true")
+    assert rc == 0, out
+    assert f"resumed {run_dir} from step 8" in out
+    records = {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+    assert max(records) == 10
+    cfg = load_config(ROOT / "configs/models/tiny_ne.yaml", overrides(data_dir, run_dir, *rest, "train.steps=10"))
+    assert records[9]["lr"] == pytest.approx(float(schedule(cfg.train)(8)))

@@ -42,8 +42,12 @@ def documents(path: str | os.PathLike, doc_chars: int = 4000) -> Iterator[str]:
     (split at blank lines) of about ``doc_chars`` characters, so that documents keep their context."""
     path = storage.location(path, "text file")
     if path.suffix == ".jsonl":
-        with storage.reported(path, "text file"), path.open("r", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+        with storage.reported(path, "text file"), path.open("rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise DataError(f"{path}:{lineno}: not UTF-8 text (a binary or damaged JSONL file?)") from None
                 if not line.strip():
                     continue
                 try:

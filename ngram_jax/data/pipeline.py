@@ -29,6 +29,21 @@ from ngram_jax.data.prepare import read_metadata
 from ngram_jax.errors import DataError
 
 
+def _num_records(path: str) -> int:
+    """Records in an array_record shard; a shard that does not read (truncated, damaged, not array_record)
+    is a DataError naming it."""
+    reader = ArrayRecordReader(path)
+    ok, n = reader.ok(), reader.num_records()
+    try:
+        reader.close()
+    except RuntimeError:  # array_record reports a damaged file here, without a message
+        ok = False
+    if not ok:
+        raise DataError(f"{path}: not a readable array_record shard (truncated or damaged); prepare the data "
+                        "again with python -m ngram_jax.data.prepare")
+    return n
+
+
 class TokenSource(grain.sources.RandomAccessDataSource):
     """Documents of one split as int32 arrays; an id outside [0, V) raises naming file and position."""
 
@@ -40,7 +55,7 @@ class TokenSource(grain.sources.RandomAccessDataSource):
         # gs:// shards are read where they are, s3:// ones from a local copy (storage.readable_file)
         self.files = [storage.readable_file(directory / f) for f in meta["splits"][split]["files"]]
         with storage.reported(directory, "data directory"):
-            counts = [ArrayRecordReader(f).num_records() for f in self.files]
+            counts = [_num_records(f) for f in self.files]
         self.starts = list(np.cumsum([0] + counts))
         self.vocab_size = vocab_size
         self._src = grain.sources.ArrayRecordDataSource(self.files)

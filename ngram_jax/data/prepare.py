@@ -166,7 +166,7 @@ def read_metadata(data_dir: str | Path) -> dict:
     path = directory / "metadata.json"
     with storage.reported(directory, "data directory"):
         found_dir, found = directory.is_dir(), path.is_file()
-        text = path.read_text() if found else ""
+    text = storage.read_text(path, "data directory", "a metadata.json of ngram_jax.data.prepare") if found else ""
     if not found_dir:
         raise MissingInputError(f"data directory not found: {data_dir} ({how}, or set data.path to a prepared "
                                 "directory, or data.bundled=true for the bundled corpus)")

@@ -38,9 +38,10 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     with storage.reported(path, "tokenizer"):
         if path.is_dir():
             path = path / "tokenizer.json"
-        text = path.read_text() if path.is_file() else None
-    if text is None:
+        found = path.is_file()
+    if not found:
         raise MissingInputError(f"tokenizer not found: {path} (expected a Hugging Face tokenizer.json)")
+    text = storage.read_text(path, "tokenizer", "a Hugging Face tokenizer.json")
     try:
         return Tokenizer.from_str(text)
     except Exception as err:  # the tokenizers library raises a bare Exception for a malformed file

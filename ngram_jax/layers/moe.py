@@ -1,4 +1,4 @@
-"""Mixture of Experts with zero experts (LongCat-Flash), SPEC.md section 3.
+"""Mixture of Experts with zero experts (LongCat-Flash, arXiv 2509.01322).
 
 Router: ``p = softmax(x W_r)`` over E real + Z zero experts in float32; selection
 ``topk(p + b, k)`` (or ``topk(x W_r + b, k)`` with ``bias_on: logits``) with a load-balancing bias b used
@@ -8,7 +8,7 @@ for selection only; weights
 num_experts`` multiplies the scale by (E + Z) / k (:func:`routed_scale`). A zero expert returns its input
 times its weight. Real experts are SwiGLU. The bias is not trained by gradients: it lives in a
 :class:`SelectionBias` variable (outside the optimizer) and :func:`update_selection_bias` moves it
-after each step (aux-loss-free balancing, SPEC.md section 3).
+after each step (aux-loss-free balancing).
 
 Balancing rule (LongCat-Flash, arXiv 2509.01322). With K = ``top_k``, E real and Z zero experts,
 K_e = ``real_experts_per_token`` (the expected number of real experts per token; default K),

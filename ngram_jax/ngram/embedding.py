@@ -1,4 +1,4 @@
-"""N-gram Embedding (NE): the paper's hashed n-gram input embedding (docs/API.md).
+"""N-gram Embedding (NE) (the paper, section 3; docs/API.md).
 
     e_t = ( E0[x_t] + sum_idx E_idx[h_idx(t)] @ W_idx ) / (1 + T),   then amplification
 

@@ -1,7 +1,7 @@
-"""N-gram id maths for N-gram Embeddings (SPEC.md section 1), as pure functions.
+"""N-gram id maths for N-gram Embeddings (the paper, section 3), as pure functions.
 
 Sub-table ``idx(n, k) = (n - 2) * K + k`` for n in 2..N and k in 0..K-1 has size
-``M_idx = int(r * V + 2 * idx + 1)`` in float arithmetic, as the reference computes it (SPEC.md writes
+``M_idx = int(r * V + 2 * idx + 1)`` in float arithmetic, as the reference computes it (written as
 ``floor(r * V) + 2 * idx + 1``; the two differ only where ``r * V`` rounds below an integer, see
 :func:`table_sizes`). The id of the n-gram ending at position t is
 

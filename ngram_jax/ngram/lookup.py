@@ -3,7 +3,7 @@
 NE (:mod:`ngram_jax.ngram.embedding`) and PLNE (:mod:`ngram_jax.ngram.ple`) are both a
 :class:`HashedTables` core; training, evaluation, decoding and analysis all go through it:
 
-    e = ( E0[x_t] + sum_idx E_idx[h_idx(t)] @ W_idx ) / (1 + T)          (SPEC.md sections 1-2)
+    e = ( E0[x_t] + sum_idx E_idx[h_idx(t)] @ W_idx ) / (1 + T)          (the paper, sections 3 and 5)
 
 - ids: :meth:`HashedTables.row_ids` from tokens plus what defines their history: segment ids (packed
   training rows, EOS resets) or an explicit history ``[B, S, N-1]`` (the N-gram cache of decoding).
@@ -32,10 +32,11 @@ from flax import nnx
 from ngram_jax.backend import target_backend
 from ngram_jax.config import ConfigError
 from ngram_jax.kernels.ngram_gather.api import BY_ID, IMPLEMENTATIONS, unavailable_reason
-from ngram_jax.kernels.ngram_gather.pallas_tpu import check_interpret_mesh
+from ngram_jax.kernels.ngram_gather.pallas_tpu import check_interpret_mesh, simulator_params
 from ngram_jax.kernels.ngram_gather.xla import gather_rows
 from ngram_jax.ngram import hashing
-from ngram_jax.sharding import logical_axes, row_sharded_lookup, row_sharded_update, row_sharding
+from ngram_jax.ngram.row_sharded import row_sharded_lookup, row_sharded_update, row_sharding
+from ngram_jax.sharding import logical_axes
 
 KERNELS = ("auto", "reference", "xla", "pallas_tpu")
 
@@ -56,25 +57,17 @@ class RowUsage(nnx.Variable):
 # Kernel choice
 
 
-def _forced_interpret():
-    """The TPU-interpret parameters set by ``pltpu.force_tpu_interpret_mode`` (None when not forced)."""
-    from jax._src import config as jax_config
-
-    return getattr(jax_config, "pallas_tpu_interpret_mode_context_manager", None) and \
-        jax_config.pallas_tpu_interpret_mode_context_manager.value
-
-
 def resolve_kernel(name: str, key: str = "model.ngram.kernel", backend: str | None = None) -> str:
     """The implementation ``name`` stands for on ``backend``: ``auto`` -> pallas_tpu on TPU, xla elsewhere
     (on GPU no Mosaic GPU kernel has been shown to beat XLA's gather). Raises a ConfigError (a ValueError)
     naming ``key`` for an unknown name or one that cannot run here (pallas_tpu off TPU runs only under
-    ``pltpu.force_tpu_interpret_mode()``)."""
+    ``ngram_jax.kernels.ngram_gather.pallas_tpu.tpu_simulator()``)."""
     backend = backend or target_backend()
     if name not in KERNELS:
         raise ConfigError(f"{key}={name!r} is not a kernel; choose one of {', '.join(KERNELS)}")
     if name == "auto":
         return "pallas_tpu" if backend == "tpu" else "xla"
-    reason = unavailable_reason(name, backend, bool(_forced_interpret()))
+    reason = unavailable_reason(name, backend, simulator_params() is not None)
     if reason:
         raise ConfigError(f"{key}={name!r}: {reason.split(';')[0]}; set {key}=auto or xla")
     return name
@@ -83,20 +76,19 @@ def resolve_kernel(name: str, key: str = "model.ngram.kernel", backend: str | No
 # ----------------------------------------------------------------------------------------------
 # Sparse training: zero perturbations of the gathered rows stand in for the table in the gradient
 
-_PERTURBATIONS: dict[int, jax.Array] = {}
-
-
 @contextlib.contextmanager
 def row_perturbations(model: nnx.Module, deltas: dict[str, jax.Array]) -> Iterator[None]:
     """While active, ``HashedTables`` module ``path`` adds ``deltas[path]`` (zeros, ``[B, S, T, width]``)
-    to the rows it gathers; the gradient of the loss w.r.t. ``deltas[path]`` is then the row gradient."""
+    to the rows it gathers (its ``row_delta``); the gradient of the loss w.r.t. ``deltas[path]`` is then the
+    row gradient."""
     mods = dict(hashed_tables(model))
-    _PERTURBATIONS.update({id(mods[k]): v for k, v in deltas.items()})
+    for k, v in deltas.items():
+        mods[k].row_delta = nnx.data(v)
     try:
         yield
     finally:
         for k in deltas:
-            _PERTURBATIONS.pop(id(mods[k]), None)
+            mods[k].row_delta = nnx.data(None)
 
 
 def hashed_tables(model: nnx.Module) -> list[tuple[str, HashedTables]]:
@@ -150,6 +142,7 @@ class HashedTables(nnx.Module):
         shape = (t, d_e, width) if layers is None else (layers, t, d_e, width)
         self.ngram_proj = nnx.Param(proj_init(rngs.params(), shape, param_dtype), **logical_axes(proj_names))
         self.row_usage = RowUsage(jnp.zeros((self.layout.padded_rows,), jnp.uint8), **logical_axes(("ngram_rows",)))
+        self.row_delta = nnx.data(None)  # [B, S, T, L*d_e] zeros inside row_perturbations (sparse training)
 
     # -- ids ------------------------------------------------------------------------------------
 
@@ -180,11 +173,11 @@ class HashedTables(nnx.Module):
         The ids are hashed where the tokens are: in the fused kernel (tokens in, ids computed in it) when the
         rows are not split over a batch axis; otherwise (the default rules on any data/fsdp/expert mesh, and
         decoding's N-gram cache) by :meth:`row_ids` on each device's own positions, and the kernel gathers
-        by id on the shards that own the rows (``sharding.row_sharded_lookup``): hashing the whole batch on
-        every row shard would cost O(global batch) per device."""
+        by id on the shards that own the rows (:func:`~ngram_jax.ngram.row_sharded.row_sharded_lookup`):
+        hashing the whole batch on every row shard would cost O(global batch) per device."""
         table = self.ngram_table[...]
         kernel = self.kernel == "pallas_tpu"
-        kw = {"interpret": _forced_interpret() or False} if kernel else {}
+        kw = {"interpret": simulator_params() or False} if kernel else {}
         rs = row_sharding("ngram_rows")
         if kw.get("interpret") and rs is not None:
             check_interpret_mesh(rs.mesh)
@@ -201,9 +194,8 @@ class HashedTables(nnx.Module):
             by_id = BY_ID[self.kernel]
             rows = row_sharded_lookup(lambda tab, start, i: by_id(tab, i, start, **kw), table, ids, out_ndim=4,
                                       kernel=kernel)
-        delta = _PERTURBATIONS.get(id(self))
-        if delta is not None:
-            rows = rows + delta
+        if self.row_delta is not None:
+            rows = rows + self.row_delta
         return rows.astype(self.dtype)
 
     # -- projected mean -------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Per-Layer Embeddings (PLE) and Per-Layer N-gram Embeddings (PLNE), SPEC.md section 2.
+"""Per-Layer Embeddings (PLE) and Per-Layer N-gram Embeddings (PLNE) (the paper, section 5).
 
 Each dense FFN layer l owns an embedding ``e^l(x_t)`` of width F that replaces the up-projection
 branch of its SwiGLU:  ``FFN^l(x) = W_d^l( SiLU(W_a^l x) * e^l_t )``.

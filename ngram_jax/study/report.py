@@ -51,7 +51,8 @@ def load_records(out: str | Path) -> list[dict]:
     if not path.is_file():
         raise MissingInputError(f"no {RESULTS} in {out} (run python -m ngram_jax.study SWEEP.yaml --out {out})")
     records = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+    text = storage.read_text(path, "DIR", f"a {RESULTS} of python -m ngram_jax.study")
+    for lineno, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
                 rec = json.loads(line)
@@ -529,7 +530,7 @@ def write_document(dirs: list[str | Path], doc: str | Path, conclusions: str | P
         path = Path(conclusions)
         if not path.is_file():
             raise MissingInputError(f"conclusions file not found: {path}")
-        parts += ["## Conclusions", "", path.read_text()]
+        parts += ["## Conclusions", "", storage.read_text(path, "--conclusions", "a Markdown file")]
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text("\n".join(parts))
     return doc

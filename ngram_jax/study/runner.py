@@ -42,7 +42,8 @@ def curve_steps(cfg: Config) -> list[tuple[int, int]]:
 def _metrics(cfg: Config) -> list[dict]:
     path = storage.location(cfg.train.run_dir, "train.run_dir") / "metrics.jsonl"
     with storage.reported(path, "train.run_dir"):
-        text = path.read_text() if path.is_file() else ""
+        found = path.is_file()
+    text = storage.read_text(path, "train.run_dir", "a metrics.jsonl of a training run") if found else ""
     out = []
     for line in text.splitlines():
         try:
@@ -129,7 +130,7 @@ def read_results(out: str | os.PathLike, sweep: Sweep) -> dict[str, dict]:
     with storage.reported(path, "--out"):
         if not path.is_file():
             return {}
-        text = path.read_text()
+    text = storage.read_text(path, "--out", f"a {RESULTS} of python -m ngram_jax.study")
     by_name = {r.name: r for r in sweep.runs}
     done: dict[str, dict] = {}
     lines = text.splitlines()

@@ -38,10 +38,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ngram_jax import storage
-from ngram_jax.config import Config, ConfigError, ConfigWarning, load_config, parse_override, replace, to_dict
+from ngram_jax.config import (
+    Config,
+    ConfigError,
+    ConfigWarning,
+    load_config,
+    load_yaml,
+    parse_override,
+    replace,
+    to_dict,
+)
 
 SWEEP_KEYS = ("name", "description", "findings", "base", "seeds", "set", "runs", "grid", "fixed_total",
               "moe_baseline", "baseline_set", "screen", "scales")
@@ -100,10 +107,7 @@ def read_sweep_file(path: str | Path, scale: str) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"sweep file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    data = load_yaml(path, "sweep file") or {}
     data = _check_keys(str(path), data, SWEEP_KEYS)
     for key in ("name", "base"):
         if not isinstance(data.get(key), str):

@@ -365,6 +365,14 @@ def _lower_inference(cfg: Config, mesh, step: str, batch: int, seq: int, draft_t
     return jax.jit(verify, donate_argnums=4).lower(state, tok, vec, vec, kv)  # the cache, in place as in the loop
 
 
+def check_sizes(batch: int | None, seq: int | None, slices: int, draft_tokens: int) -> None:
+    """A :class:`UsageError` for a size no step can have (a value given is used as given, never replaced)."""
+    for flag, value, least in (("--batch", batch, 1), ("--seq", seq, 2), ("--slices", slices, 1),
+                               ("--draft-tokens", draft_tokens, 1)):
+        if value is not None and value < least:
+            raise UsageError(f"{flag} {value} must be >= {least}")
+
+
 def compile_for_tpu(cfg: Config, topology: str, *, mesh_spec: str | None = None, step: str = "train",
                     batch: int | None = None, seq: int | None = None, slices: int = 1,
                     draft_tokens: int = 3) -> AotReport:
@@ -380,10 +388,9 @@ def compile_for_tpu(cfg: Config, topology: str, *, mesh_spec: str | None = None,
     libtpu = check_libtpu()
     devices = topology_devices(topology, slices)
     cfg = _mesh_config(cfg, mesh_spec, len(devices) // slices, slices)
-    batch = batch or cfg.data.batch_size
-    seq = seq or cfg.data.seq_len
-    if batch < 1 or seq < 2:
-        raise UsageError(f"--batch {batch} must be >= 1 and --seq {seq} >= 2")
+    check_sizes(batch, seq, slices, draft_tokens)
+    batch = cfg.data.batch_size if batch is None else batch
+    seq = cfg.data.seq_len if seq is None else seq
     if step == "verify" and seq < draft_tokens + 2:
         raise UsageError(f"--seq {seq} must leave room for the {draft_tokens} draft tokens")
     overrides = {"data.batch_size": batch, "data.seq_len": seq}
@@ -504,6 +511,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print the report as one JSON object")
     args = ap.parse_args(argv)
     parse_topology(args.topology)  # usage errors before the config and JAX
+    check_sizes(args.batch, args.seq, args.slices, args.draft_tokens)
     cfg = load_config(args.config, args.overrides)
     report = compile_for_tpu(cfg, args.topology, mesh_spec=args.mesh, step=args.step, batch=args.batch,
                              seq=args.seq, slices=args.slices, draft_tokens=args.draft_tokens)

@@ -29,7 +29,8 @@ from flax import nnx
 
 from ngram_jax.config import TrainConfig
 from ngram_jax.ngram.lookup import HashedTables, NgramTable, hashed_tables, table_paths
-from ngram_jax.sharding import logical_axes, row_sharded_update
+from ngram_jax.ngram.row_sharded import row_sharded_update
+from ngram_jax.sharding import logical_axes
 
 
 def schedule(t: TrainConfig, multiplier: float = 1.0) -> optax.Schedule:

@@ -40,8 +40,11 @@ time, ``tests/test_tpu_compile.py``) accepts both for v5e, v5p and v6e, any N, K
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -55,6 +58,28 @@ from ngram_jax.ngram import hashing
 TOKENS_PER_STEP = 32
 KERNEL_NAME = "ngram_gather"  # the Mosaic kernels' names in compiled TPU modules (tools.aot counts them)
 IDS_KERNEL_NAME = "ngram_gather_by_id"
+
+
+_SIMULATOR: contextvars.ContextVar = contextvars.ContextVar("ngram_jax_tpu_simulator", default=None)
+
+
+@contextlib.contextmanager
+def tpu_simulator(params: pltpu.InterpretParams | None = None) -> Iterator[pltpu.InterpretParams]:
+    """Run the Pallas TPU kernels in JAX's TPU simulator while active (``pltpu.force_tpu_interpret_mode``),
+    and let models choose ``kernel=pallas_tpu`` off TPU: the lookup reads the simulator's parameters
+    through :func:`simulator_params` (JAX has no public reader of the forced mode)."""
+    params = params if params is not None else pltpu.InterpretParams()
+    token = _SIMULATOR.set(params)
+    try:
+        with pltpu.force_tpu_interpret_mode(params):
+            yield params
+    finally:
+        _SIMULATOR.reset(token)
+
+
+def simulator_params() -> pltpu.InterpretParams | None:
+    """The parameters of the active :func:`tpu_simulator` (None outside one)."""
+    return _SIMULATOR.get()
 
 
 def check_interpret_mesh(mesh) -> None:
