@@ -434,13 +434,15 @@ def plots(records: list[dict], out: Path) -> list[Path]:
             label = ", ".join([x for x in [g.first("variant"), _kind(g)] if x]
                               + [f"{k.rsplit('.', 1)[-1]}={v}" for k, v in rest.items()])
             lines.setdefault(label, []).append(g)
-        for label, sel in lines.items():
+        for i, (label, sel) in enumerate(lines.items()):
             sel = sorted(sel, key=lambda g: g.first("grid")[key])
             x = [g.first("grid")[key] for g in sel]
             y = [g.mean() for g in sel]
             err = [[g.mean() - g.values("eval_loss").min() for g in sel],
                    [g.values("eval_loss").max() - g.mean() for g in sel]]
-            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=label)
+            ax.errorbar(x, y, yerr=err, marker="osD^v<>p*h"[i // 10 % 10], capsize=3, label=label)  # 10 colours
+        if min(vals) > 0 and max(vals) >= 10 * min(vals):  # e.g. experts 4 .. 1024
+            ax.set_xscale("log")
         ax.set_title(f"{sweep}: held-out loss vs {key}", fontsize=9)
         ax.set_xlabel(key)
         ax.set_ylabel("held-out loss (nats/token), bars: seed range")
